@@ -1,0 +1,24 @@
+// The functions csrc/cuda/*.cu export to the host code. Plain C++ only: the host sources never
+// include a CUDA header, so the same bindings compile with or without the CUDA part.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "bitfuse/format.h"
+
+namespace bitfuse {
+namespace cuda {
+
+// Number of usable CUDA devices. Never throws: on failure returns 0 and sets *status to why
+// ("no CUDA driver found", the CUDA error string, ...); on success *status is "N device(s)".
+int device_count(std::string* status);
+
+// Launch the dense dequantize on `stream` (a cudaStream_t as an integer; 0 = default stream).
+// `out` is a device pointer to an (n, k) row-major array of float (out_dtype 0), __half (1) or
+// __nv_bfloat16 (2). Arguments are already validated by the caller. Returns "" on success, else
+// a message with the CUDA error; it does not synchronize.
+std::string dequantize(const DequantArgs& args, void* out, int out_dtype, std::uintptr_t stream);
+
+}  // namespace cuda
+}  // namespace bitfuse

@@ -1,0 +1,207 @@
+// bitfuse packed format, version 1: the index math of docs/FORMAT.md for C++ and CUDA.
+//
+// docs/FORMAT.md is the definition and python/bitfuse/pack.py the reference implementation;
+// every function here mirrors one rule of that document and is tested against pack.py through
+// bitfuse._C (tests/test_ext.py). Each helper is __host__ __device__ so that the CUDA kernels
+// and the host (CPU) reference that the tests run share one copy of the math.
+//
+// Conventions: words are 32-bit and little-endian (bit 0 = least significant); a row is one
+// packed output channel; k is an input column in [0, k_pad); k_pad is a multiple of 32.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#include <cuda_fp16.h>
+#define BF_HD __host__ __device__
+#else
+#define BF_HD
+#endif
+
+namespace bitfuse {
+
+constexpr int kWordBits = 32;
+// Most bit classes one layer may have. The calibrator makes at most three (b-1, b, b+1); the
+// table travels by value in the kernel's parameters, so it has a fixed size.
+constexpr int kMaxClasses = 8;
+
+// ---------------------------------------------------------------------------------------------
+// Dense codes (FORMAT.md §3)
+// ---------------------------------------------------------------------------------------------
+
+// Words in one packed row. Every width packs k_pad codes into whole words with no padding bits
+// (32 % b == 0 for b = 1, 2, 4; 3-bit uses three words per 32 codes), so this is exact.
+BF_HD inline int words_per_row(int bits, int k_pad) { return k_pad * bits / kWordBits; }
+
+// 2- and 4-bit: codes are stored in plain linear order, 32/b codes a word, code k in word
+// k / (32/b). Linear order (not an mma-fragment interleave) keeps the host reference, Triton and
+// this header trivially in agreement; a kernel that wants another order applies its own,
+// documented transform.
+BF_HD inline int code_word_index(int bits, int k) { return k / (kWordBits / bits); }
+
+// ... at bits [b·(k % (32/b)), +b) of that word: code 0 of a word is its least significant bits.
+BF_HD inline int code_bit_offset(int bits, int k) { return bits * (k % (kWordBits / bits)); }
+
+// 3-bit is split into bit planes so that no code straddles a word and each plane is read with the
+// same shift-and-mask as the 2- and 1-bit layouts. Each run of 32 codes (t = k / 32) owns the
+// three words 3t, 3t+1, 3t+2. Low two bits of code k: word 3t + (k % 32) / 16 ...
+BF_HD inline int plane3_lo_word(int k) { return 3 * (k / 32) + (k % 32) / 16; }
+// ... at bits [2·(k % 16), +2) (the 2-bit layout within the run) ...
+BF_HD inline int plane3_lo_shift(int k) { return 2 * (k % 16); }
+// ... and bit 2 of code k: word 3t + 2, bit k % 32 (the 1-bit layout within the run).
+BF_HD inline int plane3_hi_word(int k) { return 3 * (k / 32) + 2; }
+BF_HD inline int plane3_hi_shift(int k) { return k % 32; }
+
+// Code k of a row whose packed words start at row_words; bits is 2, 3 or 4 (callers validate).
+// Words are read as unsigned so that the right shift never drags in a sign bit.
+BF_HD inline uint32_t extract_code(const uint32_t* row_words, int bits, int k) {
+  if (bits == 3) {
+    const uint32_t lo = (row_words[plane3_lo_word(k)] >> plane3_lo_shift(k)) & 3u;
+    const uint32_t hi = (row_words[plane3_hi_word(k)] >> plane3_hi_shift(k)) & 1u;
+    return lo | (hi << 2);  // q = lo | (hi << 2)
+  }
+  const uint32_t mask = (1u << bits) - 1u;
+  return (row_words[code_word_index(bits, k)] >> code_bit_offset(bits, k)) & mask;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1-bit planes: the binary residual's signs (FORMAT.md §6)
+// ---------------------------------------------------------------------------------------------
+
+// Element k of a 1-bit plane row is bit k % 32 of word k / 32 (1 -> +alpha, 0 -> -alpha).
+BF_HD inline uint32_t sign_bit(const uint32_t* plane_row, int k) {
+  return (plane_row[k / kWordBits] >> (k % kWordBits)) & 1u;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bit classes in the flat qweight buffer (FORMAT.md §3-§4)
+// ---------------------------------------------------------------------------------------------
+
+// Start word of class c: the classes are concatenated in packed order, each a row-major block of
+// rows_c' x wpr_c' words, so class c starts after Σ_{c'<c} rows_c' · wpr_c' words. (c may equal
+// the number of classes: that gives the buffer's total length, as pack.class_word_offsets does.)
+// 64-bit: a large layer's buffer can exceed 2^31 words only in theory, but the product is cheap.
+BF_HD inline int64_t class_word_offset(const int* class_bits, const int* class_rows, int c,
+                                       int k_pad) {
+  int64_t off = 0;
+  for (int i = 0; i < c; ++i) off += int64_t(class_rows[i]) * words_per_row(class_bits[i], k_pad);
+  return off;
+}
+
+// Packed row -> its class's bit width and the word where the row starts. Classes are contiguous
+// runs of packed rows (the permutation of §4 made them so), so a walk over the few classes finds
+// the row. Returns -1 (and leaves *bits alone) for a row past the last class.
+BF_HD inline int64_t row_word_offset(const int* class_bits, const int* class_rows, int n_classes,
+                                     int k_pad, int row, int* bits) {
+  int64_t off = 0;
+  int first = 0;
+  for (int c = 0; c < n_classes; ++c) {
+    const int wpr = words_per_row(class_bits[c], k_pad);
+    if (row < first + class_rows[c]) {
+      *bits = class_bits[c];
+      return off + int64_t(row - first) * wpr;
+    }
+    off += int64_t(class_rows[c]) * wpr;
+    first += class_rows[c];
+  }
+  return -1;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dequantization (FORMAT.md §1, §5, §6), shared by the host reference and the CUDA kernel
+// ---------------------------------------------------------------------------------------------
+
+// fp16 is passed around as its raw 16 bits so that this header (and the host build) needs no
+// half type. The device path uses the hardware conversion; the host path decodes the bits
+// exactly (every fp16 value, subnormals and inf/nan included, is exact in fp32).
+BF_HD inline float half_to_float(uint16_t h) {
+#if defined(__CUDA_ARCH__)
+  return __half2float(__ushort_as_half(h));
+#else
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t mant = h & 0x3ffu;
+  if (exp == 0) {  // zero or subnormal: mant · 2^-24, exact in fp32
+    const float mag = float(mant) * 5.9604644775390625e-8f;
+    return sign ? -mag : mag;
+  }
+  uint32_t bits;
+  if (exp == 0x1f) bits = sign | 0x7f800000u | (mant << 13);           // inf / nan
+  else bits = sign | ((exp - 15u + 127u) << 23) | (mant << 13);        // normal: rebias exponent
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+#endif
+}
+
+// Ŵ_b = q · s + m. `zero` is an offset (the group minimum), not an integer zero point, so the
+// dequant is a single fma (FORMAT.md §5).
+BF_HD inline float dequant_value(uint32_t q, float scale, float zero) {
+  return fmaf(float(q), scale, zero);
+}
+
+// Up to kMaxClasses bit classes in packed order (FORMAT.md §4).
+struct ClassTable {
+  int count;
+  int bits[kMaxClasses];
+  int rows[kMaxClasses];
+};
+
+// Everything the dense dequant reads, as raw pointers. Tensors indexed by packed row: qweight,
+// scales, zeros, res_index. fp16 tensors are uint16_t (raw bits).
+struct DequantArgs {
+  const uint32_t* qweight;    // flat buffer of §3
+  const uint16_t* scales;     // (n, G) fp16
+  const uint16_t* zeros;      // (n, G) fp16
+  const int32_t* perm;        // (n): original output channel of each packed row; null = identity
+  const int32_t* res_index;   // (n): residual row or -1; null = no residual branch
+  const uint32_t* res_plane;  // (Nr, k_pad/32) sign plane
+  const uint16_t* res_alpha;  // (Nr, G) fp16
+  ClassTable classes;
+  int n, k, k_pad, group_size;
+};
+
+// One packed row, resolved once and then used for all of its columns.
+struct RowView {
+  const uint32_t* words;   // the row's packed codes
+  int bits;
+  const uint16_t* scales;  // the row's G scales
+  const uint16_t* zeros;   // the row's G offsets
+  const uint32_t* plane;   // the row's residual sign plane, or null when it has no residual
+  const uint16_t* alpha;   // the row's G residual alphas
+  int out_row;             // the output channel it is written to: perm[row] (§4)
+};
+
+// Resolve packed row `row` (0 <= row < a.n; callers check the class table sums to n).
+BF_HD inline RowView row_view(const DequantArgs& a, int row) {
+  RowView r;
+  r.bits = 0;
+  const int64_t off =
+      row_word_offset(a.classes.bits, a.classes.rows, a.classes.count, a.k_pad, row, &r.bits);
+  const int G = a.k_pad / a.group_size;
+  r.words = a.qweight + off;
+  r.scales = a.scales + int64_t(row) * G;
+  r.zeros = a.zeros + int64_t(row) * G;
+  const int ri = a.res_index ? a.res_index[row] : -1;
+  r.plane = ri >= 0 ? a.res_plane + int64_t(ri) * (a.k_pad / kWordBits) : nullptr;
+  r.alpha = ri >= 0 ? a.res_alpha + int64_t(ri) * G : nullptr;
+  r.out_row = a.perm ? a.perm[row] : row;
+  return r;
+}
+
+// The dense weight of one (packed row, column): Ŵ_b + R̂ (FORMAT.md §1), in fp32.
+// R̂ = α · (2·sign − 1) on rows with a residual: +α for a set bit, −α for a clear one.
+BF_HD inline float dequant_element(const RowView& r, int k, int group_size) {
+  const int g = k / group_size;
+  float w = dequant_value(extract_code(r.words, r.bits, k), half_to_float(r.scales[g]),
+                          half_to_float(r.zeros[g]));
+  if (r.plane) {
+    const float alpha = half_to_float(r.alpha[g]);
+    w += sign_bit(r.plane, k) ? alpha : -alpha;
+  }
+  return w;
+}
+
+}  // namespace bitfuse

@@ -1,0 +1,1 @@
+"""Triton kernels for bitfuse; see issue #3."""

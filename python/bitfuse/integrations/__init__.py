@@ -1,0 +1,1 @@
+"""Integrations with model libraries (diffusers first). Each one imports its library lazily."""

@@ -1,0 +1,173 @@
+"""The one definition of every bitfuse bit layout.
+
+docs/FORMAT.md describes these layouts in prose; this module is the only code that implements
+them. The torch reference, the Triton kernels and the CUDA kernels (through
+csrc/include/bitfuse/format.h, which is tested against this module) all follow it.
+
+Conventions (see docs/FORMAT.md for the why of each):
+  * A row is one output channel; codes run along K (input columns), padded to k_pad, a multiple
+    of the group size (and so of 32).
+  * Words are 32-bit, stored as torch.int32; bit 0 is the least significant bit.
+  * 2- and 4-bit codes: code j of a word sits at bits [b*j, b*j + b) (16 or 8 codes a word).
+  * 3-bit codes are split into bit planes. Each run of 32 codes takes 3 words:
+      word 0: low 2 bits of codes 0..15 (2-bit layout), word 1: low 2 bits of codes 16..31,
+      word 2: bit 2 of codes 0..31 (1-bit layout).
+  * 1-bit planes (the binary residual): bit j of word i is element 32*i + j.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+WORD_BITS = 32
+_MASK32 = 0xFFFFFFFF
+
+
+class PackError(ValueError):
+    """Codes or words that do not fit the layout they are packed into."""
+
+
+def padded_k(k: int, group_size: int) -> int:
+    """K rounded up to a whole number of groups (groups are multiples of 32, so of words)."""
+    if k <= 0:
+        raise PackError(f"K must be positive, got {k}")
+    return -(-k // group_size) * group_size
+
+
+def words_per_row(bits: int, k_pad: int) -> int:
+    """32-bit words holding one row of k_pad codes of the given width (1, 2, 3 or 4)."""
+    if bits not in (1, 2, 3, 4):
+        raise PackError(f"bit width must be 1, 2, 3 or 4, got {bits}")
+    if k_pad % WORD_BITS:
+        raise PackError(f"k_pad must be a multiple of {WORD_BITS}, got {k_pad}")
+    return k_pad * bits // WORD_BITS
+
+
+def row_align_for(n: int) -> int:
+    """Row alignment of bit-class boundaries for a layer with n output channels.
+
+    Kernels tile N; a tile must never straddle two bit classes. 64 rows suits the GEMM tiles of
+    large layers; small layers use 16 so that a 10% salient class is not rounded away.
+    """
+    return 64 if n >= 1024 else 16
+
+
+def _to_int32(words64: torch.Tensor) -> torch.Tensor:
+    # Values are in [0, 2^32); reinterpret the low 32 bits as a signed int32 (two's complement).
+    return (words64 - ((words64 >> 31) & 1) * (1 << 32)).to(torch.int32)
+
+
+def _from_int32(words: torch.Tensor) -> torch.Tensor:
+    return words.to(torch.int64) & _MASK32
+
+
+def _pack_uniform(q: torch.Tensor, bits: int) -> torch.Tensor:
+    per = WORD_BITS // bits
+    r, k = q.shape
+    shifts = torch.arange(per, device=q.device, dtype=torch.int64) * bits
+    w = (q.to(torch.int64).reshape(r, k // per, per) << shifts).sum(dim=-1)
+    return _to_int32(w)
+
+
+def _unpack_uniform(words: torch.Tensor, bits: int) -> torch.Tensor:
+    per = WORD_BITS // bits
+    r, nw = words.shape
+    shifts = torch.arange(per, device=words.device, dtype=torch.int64) * bits
+    q = (_from_int32(words).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return q.reshape(r, nw * per).to(torch.uint8)
+
+
+def _check_codes(q: torch.Tensor, bits: int) -> None:
+    if q.dim() != 2:
+        raise PackError(f"codes must be a 2-D (rows, k_pad) tensor, got shape {tuple(q.shape)}")
+    if q.shape[1] % WORD_BITS:
+        raise PackError(f"codes row length must be a multiple of {WORD_BITS}, got {q.shape[1]}")
+    if q.dtype.is_floating_point or q.dtype == torch.bool:
+        raise PackError(f"codes must be an integer tensor, got {q.dtype}")
+    if q.numel() and (int(q.min()) < 0 or int(q.max()) >= (1 << bits)):
+        raise PackError(
+            f"{bits}-bit codes must lie in [0, {(1 << bits) - 1}], "
+            f"got range [{int(q.min())}, {int(q.max())}]"
+        )
+
+
+def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """(rows, k_pad) integer codes in [0, 2^bits) -> (rows, words_per_row) int32."""
+    if bits not in (2, 3, 4):
+        raise PackError(f"dense codes are 2, 3 or 4 bits, got {bits}")
+    _check_codes(q, bits)
+    if bits != 3:
+        return _pack_uniform(q, bits)
+    r, k = q.shape
+    q = q.to(torch.int64).reshape(r, k // 32, 32)
+    lo, hi = q & 3, q >> 2
+    w01 = _pack_uniform(lo.reshape(-1, 32), 2).reshape(r, k // 32, 2)
+    w2 = _pack_uniform(hi.reshape(-1, 32), 1).reshape(r, k // 32, 1)
+    return torch.cat([w01, w2], dim=-1).reshape(r, 3 * (k // 32))
+
+
+def unpack_codes(words: torch.Tensor, bits: int, k_pad: int) -> torch.Tensor:
+    """Inverse of pack_codes: (rows, words_per_row) int32 -> (rows, k_pad) uint8."""
+    nw = words_per_row(bits, k_pad)
+    if words.dim() != 2 or words.shape[1] != nw or words.dtype != torch.int32:
+        raise PackError(
+            f"{bits}-bit words for k_pad={k_pad} must be int32 of shape (rows, {nw}), "
+            f"got {words.dtype} {tuple(words.shape)}"
+        )
+    if bits != 3:
+        return _unpack_uniform(words, bits)
+    r = words.shape[0]
+    t = words.reshape(r, k_pad // 32, 3)
+    lo = _unpack_uniform(t[..., :2].reshape(-1, 2), 2).reshape(r, k_pad // 32, 32)
+    hi = _unpack_uniform(t[..., 2:].reshape(-1, 1), 1).reshape(r, k_pad // 32, 32)
+    return (lo | (hi << 2)).reshape(r, k_pad)
+
+
+def pack_signs(bits: torch.Tensor) -> torch.Tensor:
+    """(rows, k_pad) bool (True = +alpha) -> (rows, k_pad/32) int32 1-bit plane."""
+    if bits.dim() != 2 or bits.shape[1] % WORD_BITS:
+        raise PackError(f"sign plane must be (rows, multiple of 32), got {tuple(bits.shape)}")
+    return _pack_uniform(bits.to(torch.int64), 1)
+
+
+def unpack_signs(words: torch.Tensor, k_pad: int) -> torch.Tensor:
+    """Inverse of pack_signs: -> (rows, k_pad) bool."""
+    if words.dim() != 2 or words.shape[1] * WORD_BITS != k_pad or words.dtype != torch.int32:
+        raise PackError(
+            f"sign plane for k_pad={k_pad} must be int32 (rows, {k_pad // WORD_BITS}), "
+            f"got {words.dtype} {tuple(words.shape)}"
+        )
+    return _unpack_uniform(words, 1).bool()
+
+
+def class_word_offsets(class_bits: Sequence[int], class_rows: Sequence[int], k_pad: int) -> list:
+    """Start word of each bit class inside the flat qweight buffer, plus the total at the end."""
+    offs = [0]
+    for b, r in zip(class_bits, class_rows):
+        offs.append(offs[-1] + r * words_per_row(b, k_pad))
+    return offs
+
+
+def pack_classes(codes: Sequence[torch.Tensor], class_bits: Sequence[int]) -> torch.Tensor:
+    """Concatenate the packed rows of each bit class, in packed order, into one flat int32 buffer."""
+    parts = [pack_codes(q, b).reshape(-1) for q, b in zip(codes, class_bits)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int32)
+
+
+def unpack_classes(
+    qweight: torch.Tensor, class_bits: Sequence[int], class_rows: Sequence[int], k_pad: int
+) -> list:
+    """Split the flat buffer back into per-class (rows, k_pad) uint8 code tensors."""
+    offs = class_word_offsets(class_bits, class_rows, k_pad)
+    if qweight.dim() != 1 or qweight.numel() != offs[-1]:
+        raise PackError(
+            f"qweight must be a flat int32 buffer of {offs[-1]} words for classes "
+            f"bits={list(class_bits)} rows={list(class_rows)}, got shape {tuple(qweight.shape)}"
+        )
+    out = []
+    for i, (b, r) in enumerate(zip(class_bits, class_rows)):
+        w = qweight[offs[i] : offs[i + 1]].reshape(r, words_per_row(b, k_pad))
+        out.append(unpack_codes(w, b, k_pad))
+    return out
