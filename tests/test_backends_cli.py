@@ -9,7 +9,7 @@ import torch
 
 import bitfuse
 from bitfuse import QuantConfig, QuantLinear
-from bitfuse.backends import BackendUnavailableError, select_backend
+from bitfuse.dispatch import BackendUnavailableError, select_backend
 
 
 def _layer():
@@ -82,3 +82,28 @@ def test_cli_demo_reports_table_fidelity_and_backend():
 def test_cli_bad_arguments_give_a_clear_error():
     r = _cli("demo", "--bits", "5")
     assert r.returncode == 2 and "QuantConfig.bits must be one of (2, 3, 4)" in r.stderr
+
+
+class _NoCudaExt:
+    """Stands in for a bitfuse._C built on a machine without nvcc (BITFUSE_CUDA=0)."""
+
+    @staticmethod
+    def cuda_built():
+        return False
+
+    @staticmethod
+    def cuda_archs():
+        return ""
+
+
+@pytest.mark.parametrize("ext", [(_NoCudaExt, ""), (None, "bitfuse._C failed to import (test)")])
+def test_package_works_without_cuda_in_the_extension(monkeypatch, ext):
+    import bitfuse.dispatch as be
+
+    monkeypatch.setattr(be, "_ext", lambda: ext)
+    status = be.backends()["cuda"]
+    assert status["available"] is False
+    assert ("built without CUDA" in status["reason"]) if ext[0] else ("failed to import" in status["reason"])
+    q = _layer()
+    x = torch.randn(2, 64)
+    assert torch.allclose(q(x), x @ q.dequantize().t() + q.bias, atol=1e-5)

@@ -9,7 +9,7 @@ sparse branches, as nn.Module drop-ins.
 from .version import __version__
 from .config import ConfigError, QuantConfig
 from .format import FORMAT_VERSION, FormatError, PackedWeight
-from .backends import BackendUnavailableError, backends
+from .dispatch import BackendUnavailableError, backends
 from .calibrate import CalibrationError, calibrate
 from . import ops  # registers torch.ops.bitfuse.*
 from .nn import QuantLinear, set_reference_cache

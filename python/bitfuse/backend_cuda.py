@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from .backends import extension
+from .dispatch import extension
 from .format import PackedWeight
 
 _OUT_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}

@@ -59,7 +59,7 @@ def _print_table(rows: List[dict], out=sys.stdout) -> None:
 
 def demo(args: argparse.Namespace) -> int:
     from . import QuantConfig, quantize_
-    from .backends import select_backend
+    from .dispatch import select_backend
     from .integrations.diffusers import tiny_unet, unet_inputs
 
     t0 = time.perf_counter()
@@ -89,7 +89,7 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def show_backends(_args: argparse.Namespace) -> int:
-    from .backends import backends
+    from .dispatch import backends
 
     for name, s in backends().items():
         print(f"{name:7s} {'yes' if s['available'] else 'no ':3s}  {s['reason']}")

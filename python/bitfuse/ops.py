@@ -7,13 +7,13 @@ the layout. Each op has a fake (meta) implementation, so torch.compile traces th
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 
 from . import reference
-from .backends import select_backend
-from .format import TENSOR_NAMES, PackedWeight
+from .dispatch import select_backend
+from .format import TENSOR_NAMES, TENSOR_SPECS, PackedWeight
 
 Tensor = torch.Tensor
 
@@ -27,57 +27,55 @@ def _packed(tensors: Dict[str, Optional[Tensor]], class_bits, class_rows, n, k, 
     )
 
 
-@torch.library.custom_op("bitfuse::linear", mutates_args=())
-def linear(
-    x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, perm: Optional[Tensor],
-    res_index: Optional[Tensor], res_plane: Optional[Tensor], res_alpha: Optional[Tensor],
-    lr_down: Optional[Tensor], lr_up: Optional[Tensor], lr_scale: Optional[Tensor],
-    sp_indptr: Optional[Tensor], sp_indices: Optional[Tensor], sp_values: Optional[Tensor],
-    bias: Optional[Tensor], class_bits: List[int], class_rows: List[int],
-    out_features: int, in_features: int, group_size: int,
-) -> Tensor:
+def _from_args(args: tuple) -> PackedWeight:
+    """Op arguments (as op_args() lays them out) -> PackedWeight view."""
+    n_t = len(TENSOR_NAMES)
+    return _packed(dict(zip(TENSOR_NAMES, args[:n_t])), *args[n_t:])
+
+
+# The schema is generated from format.TENSOR_SPECS, so the ops cannot drift from the format:
+# required tensors are `Tensor`, optional ones `Tensor?`, then the host-side geometry.
+_TENSORS = ", ".join(f"Tensor{'' if required else '?'} {name}"
+                     for name, (_, required) in TENSOR_SPECS.items())
+_GEOMETRY = "int[] class_bits, int[] class_rows, int out_features, int in_features, int group_size"
+_OUT_FEATURES = len(TENSOR_NAMES) + 2  # index of out_features in op_args()
+
+torch.library.define("bitfuse::linear", f"(Tensor x, {_TENSORS}, {_GEOMETRY}) -> Tensor")
+torch.library.define("bitfuse::dequantize", f"({_TENSORS}, {_GEOMETRY}) -> Tensor")
+
+
+@torch.library.impl("bitfuse::linear", "default")
+def _linear(x: Tensor, *args) -> Tensor:
     """y = x·Ŵᵀ + bias for a 2-D x (M, K), all branches of the PackedWeight included."""
-    args = locals()
-    pw = _packed({n: args[n] for n in TENSOR_NAMES}, class_bits, class_rows,
-                 out_features, in_features, group_size)
-    backend = select_backend(x.device)
-    if backend == "cuda":
+    pw = _from_args(args)
+    if select_backend(x.device) == "cuda":
         from .backend_cuda import linear as cuda_linear
         return cuda_linear(x, pw)
     return reference.linear(x, pw)
 
 
-@linear.register_fake
-def _linear_fake(x, qweight, scales, zeros, perm, res_index, res_plane, res_alpha, lr_down,
-                 lr_up, lr_scale, sp_indptr, sp_indices, sp_values, bias, class_bits, class_rows,
-                 out_features, in_features, group_size):
-    return x.new_empty(x.shape[:-1] + (out_features,))
+@torch.library.register_fake("bitfuse::linear")
+def _linear_fake(x: Tensor, *args) -> Tensor:
+    return x.new_empty(x.shape[:-1] + (args[_OUT_FEATURES],))
 
 
-@torch.library.custom_op("bitfuse::dequantize", mutates_args=())
-def dequantize(
-    qweight: Tensor, scales: Tensor, zeros: Tensor, perm: Optional[Tensor],
-    res_index: Optional[Tensor], res_plane: Optional[Tensor], res_alpha: Optional[Tensor],
-    lr_down: Optional[Tensor], lr_up: Optional[Tensor], lr_scale: Optional[Tensor],
-    sp_indptr: Optional[Tensor], sp_indices: Optional[Tensor], sp_values: Optional[Tensor],
-    bias: Optional[Tensor], class_bits: List[int], class_rows: List[int],
-    out_features: int, in_features: int, group_size: int,
-) -> Tensor:
+@torch.library.impl("bitfuse::dequantize", "default")
+def _dequantize(*args) -> Tensor:
     """The dense (N, K) fp32 equivalent weight, all branches included."""
-    args = locals()
-    pw = _packed({n: args[n] for n in TENSOR_NAMES}, class_bits, class_rows,
-                 out_features, in_features, group_size)
-    if select_backend(qweight.device) == "cuda":
+    pw = _from_args(args)
+    if select_backend(pw.qweight.device) == "cuda":
         from .backend_cuda import dequantize as cuda_dequantize
         return cuda_dequantize(pw, torch.float32)
     return reference.dequantize(pw)
 
 
-@dequantize.register_fake
-def _dequantize_fake(qweight, scales, zeros, perm, res_index, res_plane, res_alpha, lr_down,
-                     lr_up, lr_scale, sp_indptr, sp_indices, sp_values, bias, class_bits,
-                     class_rows, out_features, in_features, group_size):
-    return qweight.new_empty((out_features, in_features), dtype=torch.float32)
+@torch.library.register_fake("bitfuse::dequantize")
+def _dequantize_fake(*args) -> Tensor:
+    return args[0].new_empty((args[_OUT_FEATURES], args[_OUT_FEATURES + 1]), dtype=torch.float32)
+
+
+linear = torch.ops.bitfuse.linear
+dequantize = torch.ops.bitfuse.dequantize
 
 
 def op_args(pw: PackedWeight) -> tuple:

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops, reference
-from ..backends import select_backend
+from ..dispatch import select_backend
 from ..calibrate import calibrate
 from ..config import QuantConfig
 from ..format import TENSOR_NAMES, PackedWeight
