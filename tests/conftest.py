@@ -2,6 +2,11 @@ import os
 
 import pytest
 import torch
+
+# Without a GPU, the Triton kernels run on CPU tensors in the interpreter (set before anything
+# imports bitfuse.kernels: triton decides interpreted vs compiled when a kernel is defined).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(

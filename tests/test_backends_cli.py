@@ -35,9 +35,18 @@ def test_cpu_tensors_run_on_the_torch_reference():
 @pytest.mark.parametrize("name", ["cuda", "triton"])
 def test_forcing_an_unavailable_backend_is_an_error(monkeypatch, name):
     monkeypatch.setenv("BITFUSE_BACKEND", name)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     q = _layer()
     with pytest.raises(BackendUnavailableError, match=f"BITFUSE_BACKEND={name} requested but unavailable"):
         q(torch.randn(2, 64))
+
+
+def test_forced_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("BITFUSE_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert select_backend(torch.device("cpu")) == "triton"
+    assert select_backend(torch.device("cpu"), "dequantize") == "torch"
 
 
 def test_unknown_backend_name(monkeypatch):

@@ -49,12 +49,27 @@ def _cuda_status() -> Tuple[bool, str]:
     return True, f"bitfuse._C CUDA kernels for sm_{mod.cuda_archs().replace(';', ', sm_')}"
 
 
+def triton_interpreting() -> bool:
+    """TRITON_INTERPRET=1: Triton kernels run on CPU tensors in the interpreter (for tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _triton_status() -> Tuple[bool, str]:
     try:
         import triton  # noqa: F401
     except ImportError:
         return False, "triton is not installed (pip install 'bitfuse[triton]')"
-    return False, "the Triton kernels are not implemented yet (issue #3)"
+    if torch.cuda.is_available():
+        return True, f"fused Triton kernels (triton {triton.__version__}) on CUDA GPUs"
+    if triton_interpreting():
+        return True, "Triton interpreter on CPU tensors (TRITON_INTERPRET=1; slow, for testing)"
+    return False, "no CUDA GPU; set TRITON_INTERPRET=1 to run the Triton kernels on CPU in the interpreter"
+
+
+# Which ops each compiled backend implements itself. The CUDA extension has only the dense
+# dequantize so far (issue #4 brings its fused GEMV/GEMM): automatic dispatch sends `linear` to
+# Triton on a GPU, and BITFUSE_BACKEND=cuda still runs it as CUDA dequantize + cuBLAS.
+NATIVE_OPS = {"cuda": ("dequantize",), "triton": ("linear",), "torch": ("linear", "dequantize")}
 
 
 def backends() -> Dict[str, Dict[str, object]]:
@@ -71,8 +86,8 @@ def forced_backend() -> str:
     return name
 
 
-def select_backend(device: torch.device) -> str:
-    """The backend that runs an op on tensors living on `device`."""
+def select_backend(device: torch.device, op: str = "linear") -> str:
+    """The backend that runs `op` on tensors living on `device`."""
     forced = forced_backend()
     if forced:
         if forced == "torch":
@@ -80,12 +95,17 @@ def select_backend(device: torch.device) -> str:
         ok, why = backends_status(forced)
         if not ok:
             raise BackendUnavailableError(f"BITFUSE_BACKEND={forced} requested but unavailable: {why}")
-        if forced == "cuda" and device.type != "cuda":
-            raise BackendUnavailableError(f"BITFUSE_BACKEND=cuda needs CUDA tensors, got {device}")
+        if device.type != "cuda" and not (forced == "triton" and triton_interpreting()):
+            raise BackendUnavailableError(
+                f"BITFUSE_BACKEND={forced} needs CUDA tensors, got {device}"
+                + (" (or TRITON_INTERPRET=1 for Triton on CPU)" if forced == "triton" else "")
+            )
+        if op not in NATIVE_OPS[forced]:
+            return "torch"  # e.g. dequantize under BITFUSE_BACKEND=triton: torch ops on the same device
         return forced
     if device.type == "cuda":
         for name in ("cuda", "triton"):
-            if backends_status(name)[0]:
+            if op in NATIVE_OPS[name] and backends_status(name)[0]:
                 return name
     return "torch"
 

@@ -48,7 +48,11 @@ torch.library.define("bitfuse::dequantize", f"({_TENSORS}, {_GEOMETRY}) -> Tenso
 def _linear(x: Tensor, *args) -> Tensor:
     """y = x·Ŵᵀ + bias for a 2-D x (M, K), all branches of the PackedWeight included."""
     pw = _from_args(args)
-    if select_backend(x.device) == "cuda":
+    backend = select_backend(x.device, "linear")
+    if backend == "triton":
+        from .kernels import fused_linear
+        return fused_linear(x, pw)
+    if backend == "cuda":
         from .backend_cuda import linear as cuda_linear
         return cuda_linear(x, pw)
     return reference.linear(x, pw)
@@ -63,7 +67,7 @@ def _linear_fake(x: Tensor, *args) -> Tensor:
 def _dequantize(*args) -> Tensor:
     """The dense (N, K) fp32 equivalent weight, all branches included."""
     pw = _from_args(args)
-    if select_backend(pw.qweight.device) == "cuda":
+    if select_backend(pw.qweight.device, "dequantize") == "cuda":
         from .backend_cuda import dequantize as cuda_dequantize
         return cuda_dequantize(pw, torch.float32)
     return reference.dequantize(pw)

@@ -58,7 +58,9 @@ def lowrank_weight(pw: PackedWeight) -> torch.Tensor:
 def sparse_coo(pw: PackedWeight):
     """The outliers as (rows, cols, values fp32), row indices expanded from the CSR pointers."""
     ip = pw.sp_indptr.long()
-    rows = torch.repeat_interleave(torch.arange(pw.out_features, device=ip.device), ip[1:] - ip[:-1])
+    # output_size from the (host-known) nnz: no device->host sync, so CUDA-graph safe.
+    rows = torch.repeat_interleave(torch.arange(pw.out_features, device=ip.device), ip[1:] - ip[:-1],
+                                   output_size=pw.nnz)
     return rows, pw.sp_indices.long(), pw.sp_values.float()
 
 

@@ -1,0 +1,173 @@
+"""Launch configurations for the fused Triton kernel: per target profile and M bucket, with an
+optional measured autotune whose choice is cached (in memory and on disk).
+
+The default tables are starting points chosen from the tile shapes' arithmetic (registers,
+shared memory, tensor-core minimums); none is a measured optimum yet. BITFUSE_AUTOTUNE=1 measures
+the candidates on the device once per shape bucket and caches the winner in
+$BITFUSE_CACHE_DIR/autotune.json (default ~/.cache/bitfuse), so only the first call is slow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import asdict, dataclass, replace
+from typing import Callable, Dict, List, Optional, Tuple
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    path: str          # "gemv" (broadcast-sum products, split-K) or "gemm" (tl.dot)
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1   # 0 = choose from the grid size and the device's SM count
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+# Largest M that takes the GEMV path per target (ARCHITECTURE.md §4: GEMV for M <= ~8). This is
+# the unmeasured default; BITFUSE_TRITON_PATH=gemv|gemm overrides it.
+GEMV_MAX_M = {"orin": 8, "rtx30": 8, "rtx40": 8, "h100": 8, "cpu": 8}
+
+# (M upper bound, config) per target; the first bucket whose bound is >= M applies.
+_GEMM = [
+    (16, KernelConfig("gemm", 16, 64, 64, split_k=0, num_warps=4, num_stages=3)),
+    (64, KernelConfig("gemm", 32, 64, 64, split_k=0, num_warps=4, num_stages=3)),
+    (256, KernelConfig("gemm", 64, 64, 64, num_warps=4, num_stages=3)),
+    (1 << 62, KernelConfig("gemm", 128, 128, 32, num_warps=8, num_stages=3)),
+]
+_GEMM_SMALL_SMEM = [  # sm_86/sm_89 have 100 KB of shared memory per SM: smaller big tiles
+    (16, KernelConfig("gemm", 16, 64, 64, split_k=0, num_warps=4, num_stages=3)),
+    (64, KernelConfig("gemm", 32, 64, 64, split_k=0, num_warps=4, num_stages=3)),
+    (256, KernelConfig("gemm", 64, 64, 64, num_warps=4, num_stages=2)),
+    (1 << 62, KernelConfig("gemm", 128, 64, 32, num_warps=4, num_stages=3)),
+]
+_GEMV = [
+    (1, KernelConfig("gemv", 1, 64, 128, split_k=0, num_warps=4, num_stages=2)),
+    (2, KernelConfig("gemv", 2, 64, 64, split_k=0, num_warps=4, num_stages=2)),
+    (4, KernelConfig("gemv", 4, 32, 64, split_k=0, num_warps=4, num_stages=2)),
+    (8, KernelConfig("gemv", 8, 32, 32, split_k=0, num_warps=4, num_stages=2)),
+]
+TABLES: Dict[str, Dict[str, list]] = {
+    "h100": {"gemv": _GEMV, "gemm": _GEMM},
+    "orin": {"gemv": _GEMV, "gemm": _GEMM},
+    "rtx30": {"gemv": _GEMV, "gemm": _GEMM_SMALL_SMEM},
+    "rtx40": {"gemv": _GEMV, "gemm": _GEMM_SMALL_SMEM},
+    "cpu": {"gemv": _GEMV, "gemm": _GEMM},
+}
+
+# Small tiles for the CPU interpreter: it runs every program in numpy, so fewer, smaller tiles
+# keep the tests fast; the logic under test is the same.
+INTERPRETER = {
+    "gemv": KernelConfig("gemv", 4, 16, 32, split_k=2),
+    "gemm": KernelConfig("gemm", 16, 16, 32, split_k=1),
+}
+
+
+def choose_path(m: int, target: str) -> str:
+    forced = os.environ.get("BITFUSE_TRITON_PATH", "").strip().lower()
+    if forced:
+        if forced not in ("gemv", "gemm"):
+            raise ValueError(f"BITFUSE_TRITON_PATH must be 'gemv' or 'gemm', got {forced!r}")
+        return forced
+    return "gemv" if m <= GEMV_MAX_M.get(target, 8) else "gemm"
+
+
+def table_config(path: str, m: int, target: str) -> KernelConfig:
+    for bound, cfg in TABLES.get(target, TABLES["h100"])[path]:
+        if m <= bound:
+            return cfg
+    return TABLES["h100"][path][-1][1]
+
+
+def m_bucket(m: int) -> int:
+    """Powers of two: configs are tuned per bucket, not per exact M."""
+    return 1 << max(0, (m - 1).bit_length())
+
+
+def candidates(path: str, m: int) -> List[KernelConfig]:
+    """What the autotuner tries for one M bucket."""
+    out = []
+    if path == "gemv":
+        bm = min(8, m_bucket(m))
+        for bn in (32, 64, 128):
+            for bk in (32, 64, 128):
+                for sk in (0, 1, 4):
+                    out.append(KernelConfig("gemv", bm, bn, bk, split_k=sk))
+    else:
+        bms = [bm for bm in (16, 32, 64, 128) if bm <= max(16, m_bucket(m))]
+        for bm in bms:
+            for bn in (64, 128):
+                for bk in (32, 64):
+                    for warps, stages in ((4, 3), (8, 3), (4, 4)):
+                        out.append(KernelConfig("gemm", bm, bn, bk, num_warps=warps, num_stages=stages))
+    return out
+
+
+class AutotuneCache:
+    """Chosen configs by key, in memory and in a JSON file (written atomically)."""
+
+    def __init__(self, path: Optional[str] = None):
+        base = os.environ.get("BITFUSE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "bitfuse")
+        self.path = path or os.path.join(base, "autotune.json")
+        self._mem: Optional[Dict[str, dict]] = None
+        self._lock = threading.Lock()
+
+    def _load(self) -> Dict[str, dict]:
+        if self._mem is None:
+            try:
+                with open(self.path) as f:
+                    self._mem = json.load(f)
+            except (OSError, ValueError):
+                self._mem = {}
+        return self._mem
+
+    def get(self, key: str) -> Optional[KernelConfig]:
+        d = self._load().get(key)
+        try:
+            return KernelConfig(**d) if d else None
+        except TypeError:
+            return None
+
+    def put(self, key: str, cfg: KernelConfig) -> None:
+        with self._lock:
+            mem = self._load()
+            mem[key] = asdict(cfg)
+            try:
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+                tmp = self.path + f".{os.getpid()}.tmp"
+                with open(tmp, "w") as f:
+                    json.dump(mem, f, indent=1, sort_keys=True)
+                os.replace(tmp, self.path)
+            except OSError:
+                pass  # an unwritable cache only costs re-tuning next process
+
+
+_CACHE = AutotuneCache()
+
+
+def autotune(key: str, cands: List[KernelConfig], run: Callable[[KernelConfig], None],
+             bench: Callable[[Callable[[], None]], float]) -> KernelConfig:
+    """Measure each candidate with `bench` (e.g. triton.testing.do_bench) and cache the fastest.
+    Candidates that fail to compile or launch (too much shared memory, ...) are skipped."""
+    hit = _CACHE.get(key)
+    if hit is not None:
+        return hit
+    best: Tuple[float, Optional[KernelConfig]] = (float("inf"), None)
+    for cfg in cands:
+        try:
+            t = bench(lambda: run(cfg))
+        except Exception:  # noqa: BLE001 - an unusable candidate is simply not chosen
+            continue
+        if t < best[0]:
+            best = (t, cfg)
+    if best[1] is None:
+        raise RuntimeError(f"bitfuse autotune: no candidate config ran for {key}")
+    _CACHE.put(key, best[1])
+    return best[1]
+
+
+def with_split(cfg: KernelConfig, split_k: int) -> KernelConfig:
+    return replace(cfg, split_k=split_k)

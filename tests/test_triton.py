@@ -1,0 +1,158 @@
+"""Layer 2: the fused Triton kernels against the torch reference.
+
+Without a GPU these run under TRITON_INTERPRET=1 on CPU tensors (conftest sets it); with one,
+`pytest -m gpu` runs the same checks compiled (test_gpu_triton below), on larger shapes too.
+"""
+
+import copy
+import itertools
+
+import pytest
+import torch
+
+import bitfuse
+from bitfuse import QuantConfig, QuantLinear, reference
+from _tolerance import assert_within, matmul_bound
+from synthetic import heavy_tailed, linear_from
+
+triton = pytest.importorskip("triton")
+from bitfuse.kernels import KernelConfig, fused_linear  # noqa: E402
+from bitfuse.kernels import tuning  # noqa: E402
+
+N, K = 100, 200  # neither is a multiple of any tile; K pads to the group size
+
+BRANCHES = {
+    "plain": dict(),
+    "bias": dict(),
+    "residual": dict(residual=0.5),
+    "mixed": dict(mixed_bits=True),
+    "lowrank": dict(rank=5),
+    "sparse": dict(outliers=0.01),
+    "all": dict(residual=True, mixed_bits=True, rank=5, outliers=0.005),
+}
+_LAYERS = {}
+
+
+def layer(bits: int, group: int, branch: str, n: int = N, k: int = K) -> QuantLinear:
+    key = (bits, group, branch, n, k)
+    if key not in _LAYERS:
+        kw = dict(BRANCHES[branch])
+        if kw.pop("mixed_bits", False):
+            # three classes for W3 "mixed"; two elsewhere (with the outliers out, the flattest
+            # rows of W3 "all" gain nothing from b-1, and the calibrator rightly refuses it).
+            kw["mixed_bits"], kw["avg_bits"] = {2: ((2, 3), 2.4), 3: ((2, 3, 4), 3.0), 4: ((3, 4), 3.8),
+                                                -3: ((3, 4), 3.3)}[-bits if branch == "all" and bits == 3 else bits]
+        lin = linear_from(heavy_tailed(n, k, seed=bits * group, outlier_channels=8),
+                          bias=branch in ("bias", "all"))
+        q = QuantLinear.from_linear(lin, QuantConfig(bits=bits, group_size=group, **kw))
+        if "mixed_bits" in kw:
+            assert len(q.class_bits) > 1, "the mixed case must really have several bit classes"
+        _LAYERS[key] = q
+    return _LAYERS[key]
+
+
+def check(q: QuantLinear, x: torch.Tensor, y: torch.Tensor, path: str, what: str):
+    pw = q.packed
+    y_ref = reference.linear(x, pw)
+    mags = [reference.dense_weight(pw).abs()]
+    if pw.lr_down is not None:
+        up = reference.to_output_order(pw.lr_up.float(), pw).abs().double()
+        down = (pw.lr_down.float().abs() * pw.lr_scale.abs().unsqueeze(1)).double()
+        mags.append(lambda ax: (ax @ down.t()) @ up.t())
+    if pw.sp_values is not None:
+        mags.append(reference.sparse_weight(pw).abs())
+    # GEMM rounds the dequantized weight to x's dtype for tl.dot; GEMV multiplies in fp32.
+    operand = x.dtype if (path == "gemm" and x.dtype != torch.float32) else None
+    bound = matmul_bound(x.float(), mags, x.dtype, y_ref=y_ref, operand_dtype=operand, bias=pw.bias)
+    assert y.dtype == x.dtype and y.shape == y_ref.shape
+    assert_within(y, y_ref, bound, what)
+
+
+@pytest.mark.parametrize("m", [1, 3, 17, 64])
+@pytest.mark.parametrize("bits,group,branch", list(itertools.product([2, 3, 4], [32, 64, 128], BRANCHES)))
+def test_fused_kernel_matches_reference(bits, group, branch, m):
+    q = layer(bits, group, branch)
+    x = torch.randn(m, K, generator=torch.Generator().manual_seed(m)).to(torch.float16)
+    path = tuning.choose_path(m, "cpu")
+    check(q, x, fused_linear(x, q.packed), path, f"W{bits} g{group} {branch} M={m} {path}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 17])
+@pytest.mark.parametrize("branch", ["plain", "all"])
+def test_fused_kernel_other_dtypes(dtype, m, branch):
+    q = layer(3, 64, branch)
+    x = torch.randn(m, K, generator=torch.Generator().manual_seed(3)).to(dtype)
+    path = tuning.choose_path(m, "cpu")
+    check(q, x, fused_linear(x, q.packed), path, f"{dtype} M={m} {branch}")
+
+
+@pytest.mark.parametrize("path", ["gemv", "gemm"])
+def test_paths_can_be_forced_and_agree(monkeypatch, path):
+    q = layer(4, 32, "all")
+    x = torch.randn(5, K).to(torch.float16)
+    monkeypatch.setenv("BITFUSE_TRITON_PATH", path)
+    check(q, x, fused_linear(x, q.packed), path, f"forced {path}")
+
+
+@pytest.mark.parametrize("split_k", [1, 3, 7])
+def test_split_k_is_deterministic_and_correct(split_k):
+    q = layer(2, 32, "all")
+    x = torch.randn(2, K).to(torch.float16)
+    cfg = KernelConfig("gemv", 2, 16, 32, split_k=split_k)
+    y1, y2 = fused_linear(x, q.packed, cfg), fused_linear(x, q.packed, cfg)
+    assert torch.equal(y1, y2)
+    check(q, x, y1, "gemv", f"split_k={split_k}")
+
+
+def test_quantlinear_forward_runs_triton_under_the_interpreter(monkeypatch):
+    # The issue's contract: BITFUSE_BACKEND=triton runs the Triton kernels through the normal
+    # QuantLinear forward (on CPU tensors under TRITON_INTERPRET=1).
+    if torch.cuda.is_available():
+        pytest.skip("interpreter check; the GPU run is test_gpu_triton")
+    import bitfuse.kernels.launch as launch
+
+    calls = []
+    real = launch._launch
+    monkeypatch.setattr(launch, "_launch", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    monkeypatch.setenv("BITFUSE_BACKEND", "triton")
+    q = layer(3, 32, "all")
+    x = torch.randn(2, 3, K).to(torch.float16)
+    y = q(x)
+    assert calls, "the Triton launcher was not called"
+    check(q, x.reshape(-1, K), y.reshape(-1, N), "gemv", "QuantLinear forward")
+
+
+def test_bad_inputs():
+    q = layer(4, 32, "plain")
+    with pytest.raises(ValueError, match=r"x must be \(M, 200\)"):
+        fused_linear(torch.randn(2, 199).half(), q.packed)
+    with pytest.raises(TypeError, match="fp16, bf16 or fp32"):
+        fused_linear(torch.randn(2, K).double(), q.packed)
+    assert fused_linear(torch.randn(0, K).half(), q.packed).shape == (0, N)
+
+
+def test_autotune_cache_round_trip(tmp_path):
+    cache = tuning.AutotuneCache(str(tmp_path / "a.json"))
+    cfg = KernelConfig("gemm", 32, 64, 64, 1, 4, 3)
+    cache.put("k", cfg)
+    assert tuning.AutotuneCache(str(tmp_path / "a.json")).get("k") == cfg
+    times = iter([3.0, 1.0, 2.0])
+    cands = [KernelConfig("gemv", 1, 32, 32), KernelConfig("gemv", 1, 64, 32), KernelConfig("gemv", 1, 64, 64)]
+    tuning._CACHE = tuning.AutotuneCache(str(tmp_path / "b.json"))
+    best = tuning.autotune("key", cands, lambda c: None, lambda fn: next(times))
+    assert best == cands[1] and tuning._CACHE.get("key") == cands[1]
+
+
+# ---- compiled, on a GPU -------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 3, 8, 16, 17, 64, 256, 1024, 4096, 8192])
+@pytest.mark.parametrize("bits,branch", list(itertools.product([2, 3, 4], ["plain", "residual", "mixed", "all"])))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_triton(m, bits, branch, dtype):
+    q = layer(bits, 64, branch, n=1088, k=1000)
+    x = torch.randn(m, 1000).to(dtype)
+    y = fused_linear(x.cuda(), copy.deepcopy(q).cuda().packed).cpu()
+    path = tuning.choose_path(m, "h100")
+    check(q, x, y, path, f"GPU W{bits} {branch} M={m} {dtype}")
