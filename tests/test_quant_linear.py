@@ -212,3 +212,17 @@ def test_odd_shapes_pad_and_match(n, k, bits, g, residual, rank, outliers, m, se
         assert_within(q(x), y_ref, bound, "odd shape, op path")
     finally:
         bitfuse.set_reference_cache(True)
+
+
+@pytest.mark.parametrize("convert", ["half", "bfloat16", "float"])
+def test_model_dtype_conversion_keeps_the_packed_format(convert):
+    model = torch.nn.Sequential(linear_from(heavy_tailed(64, 64)))
+    bitfuse.quantize_(model, QuantConfig(bits=4, group_size=32, residual=True, rank=2, outliers=0.01))
+    before = {n: (b.dtype, b.clone()) for n, b in model.named_buffers()}
+    getattr(model, convert)()
+    for n, b in model.named_buffers():
+        assert b.dtype == before[n][0] and torch.equal(b, before[n][1]), n
+    model[0].packed.validate()
+    x = torch.randn(2, 64)
+    dtype = {"half": torch.float16, "bfloat16": torch.bfloat16, "float": torch.float32}[convert]
+    assert model(x.to(dtype)).dtype == dtype

@@ -132,6 +132,17 @@ class QuantLinear(nn.Module):
             self._cache_key = key
         return self._cache
 
+    def _apply(self, fn, recurse=True):
+        # model.half() / model.to(torch.bfloat16) must not convert the packed format (fp16 scales
+        # to bf16 would round them; the int32 words and fp32 bias/lr_scale have fixed dtypes):
+        # let `fn` pick the device, keep every buffer's dtype.
+        for name, t in self._buffers.items():
+            if t is not None:
+                moved = fn(t)
+                self._buffers[name] = moved if moved.dtype == t.dtype else t.to(device=moved.device)
+        self._cache, self._cache_key = None, None
+        return self
+
     def extra_repr(self) -> str:
         classes = ", ".join(f"{b}b×{r}" for b, r in zip(self.class_bits, self.class_rows))
         parts = [f"in_features={self.in_features}", f"out_features={self.out_features}",
