@@ -47,3 +47,19 @@ def assert_within(y, y_ref, bound, what=""):
     err = (y - y_ref).abs()
     ratio = float((err / bound).max())
     assert ratio <= 1.0, f"{what}: max |err|/bound = {ratio:.3g} (max err {float(err.max()):.3g})"
+
+
+def branch_magnitudes(q):
+    """|W| of each piece a QuantLinear sums (dense + residual, factored low-rank, sparse), as
+    matmul_bound wants them: the bound must hold however the kernel orders those sums."""
+    from bitfuse import reference
+
+    pw = q.packed
+    mags = [reference.dense_weight(pw).abs()]
+    if pw.lr_down is not None:
+        up = reference.to_output_order(pw.lr_up.float(), pw).abs().double()
+        down = (pw.lr_down.float().abs() * pw.lr_scale.abs().unsqueeze(1)).double()
+        mags.append(lambda ax: (ax @ down.t()) @ up.t())
+    if pw.sp_values is not None:
+        mags.append(reference.sparse_weight(pw).abs())
+    return mags

@@ -7,7 +7,7 @@ import torch
 
 import bitfuse
 from bitfuse import QuantConfig, QuantLinear, reference
-from _tolerance import assert_within, matmul_bound
+from _tolerance import assert_within, branch_magnitudes, matmul_bound
 from synthetic import heavy_tailed, linear_from
 
 BRANCHES = {
@@ -25,19 +25,6 @@ def _config(bits, branch, group_size=32):
     if "mixed_bits" in kw:
         kw["mixed_bits"] = tuple(b for b in (2, 3, 4))
     return QuantConfig(bits=bits, group_size=group_size, **kw)
-
-
-def _branch_mags(q: QuantLinear):
-    """|W| pieces the forward sums: dense(+residual), factored low-rank, sparse."""
-    pw = q.packed
-    mags = [reference.dense_weight(pw).abs()]
-    if pw.lr_down is not None:
-        up = reference.to_output_order(pw.lr_up.float(), pw).abs()
-        down = pw.lr_down.float().abs() * pw.lr_scale.abs().unsqueeze(1)
-        mags.append(lambda ax: (ax @ down.double().t()) @ up.double().t())
-    if pw.sp_values is not None:
-        mags.append(reference.sparse_weight(pw).abs())
-    return mags
 
 
 @pytest.mark.parametrize("bits,branch", list(itertools.product([2, 3, 4], BRANCHES)))
@@ -59,7 +46,7 @@ def test_forward_equals_dequantized_matmul(bits, branch, dtype, cache):
     if lin.bias is not None:
         y_ref = y_ref + lin.bias.detach()
     y_ref = y_ref.to(dtype)
-    bound = matmul_bound(x.float(), _branch_mags(q), dtype, y_ref=y_ref, bias=lin.bias)
+    bound = matmul_bound(x.float(), branch_magnitudes(q), dtype, y_ref=y_ref, bias=lin.bias)
     assert_within(y, y_ref, bound, f"W{bits} {branch} {dtype}")
 
 
@@ -205,7 +192,7 @@ def test_odd_shapes_pad_and_match(n, k, bits, g, residual, rank, outliers, m, se
     x = torch.randn(m, k)
     y = q(x)
     y_ref = x @ W.t() + lin.bias.detach()
-    bound = matmul_bound(x, _branch_mags(q), torch.float32, y_ref=y_ref, bias=lin.bias)
+    bound = matmul_bound(x, branch_magnitudes(q), torch.float32, y_ref=y_ref, bias=lin.bias)
     assert_within(y, y_ref, bound, "odd shape")
     bitfuse.set_reference_cache(False)
     try:

@@ -12,7 +12,7 @@ import torch
 
 import bitfuse
 from bitfuse import QuantConfig, QuantLinear, reference
-from _tolerance import assert_within, matmul_bound
+from _tolerance import assert_within, branch_magnitudes, matmul_bound
 from synthetic import heavy_tailed, linear_from
 
 triton = pytest.importorskip("triton")
@@ -54,13 +54,7 @@ def layer(bits: int, group: int, branch: str, n: int = N, k: int = K) -> QuantLi
 def check(q: QuantLinear, x: torch.Tensor, y: torch.Tensor, path: str, what: str):
     pw = q.packed
     y_ref = reference.linear(x, pw)
-    mags = [reference.dense_weight(pw).abs()]
-    if pw.lr_down is not None:
-        up = reference.to_output_order(pw.lr_up.float(), pw).abs().double()
-        down = (pw.lr_down.float().abs() * pw.lr_scale.abs().unsqueeze(1)).double()
-        mags.append(lambda ax: (ax @ down.t()) @ up.t())
-    if pw.sp_values is not None:
-        mags.append(reference.sparse_weight(pw).abs())
+    mags = branch_magnitudes(q)
     # GEMM rounds the dequantized weight to x's dtype for tl.dot; GEMV multiplies in fp32.
     operand = x.dtype if (path == "gemm" and x.dtype != torch.float32) else None
     bound = matmul_bound(x.float(), mags, x.dtype, y_ref=y_ref, operand_dtype=operand, bias=pw.bias)

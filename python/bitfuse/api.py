@@ -8,23 +8,31 @@ from typing import Callable, Mapping, Optional
 import torch.nn as nn
 
 from .config import QuantConfig
-from .nn import QuantLinear
+from .nn import QuantConv2d, QuantLinear, conv_unsupported_reason
 
 log = logging.getLogger("bitfuse")
 
 FilterFn = Callable[[nn.Module, str], bool]
 
 
-def too_small_reason(linear: nn.Linear, config: QuantConfig) -> Optional[str]:
+def _in_out(layer: nn.Module):
+    if isinstance(layer, nn.Conv2d):
+        return layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1], layer.out_channels
+    return layer.in_features, layer.out_features
+
+
+def too_small_reason(layer: nn.Module, config: QuantConfig) -> Optional[str]:
     """Why a layer is not worth quantizing, or None if it is.
 
     A layer narrower than one group would be mostly padding; one with fewer than 16 outputs
     cannot fill a kernel tile and its weight is too small for the memory saved to matter.
+    (For a conv, "inputs" are the C·kh·kw values of a patch.)
     """
-    if linear.in_features < config.group_size:
-        return f"in_features={linear.in_features} < group_size={config.group_size}"
-    if linear.out_features < 16:
-        return f"out_features={linear.out_features} < 16"
+    k, n = _in_out(layer)
+    if k < config.group_size:
+        return f"in_features={k} < group_size={config.group_size}"
+    if n < 16:
+        return f"out_features={n} < 16"
     return None
 
 
@@ -40,7 +48,8 @@ def quantize_(
     filter_fn: Optional[FilterFn] = None,
     calib_data: Optional[Mapping[str, "object"]] = None,
 ) -> nn.Module:
-    """Replace every nn.Linear of `model` (that `filter_fn(module, fqn)` accepts) in place.
+    """Replace every nn.Linear of `model` (and nn.Conv2d with config.convs) that
+    `filter_fn(module, fqn)` accepts, in place.
 
     calib_data, if given, maps a layer's fully qualified name to its calibration activations
     (a tensor whose last dim is the layer's in_features). Layers too small to gain are skipped
@@ -51,21 +60,30 @@ def quantize_(
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a bitfuse.QuantConfig, got {type(config).__name__}")
     calib_data = dict(calib_data or {})
-    linears = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, nn.Linear)]
-    unknown = set(calib_data) - {fqn for fqn, _ in linears}
+    kinds = (nn.Linear, nn.Conv2d) if config.convs else (nn.Linear,)
+    layers = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, kinds)]
+    unknown = set(calib_data) - {fqn for fqn, _ in layers}
     if unknown:
-        raise ValueError(f"calib_data names layers that are not nn.Linear in this model: {sorted(unknown)[:5]}")
+        raise ValueError(f"calib_data names layers that are not quantizable layers of this model: {sorted(unknown)[:5]}")
     done = skipped = 0
-    for fqn, lin in linears:
-        if filter_fn is not None and not filter_fn(lin, fqn):
+    for fqn, layer in layers:
+        if filter_fn is not None and not filter_fn(layer, fqn):
             continue
-        why = too_small_reason(lin, config)
+        why = too_small_reason(layer, config)
         if why:
             log.info("bitfuse: skipping %s (%s): too small to gain", fqn, why)
             skipped += 1
             continue
-        q = QuantLinear.from_linear(lin, config, activations=calib_data.get(fqn))
-        _set_child(model, fqn, q.to(lin.weight.device))
+        if isinstance(layer, nn.Conv2d):
+            why = conv_unsupported_reason(layer)
+            if why:
+                log.info("bitfuse: skipping %s: %s", fqn, why)
+                skipped += 1
+                continue
+            q = QuantConv2d.from_conv(layer, config, activations=calib_data.get(fqn))
+        else:
+            q = QuantLinear.from_linear(layer, config, activations=calib_data.get(fqn))
+        _set_child(model, fqn, q.to(layer.weight.device))
         done += 1
-    log.info("bitfuse: quantized %d linear layers, skipped %d", done, skipped)
+    log.info("bitfuse: quantized %d layers, skipped %d", done, skipped)
     return model

@@ -44,6 +44,7 @@ class QuantConfig:
     rank:        low-rank branch rank (0 = no branch).
     outliers:    fraction of weights kept exactly in a sparse fp16 branch, 0 to 0.05.
     target:      hardware profile, one of "auto", "orin", "rtx30", "rtx40", "h100", "cpu".
+    convs:       quantize_ also replaces nn.Conv2d layers (groups=1) with QuantConv2d.
     """
 
     bits: int = 4
@@ -54,6 +55,7 @@ class QuantConfig:
     rank: int = 0
     outliers: float = 0.0
     target: str = "auto"
+    convs: bool = False
 
     def __post_init__(self) -> None:
         if not _is_int(self.bits) or self.bits not in ALLOWED_BITS:
@@ -107,6 +109,8 @@ class QuantConfig:
                 f"QuantConfig.outliers must be a fraction in [0, {MAX_OUTLIER_FRACTION}], got {o!r}"
             )
         object.__setattr__(self, "outliers", float(o))
+        if not isinstance(self.convs, bool):
+            raise ConfigError(f"QuantConfig.convs must be True or False, got {self.convs!r}")
         if self.target not in ALLOWED_TARGETS:
             raise ConfigError(
                 f"QuantConfig.target must be one of {ALLOWED_TARGETS}, got {self.target!r}"

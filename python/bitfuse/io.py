@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from .format import FORMAT_VERSION, FormatError
-from .nn import QuantLinear
+from .nn import QuantConv2d, QuantLinear
 from .version import __version__
 
 META_KEY = "bitfuse"
@@ -37,7 +37,7 @@ def save_quantized(model: nn.Module, path: str) -> None:
     """
     from safetensors.torch import save_file
 
-    layers = {fqn: m.packed.meta() for fqn, m in model.named_modules() if isinstance(m, QuantLinear)}
+    layers = {fqn: _layer_meta(m) for fqn, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         raise ValueError("save_quantized: the model has no QuantLinear layers; run bitfuse.quantize_ first")
     tensors: Dict[str, torch.Tensor] = {}
@@ -64,6 +64,15 @@ def save_quantized(model: nn.Module, path: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _layer_meta(m: QuantLinear) -> dict:
+    meta = m.packed.meta()
+    if isinstance(m, QuantConv2d):
+        meta["module"], meta["conv"] = "conv2d", m.conv_meta()
+    else:
+        meta["module"] = "linear"
+    return meta
 
 
 def read_metadata(path: str) -> dict:
@@ -118,20 +127,31 @@ def _swap_layers(model: nn.Module, meta: dict, swaps: list) -> None:
             old = model.get_submodule(fqn)
         except AttributeError:
             raise CheckpointError(f"checkpoint layer '{fqn}' does not exist in this model") from None
-        if not isinstance(old, (nn.Linear, QuantLinear)):
-            raise CheckpointError(f"checkpoint layer '{fqn}' is a linear layer, the model has {type(old).__name__}")
-        shape = (lmeta.get("out_features"), lmeta.get("in_features"))
-        if (old.out_features, old.in_features) != shape:
-            raise CheckpointError(
-                f"checkpoint layer '{fqn}' is {shape[1]} -> {shape[0]}, the model's is "
-                f"{old.in_features} -> {old.out_features}: architecture mismatch"
-            )
+        is_conv = lmeta.get("module") == "conv2d"
+        want = nn.Conv2d if is_conv else nn.Linear
+        if not isinstance(old, want):
+            raise CheckpointError(f"checkpoint layer '{fqn}' is a {'conv' if is_conv else 'linear'} layer, "
+                                  f"the model has {type(old).__name__}")
+        if is_conv:
+            c = lmeta.get("conv") or {}
+            got = {"in_channels": old.in_channels, "kernel_size": list(old.kernel_size),
+                   "stride": list(old.stride), "padding": list(old.padding), "dilation": list(old.dilation)}
+            if got != c or old.out_channels != lmeta.get("out_features"):
+                raise CheckpointError(f"checkpoint conv '{fqn}' is {c} -> {lmeta.get('out_features')}, "
+                                      f"the model's is {got} -> {old.out_channels}: architecture mismatch")
+        else:
+            shape = (lmeta.get("out_features"), lmeta.get("in_features"))
+            if (old.out_features, old.in_features) != shape:
+                raise CheckpointError(
+                    f"checkpoint layer '{fqn}' is {shape[1]} -> {shape[0]}, the model's is "
+                    f"{old.in_features} -> {old.out_features}: architecture mismatch"
+                )
         has_bias = "bias" in lmeta.get("tensors", [])
         if (old.bias is not None) != has_bias:
             raise CheckpointError(f"checkpoint layer '{fqn}' {'has' if has_bias else 'has no'} bias, the model's does not match")
         try:
-            new = QuantLinear.from_meta(lmeta)
-        except FormatError as e:
+            new = (QuantConv2d if is_conv else QuantLinear).from_meta(lmeta)
+        except (FormatError, KeyError, TypeError) as e:
             raise CheckpointError(f"checkpoint layer '{fqn}': {e}") from e
         parent_name, _, child = fqn.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
