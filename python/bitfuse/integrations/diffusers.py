@@ -32,12 +32,15 @@ def tiny_unet(width: int = 64, cross_dim: int = 128, seed: int = 0):
 
 
 def tiny_dit(width_heads: int = 4, head_dim: int = 16, seed: int = 0):
-    """A small DiTTransformer2DModel with random weights, built from a config."""
+    """A small DiTTransformer2DModel with random weights, built from a config.
+
+    1000 class embeddings (+1 for "no class") because DiTPipeline uses id 1000 as the null class
+    for classifier-free guidance."""
     diffusers = _require_diffusers()
     torch.manual_seed(seed)
     return diffusers.DiTTransformer2DModel(
         num_attention_heads=width_heads, attention_head_dim=head_dim, in_channels=4, out_channels=4,
-        num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=32,
+        num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=32,
     ).eval()
 
 
@@ -56,3 +59,9 @@ def dit_inputs(dit, batch: int = 1, seed: int = 1):
     c = dit.config
     x = torch.randn(batch, c.in_channels, c.sample_size, c.sample_size, generator=g)
     return x, torch.tensor([10] * batch), torch.zeros(batch, dtype=torch.long)
+
+
+# Pipeline-level API (quantize_pipeline, save/load per component, tiny pipelines).
+from .pipelines import (  # noqa: E402,F401
+    load_pipeline, quantize_pipeline, save_pipeline, tiny_dit_pipeline, tiny_vae,
+)
