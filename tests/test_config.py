@@ -26,6 +26,7 @@ def test_defaults_are_valid():
         (dict(outliers=0.2), "outliers", "[0, 0.05]"),
         (dict(outliers=float("nan")), "outliers", "[0, 0.05]"),
         (dict(target="a100"), "target", "'orin'"),
+        (dict(convs=1), "convs", "True or False"),
     ],
 )
 def test_validation_names_field_and_allowed_values(kwargs, field, allowed):
