@@ -88,6 +88,20 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_e2e(args: argparse.Namespace) -> int:
+    import os
+
+    from .e2e import format_report, run
+
+    device = torch.cuda.get_device_name(0).replace(" ", "_") if torch.cuda.is_available() else "cpu"
+    out = args.out or os.path.join("benchmarks", "results", device)
+    r = run(model=args.model, recipe=args.recipe, steps=args.steps, batch=args.batch,
+            resolution=args.resolution, path=args.path, out_dir=out)
+    print(format_report(r))
+    print(f"wrote {os.path.join(out, f'e2e_{args.model}_{args.recipe}.json')}")
+    return 0
+
+
 def show_backends(_args: argparse.Namespace) -> int:
     from .dispatch import backends
 
@@ -115,6 +129,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     d.set_defaults(func=demo)
     b = sub.add_parser("backends", help="which backends run here, and why the others do not")
     b.set_defaults(func=show_backends)
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
+    e = bench.add_parser("e2e", help="float vs bitfuse denoiser over a DDIM loop, + Orin projection")
+    e.add_argument("--model", default="tiny", help="tiny, sd15-unet, dit-xl-2 or pixart-alpha")
+    e.add_argument("--path", default=None, help="a local diffusers denoiser folder (with config.json)")
+    e.add_argument("--recipe", default="w4", help="w4, w4g128, w3res or w3mix")
+    e.add_argument("--steps", type=int, default=4)
+    e.add_argument("--batch", type=int, default=1)
+    e.add_argument("--resolution", type=int, default=None, help="image side in pixels (latents are /8)")
+    e.add_argument("--out", default=None, help="folder for the JSON (default benchmarks/results/<device>)")
+    e.set_defaults(func=bench_e2e)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     if not args.cmd:
