@@ -22,6 +22,7 @@ namespace py = pybind11;
 namespace bitfuse {
 namespace host {
 void register_host_ops(py::module_& m);  // host_ops.cpp
+void register_hbp_ops(py::module_& m);   // hbp_py.cpp (HBP sparse format, docs/HBP.md)
 }
 
 namespace {
@@ -137,4 +138,5 @@ PYBIND11_MODULE(_C, m) {
         "(out_dtype 0/1/2). Asynchronous on `stream`. RuntimeError when built without CUDA or "
         "when CUDA fails; ValueError for bad arguments.");
   host::register_host_ops(m);
+  host::register_hbp_ops(m);
 }
