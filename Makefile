@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.bitfuse-installed
-BUILD_INPUTS := pyproject.toml setup.py CMakeLists.txt $(shell find csrc kernels -type f 2>/dev/null)
+BUILD_INPUTS := pyproject.toml setup.py CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
 
 .PHONY: demo test install clean
 

@@ -1,7 +1,7 @@
 """Builds bitfuse, with its compiled part bitfuse._C made by CMake + Ninja (CMakeLists.txt).
 
 Project metadata lives in pyproject.toml; this file adds the package layout (python/bitfuse as
-`bitfuse`, kernels/ as `bitfuse.kernels`) and the CMake-driven build_ext.
+`bitfuse`, the Triton kernels in python/bitfuse/kernels) and the CMake-driven build_ext.
 
 Environment:
   BITFUSE_CUDA        auto (default): build the CUDA kernels if nvcc is found, looking at
@@ -255,16 +255,14 @@ class CMakeBuild(build_ext):
 
 
 def packages() -> list:
-    """bitfuse and its subpackages from python/, plus bitfuse.kernels (and subpackages) from kernels/."""
-    pkgs = ["bitfuse"] + [f"bitfuse.{p}" for p in find_packages(str(ROOT / "python" / "bitfuse"))]
-    pkgs += ["bitfuse.kernels"] + [f"bitfuse.kernels.{p}" for p in find_packages(str(ROOT / "kernels"))]
-    return pkgs
+    """bitfuse and its subpackages (the Triton kernels are bitfuse.kernels) from python/."""
+    return ["bitfuse"] + [f"bitfuse.{p}" for p in find_packages(str(ROOT / "python" / "bitfuse"))]
 
 
 setup(
     version=read_version(),
     packages=packages(),
-    package_dir={"bitfuse": "python/bitfuse", "bitfuse.kernels": "kernels"},
+    package_dir={"bitfuse": "python/bitfuse"},
     ext_modules=[CMakeExtension("bitfuse._C")],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

@@ -1,4 +1,4 @@
-"""The Triton HBP kernel (kernels/hbp.py) under TRITON_INTERPRET=1 on CPU tensors, against the
+"""The Triton HBP kernel (bitfuse/kernels/hbp.py) under TRITON_INTERPRET=1 on CPU tensors, against the
 C++ CPU product: small matrices with several column tiles, split rows and partial sums."""
 
 from __future__ import annotations

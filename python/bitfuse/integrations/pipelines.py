@@ -111,3 +111,56 @@ def tiny_dit_pipeline(seed: int = 0):
 
     return DiTPipeline(transformer=tiny_dit(seed=seed), vae=tiny_vae(seed), scheduler=DDIMScheduler(),
                        id2label={0: "zero", 1: "one"})
+
+
+def _tiny_clip_tokenizer(directory: str):
+    """A CLIP BPE tokenizer over a 5-token vocabulary written to `directory` (no downloads)."""
+    import json
+    import os
+
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "cat</w>": 3, "!": 4}
+    with open(os.path.join(directory, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(directory, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    return CLIPTokenizer(os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"),
+                         model_max_length=77)
+
+
+def tiny_sd_pipeline(directory: str, seed: int = 0):
+    """A StableDiffusionPipeline from tiny components built from configs (a 2-layer CLIP text
+    encoder, the tiny UNet and VAE, DDIM). Needs transformers; `directory` holds the tokenizer
+    files it writes."""
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .diffusers import tiny_unet
+
+    torch.manual_seed(seed)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=5, hidden_size=128, intermediate_size=256,
+                                        num_hidden_layers=2, num_attention_heads=4,
+                                        max_position_embeddings=77, projection_dim=128)).eval()
+    return StableDiffusionPipeline(vae=tiny_vae(seed), text_encoder=text, tokenizer=_tiny_clip_tokenizer(directory),
+                                   unet=tiny_unet(seed=seed), scheduler=DDIMScheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+def tiny_pixart_pipeline(seed: int = 0):
+    """A PixArtAlphaPipeline from tiny components built from configs (a 1-layer T5 encoder, a
+    2-layer PixArt transformer, the tiny VAE, DDIM). Call it with prompt_embeds (no tokenizer)."""
+    import torch
+    from diffusers import DDIMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8, num_layers=2,
+        cross_attention_dim=64, caption_channels=32, sample_size=8, patch_size=2,
+        norm_type="ada_norm_single", use_additional_conditions=False, norm_num_groups=32,
+    ).eval()
+    t5 = T5EncoderModel(T5Config(vocab_size=32, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)).eval()
+    return PixArtAlphaPipeline(tokenizer=None, text_encoder=t5, vae=tiny_vae(seed), transformer=transformer,
+                               scheduler=DDIMScheduler())
