@@ -9,7 +9,7 @@ per-call time is in extra_info. bench_kernels.py is the full sweep with tables a
 import pytest
 import torch
 
-from bench_kernels import RECIPES
+from bitfuse.bench_kernels import RECIPES
 
 pytestmark = pytest.mark.gpu
 

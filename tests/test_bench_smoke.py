@@ -1,19 +1,17 @@
 """The benchmark script's reporting path, on CPU through the interpreter (it must not rot)."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
 pytest.importorskip("triton")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_bench_kernels_cpu_smoke(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_kernels.py"), "--cpu-smoke",
-                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "bitfuse.cli", "bench", "kernels", "--cpu-smoke",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr
     data = json.loads((tmp_path / "kernels.json").read_text())
     assert data["environment"]["device"] == "cpu" and data["environment"]["torch"]

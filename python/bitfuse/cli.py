@@ -88,6 +88,14 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_kernels(args: argparse.Namespace) -> int:
+    from .bench_kernels import main as kernels_main
+
+    argv = (["--quick"] if args.quick else []) + (["--cpu-smoke"] if args.cpu_smoke else []) \
+        + (["--out", args.out] if args.out else [])
+    return kernels_main(argv)
+
+
 def bench_e2e(args: argparse.Namespace) -> int:
     import os
 
@@ -130,6 +138,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     b = sub.add_parser("backends", help="which backends run here, and why the others do not")
     b.set_defaults(func=show_backends)
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
+    kb = bench.add_parser("kernels", help="kernel microbenchmarks -> benchmarks/results/<device>/")
+    kb.add_argument("--quick", action="store_true", help="K=N=4096 and two diffusion shapes only")
+    kb.add_argument("--cpu-smoke", action="store_true", help="tiny CPU run through the interpreter")
+    kb.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>)")
+    kb.set_defaults(func=bench_kernels)
     e = bench.add_parser("e2e", help="float vs bitfuse denoiser over a DDIM loop, + Orin projection")
     e.add_argument("--model", default="tiny", help="tiny, sd15-unet, dit-xl-2 or pixart-alpha")
     e.add_argument("--path", default=None, help="a local diffusers denoiser folder (with config.json)")

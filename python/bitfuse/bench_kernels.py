@@ -1,0 +1,264 @@
+"""Kernel microbenchmarks: bitfuse's fused linear vs fp16 cuBLAS, dequant-then-matmul, tinygemm.
+
+    bitfuse bench kernels                 # full sweep on the visible GPU (= python benchmarks/bench_kernels.py)
+    bitfuse bench kernels --quick         # a few shapes
+    bitfuse bench kernels --cpu-smoke     # CPU, interpreter, tiny: checks the reporting path
+
+Writes benchmarks/results/<device>/kernels.json, kernels.md and kernels.png (with --out to
+change the folder). Every record carries the device, the versions and the shapes. Times are GPU
+times of CUDA-graph replays (so Python launch overhead is excluded), median of several replays;
+bandwidth is quoted against a copy bandwidth measured in the same run, never a vendor figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+SQUARE = [4096, 8192, 16384]
+MS = [1, 4, 16, 64, 256, 1024, 4096]
+# (name, N, K): projection shapes of SD1.5's UNet (width 320/640/1280, context 768) and DiT-XL/2
+# (hidden 1152, MLP 4608).
+DIFFUSION = [
+    ("sd15.attn320", 320, 320), ("sd15.ff320.in", 2560, 320), ("sd15.ff320.out", 320, 1280),
+    ("sd15.attn1280", 1280, 1280), ("sd15.ff1280.in", 10240, 1280), ("sd15.ff1280.out", 1280, 5120),
+    ("sd15.kv768->1280", 1280, 768),
+    ("dit.qkv", 3456, 1152), ("dit.proj", 1152, 1152), ("dit.mlp.in", 4608, 1152),
+    ("dit.mlp.out", 1152, 4608), ("dit.adaln", 6912, 1152),
+]
+DIFFUSION_MS = [256, 1024, 4096]
+RECIPES = {
+    "w4g128": dict(bits=4, group_size=128),
+    "w3g128": dict(bits=3, group_size=128),
+    "w2g128": dict(bits=2, group_size=128),
+    "w3g128+res": dict(bits=3, group_size=128, residual=True),
+    "w4g128+r32": dict(bits=4, group_size=128, rank=32),
+}
+
+
+def gpu_time_us(fn: Callable[[], None], calls: int = 20, replays: int = 10) -> Dict[str, object]:
+    """Median GPU time of one call, from CUDA-graph replays of `calls` back-to-back calls.
+    Falls back to event timing of eager calls if capture fails (recorded in the result)."""
+    fn()
+    torch.cuda.synchronize()
+    try:
+        g = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+            torch.cuda.synchronize()
+            with torch.cuda.graph(g, stream=s):
+                for _ in range(calls):
+                    fn()
+        torch.cuda.current_stream().wait_stream(s)
+        run, method = g.replay, "cuda-graph"
+    except Exception as e:  # noqa: BLE001 - record why and measure eagerly instead
+        def run():
+            for _ in range(calls):
+                fn()
+        method = f"eager events ({type(e).__name__})"
+    run()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        run()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000 / calls)
+    return {"us": statistics.median(times), "method": method}
+
+
+def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth (read + write bytes / time), measured now."""
+    a = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    t = gpu_time_us(lambda: b.copy_(a), calls=5, replays=5)["us"]
+    return 2 * a.numel() / (t * 1e-6) / 1e9
+
+
+def environment() -> dict:
+    import triton
+
+    import bitfuse
+    env = {"bitfuse": bitfuse.__version__, "torch": torch.__version__, "triton": triton.__version__,
+           "python": platform.python_version(), "cuda": torch.version.cuda,
+           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env.update(device=torch.cuda.get_device_name(0), capability=f"sm_{p.major}{p.minor}", sms=p.multi_processor_count)
+    else:
+        env.update(device="cpu", capability=None)
+    return env
+
+
+def tinygemm(w16: torch.Tensor, group: int = 128):
+    """torch's int4 tinygemm (torch._weight_int4pack_mm), if this build has it: returns a callable
+    x -> y, or None. Its quantization is its own (asymmetric, bf16 scales)."""
+    if not hasattr(torch, "_weight_int4pack_mm"):
+        return None
+    try:
+        n, k = w16.shape
+        wg = w16.float().reshape(n, k // group, group)
+        lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+        scale = ((hi - lo) / 15).clamp_min(1e-8)
+        q = torch.clamp(torch.round((wg - lo) / scale), 0, 15).to(torch.int32).reshape(n, k)
+        zero = lo + 8 * scale  # tinygemm: w = (q - 8) * scale + zero
+        sz = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        packed_u8 = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+        wp = torch._convert_weight_to_int4pack(packed_u8, 8)
+        return lambda x: torch._weight_int4pack_mm(x, wp, group, sz)
+    except Exception:  # noqa: BLE001 - absent or changed API in this torch build
+        return None
+
+
+def bench_case(name: str, n: int, k: int, ms: List[int], recipes: List[str], bw: float,
+               results: list, dtype=torch.float16) -> None:
+    import bitfuse
+    from bitfuse import QuantConfig, QuantLinear
+    from bitfuse.kernels import fused_linear
+    from bitfuse import reference
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.float32)
+    w16 = lin.weight.detach().to(dtype)
+    layers = {r: QuantLinear.from_linear(lin, QuantConfig(target="auto", **RECIPES[r])) for r in recipes}
+    tg = tinygemm(w16.to(torch.bfloat16)) if dtype == torch.float16 else None
+    for m in ms:
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        base = gpu_time_us(lambda: torch.nn.functional.linear(x, w16))
+        row = {"case": name, "n": n, "k": k, "m": m, "dtype": str(dtype).replace("torch.", ""),
+               "fp16_us": base["us"], "timing": base["method"]}
+        fp16_bytes = 2 * n * k + 2 * m * (n + k)
+        row["fp16_bw_frac"] = fp16_bytes / (base["us"] * 1e-6) / 1e9 / bw
+        for r, q in layers.items():
+            pw = q.packed
+            t = gpu_time_us(lambda: fused_linear(x, pw))
+            nbytes = pw.nbytes() + 2 * m * (n + k)
+            row[f"{r}_us"] = t["us"]
+            row[f"{r}_speedup"] = base["us"] / t["us"]
+            row[f"{r}_bw_frac"] = nbytes / (t["us"] * 1e-6) / 1e9 / bw
+            row[f"{r}_timing"] = t["method"]
+        q4 = layers.get("w4g128")
+        if q4 is not None:
+            pw = q4.packed
+            t = gpu_time_us(lambda: torch.nn.functional.linear(x, reference.dense_weight(pw).to(dtype)))
+            row["dequant_matmul_us"] = t["us"]
+            if bitfuse.backends()["cuda"]["available"]:
+                from bitfuse.backend_cuda import dequantize_dense
+                t = gpu_time_us(lambda: torch.nn.functional.linear(x, dequantize_dense(pw, dtype)))
+                row["cuda_dequant_matmul_us"] = t["us"]
+        if tg is not None:
+            xb = x.to(torch.bfloat16)
+            try:
+                row["tinygemm_us"] = gpu_time_us(lambda: tg(xb))["us"]
+            except Exception as e:  # noqa: BLE001
+                row["tinygemm_error"] = str(e)[:200]
+        results.append(row)
+        print(json.dumps({k_: (round(v, 3) if isinstance(v, float) else v) for k_, v in row.items()}), flush=True)
+
+
+def write_outputs(results: list, env: dict, out_dir: str, bw: float) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "kernels.json"), "w") as f:
+        json.dump({"environment": env, "copy_bandwidth_gbs": bw, "results": results}, f, indent=1)
+    recipes = [r for r in RECIPES if any(f"{r}_us" in row for row in results)]
+    lines = [f"# Kernel microbenchmarks on {env['device']}", "",
+             f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, bitfuse {env['bitfuse']}, "
+             f"{env['time']}. Measured copy bandwidth: {bw:.0f} GB/s. Times in µs (CUDA-graph replays, "
+             "median); `x` = speedup over fp16 cuBLAS; `bw` = fraction of the measured copy bandwidth.", "",
+             "| case | N | K | M | fp16 µs | " + " | ".join(f"{r} µs (x, bw)" for r in recipes)
+             + " | dequant+mm µs | tinygemm µs |",
+             "|---|---|---|---|---|" + "---|" * len(recipes) + "---|---|"]
+    for row in results:
+        cells = [f"{row[f'{r}_us']:.1f} ({row[f'{r}_speedup']:.2f}x, {row[f'{r}_bw_frac']:.2f})"
+                 if f"{r}_us" in row else "-" for r in recipes]
+        lines.append(f"| {row['case']} | {row['n']} | {row['k']} | {row['m']} | {row['fp16_us']:.1f} | "
+                     + " | ".join(cells) + f" | {row.get('dequant_matmul_us', float('nan')):.1f} | "
+                     + (f"{row['tinygemm_us']:.1f}" if "tinygemm_us" in row else "-") + " |")
+    with open(os.path.join(out_dir, "kernels.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no PNG plot (pip install matplotlib)")
+        return
+    squares = sorted({row["n"] for row in results if row["case"].startswith("square")})
+    fig, axes = plt.subplots(1, max(1, len(squares)), figsize=(5 * max(1, len(squares)), 4), squeeze=False)
+    for ax, size in zip(axes[0], squares):
+        rows = [r for r in results if r["case"].startswith("square") and r["n"] == size]
+        for rec in recipes:
+            pts = [(r["m"], r[f"{rec}_speedup"]) for r in rows if f"{rec}_speedup" in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=rec)
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"K=N={size}")
+        ax.set_xlabel("M")
+        ax.set_ylabel("speedup over fp16 cuBLAS")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"bitfuse Triton fused linear on {env['device']}")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "kernels.png"), dpi=120)
+
+
+def cpu_smoke(out_dir: str) -> None:
+    """Run the reporting code on CPU with the interpreter and a tiny shape: checks the script."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    from bitfuse import QuantConfig, QuantLinear
+    from bitfuse.kernels import fused_linear
+
+    q = QuantLinear.from_linear(torch.nn.Linear(128, 64), QuantConfig(bits=4, group_size=64))
+    x = torch.randn(2, 128, dtype=torch.float16)
+    t0 = time.perf_counter()
+    fused_linear(x, q.packed)
+    row = {"case": "square-smoke", "n": 64, "k": 128, "m": 2, "fp16_us": 1.0, "timing": "cpu (meaningless)",
+           "w4g128_us": (time.perf_counter() - t0) * 1e6, "w4g128_speedup": 0.0, "w4g128_bw_frac": 0.0}
+    write_outputs([row], environment(), out_dir, 1.0)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="K=N=4096 and two diffusion shapes only")
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny CPU run through the interpreter")
+    p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>)")
+    args = p.parse_args(argv)
+    here = os.path.join("benchmarks")  # results/<device>/ under the current directory's benchmarks/
+    if args.cpu_smoke:
+        cpu_smoke(args.out or os.path.join(here, "results", "cpu-smoke"))
+        return 0
+    if not torch.cuda.is_available():
+        print("bench_kernels: no CUDA GPU visible; use --cpu-smoke to check the script on CPU", file=sys.stderr)
+        return 2
+    env = environment()
+    out = args.out or os.path.join(here, "results", env["device"].replace(" ", "_"))
+    bw = copy_bandwidth_gbs()
+    print(f"device {env['device']}: measured copy bandwidth {bw:.0f} GB/s", flush=True)
+    from tqdm import tqdm
+
+    results: list = []
+    cases = [(f"square{s}", s, s, MS, list(RECIPES)) for s in (SQUARE[:1] if args.quick else SQUARE)]
+    cases += [(name, n, k, DIFFUSION_MS, ["w4g128", "w3g128+res"])
+              for name, n, k in (DIFFUSION[:2] if args.quick else DIFFUSION)]
+    for name, n, k, ms, recipes in tqdm(cases, desc="bitfuse bench kernels", unit="shape"):
+        bench_case(name, n, k, ms, recipes, bw, results)
+    write_outputs(results, env, out, bw)
+    print(f"wrote {out}/kernels.json, kernels.md" + (", kernels.png" if os.path.exists(os.path.join(out, "kernels.png")) else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
