@@ -29,3 +29,22 @@ def linear_from(w: torch.Tensor, bias: bool = True, seed: int = 0) -> torch.nn.L
             g = torch.Generator().manual_seed(seed + 7)
             lin.bias.copy_(torch.randn(w.shape[0], generator=g) * 0.1)
     return lin
+
+
+def correlated_activations(m: int, k: int, seed: int = 0, outlier_channels: int = 8, rank: int = 16,
+                           outlier_scale: float = 20.0, sample_seed: int = 0) -> torch.Tensor:
+    """(m, k) calibration activations: channels correlated through a shared low-rank mix plus
+    noise, log-normally spread channel scales, and a few input channels `outlier_scale` times
+    larger than the rest (the pattern diffusion and LLM activations show).
+
+    `seed` fixes the distribution (mix, scales, outlier channels); `sample_seed` draws the rows,
+    so a different sample_seed gives held-out data from the same distribution."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    mix = torch.randn(rank, k, generator=g) / rank ** 0.5
+    spread = torch.exp(0.5 * torch.randn(k, generator=g))
+    cols = torch.randperm(k, generator=g)[:outlier_channels]
+    r = torch.Generator().manual_seed(seed * 7919 + sample_seed + 1)
+    x = torch.randn(m, rank, generator=r) @ mix + 0.3 * torch.randn(m, k, generator=r)
+    x = x * spread
+    x[:, cols] *= outlier_scale
+    return x

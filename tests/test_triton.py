@@ -40,8 +40,10 @@ def layer(bits: int, group: int, branch: str, n: int = N, k: int = K) -> QuantLi
         if kw.pop("mixed_bits", False):
             # three classes for W3 "mixed"; two elsewhere (with the outliers out, the flattest
             # rows of W3 "all" gain nothing from b-1, and the calibrator rightly refuses it).
+            # avg_bits counts the 32-bit-per-row permutation too (32/K = 0.16 bpw here), so W3
+            # "all" needs 3.5 to afford one 16-row 4-bit class.
             kw["mixed_bits"], kw["avg_bits"] = {2: ((2, 3), 2.4), 3: ((2, 3, 4), 3.0), 4: ((3, 4), 3.8),
-                                                -3: ((3, 4), 3.3)}[-bits if branch == "all" and bits == 3 else bits]
+                                                -3: ((3, 4), 3.5)}[-bits if branch == "all" and bits == 3 else bits]
         lin = linear_from(heavy_tailed(n, k, seed=bits * group, outlier_channels=8),
                           bias=branch in ("bias", "all"))
         q = QuantLinear.from_linear(lin, QuantConfig(bits=bits, group_size=group, **kw))

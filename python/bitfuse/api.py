@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable, Mapping, Optional
+import os
+import time
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch.nn as nn
 
+from .calibrate.report import layer_report, write_report
 from .config import QuantConfig
 from .nn import QuantConv2d, QuantLinear, conv_unsupported_reason
 
@@ -47,13 +50,21 @@ def quantize_(
     config: QuantConfig,
     filter_fn: Optional[FilterFn] = None,
     calib_data: Optional[Mapping[str, "object"]] = None,
+    *,
+    calib_options: Optional[Mapping[str, Any]] = None,
+    progress: Optional[bool] = None,
+    report: Union[None, list, str, os.PathLike] = None,
 ) -> nn.Module:
     """Replace every nn.Linear of `model` (and nn.Conv2d with config.convs) that
     `filter_fn(module, fqn)` accepts, in place.
 
     calib_data, if given, maps a layer's fully qualified name to its calibration activations
-    (a tensor whose last dim is the layer's in_features). Layers too small to gain are skipped
-    with a log line. Returns the model.
+    (a tensor whose last dim is the layer's in_features, or the ActivationStats that
+    bitfuse.calibrate.collect() returns). Layers too small to gain are skipped with a log line.
+    calib_options are keyword arguments for calibrate() (method, residual_rounds,
+    lowrank_iters). progress: a tqdm bar over layers (None: only on a terminal). report: a list
+    to append one dict per quantized layer to (bits, bpw, weight/output error, seconds), or a
+    path to write them to as JSON. Returns the model.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_ expects an nn.Module, got {type(model).__name__}")
@@ -66,7 +77,8 @@ def quantize_(
     if unknown:
         raise ValueError(f"calib_data names layers that are not quantizable layers of this model: {sorted(unknown)[:5]}")
     done = skipped = 0
-    for fqn, layer in layers:
+    rows = []
+    for fqn, layer in _progress(layers, progress):
         if filter_fn is not None and not filter_fn(layer, fqn):
             continue
         why = too_small_reason(layer, config)
@@ -80,10 +92,32 @@ def quantize_(
                 log.info("bitfuse: skipping %s: %s", fqn, why)
                 skipped += 1
                 continue
-            q = QuantConv2d.from_conv(layer, config, activations=calib_data.get(fqn))
+            start = time.perf_counter()
+            q = QuantConv2d.from_conv(layer, config, activations=calib_data.get(fqn),
+                                      **dict(calib_options or {}))
         else:
-            q = QuantLinear.from_linear(layer, config, activations=calib_data.get(fqn))
+            start = time.perf_counter()
+            q = QuantLinear.from_linear(layer, config, activations=calib_data.get(fqn),
+                                        **dict(calib_options or {}))
+        seconds = time.perf_counter() - start
+        if report is not None:
+            rows.append(layer_report(layer.weight.detach(), q.packed, calib_data.get(fqn), seconds, fqn))
         _set_child(model, fqn, q.to(layer.weight.device))
         done += 1
     log.info("bitfuse: quantized %d layers, skipped %d", done, skipped)
+    if isinstance(report, list):
+        report.extend(rows)
+    elif report is not None:
+        write_report(rows, report, config)
     return model
+
+
+def _progress(items, enabled: Optional[bool]):
+    """A tqdm bar over the layers (tqdm decides for None: shown only on a terminal)."""
+    if enabled is False:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc="bitfuse quantize", unit="layer", disable=None if enabled is None else False)

@@ -40,7 +40,9 @@ class QuantConfig:
                  the fraction of output channels that get it (those that gain most).
     mixed_bits:  None, or a tuple of code widths (e.g. (2, 3, 4)) for mixed-precision channels;
                  must contain `bits`, which is the width of the unremarkable middle.
-    avg_bits:    mean code width across channels when mixed_bits is set (default: bits).
+    avg_bits:    budget for mixed_bits (default: bits): the bit-class split may add at most
+                 avg_bits − bits real bpw over uniform `bits`, counting code bits (padding
+                 included) and the 32-bit-per-row permutation (calibrate/mixed.py).
     rank:        low-rank branch rank (0 = no branch).
     outliers:    fraction of weights kept exactly in a sparse fp16 branch, 0 to 0.05.
     target:      hardware profile, one of "auto", "orin", "rtx30", "rtx40", "h100", "cpu".

@@ -1,5 +1,10 @@
 """Calibration: turn float weights into PackedWeights (see core.py for the steps)."""
 
-from .core import CalibrationError, activation_norms, calibrate
+from .collect import collect
+from .core import METHODS, activation_norms, calibrate
+from .errors import BudgetError, CalibrationError
+from .report import layer_report
+from .stats import ActivationStats
 
-__all__ = ["calibrate", "CalibrationError", "activation_norms"]
+__all__ = ["calibrate", "collect", "layer_report", "ActivationStats", "CalibrationError",
+           "BudgetError", "activation_norms", "METHODS"]

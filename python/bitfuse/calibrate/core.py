@@ -1,20 +1,26 @@
 """calibrate(): an nn.Linear weight + QuantConfig -> PackedWeight, producing every branch.
 
 Order of the steps, and why:
-  1. outliers are chosen first and taken out, so they do not stretch the dense ranges;
-  2. channels are ranked by kurtosis and split into bit classes (rows permuted per class);
-  3. each class is quantized with RTN min/max per group;
-  4. the binary residual is fitted to what RTN left (closed-form α);
+  1. outliers are chosen first (by |w| × input-channel RMS when activations are given) and taken
+     out, so they neither stretch the dense ranges nor count in its error;
+  2. every channel is quantized at each width of mixed_bits, its error measured (the output
+     error tr(E·H·Eᵀ) when activations are given), and the bit-class split with the least error
+     under the avg_bits budget is kept (mixed.py); rows are permuted per class;
+  3. each group's range is searched (search.py; method="rtn" keeps plain min/max);
+  4. the binary residual is fitted to what is left (closed-form α), alternating with the dense
+     scale/offset for a few rounds, and kept on the channels that gain most;
   5. the sparse values are set so dense + sparse reproduce W exactly at the outlier positions;
-  6. the low-rank branch is the truncated SVD of whatever error remains.
-Issue #5 replaces steps with better (activation-aware, searched) ones behind the same interface.
+  6. the low-rank branch is the truncated SVD of the remaining error, whitened by chol(XᵀX + λI)
+     when activations are given; optionally the dense part is requantized against W − L and the
+     SVD redone (SVDQuant's alternation), keeping the best round.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Dict, Optional, Union
 
 import torch
 
@@ -22,17 +28,21 @@ from .. import pack
 from ..config import QuantConfig
 from ..format import PackedWeight
 from ..targets import resolve_target
+from .errors import CalibrationError
 from .lowrank import lowrank_from_error
-from .mixed import assign_classes, kurtosis
+from .mixed import choose_split, classes_for_split, kurtosis
 from .outliers import select_outliers
-from .residual import fit_residual, residual_values
-from .rtn import FP16_MAX, rtn_quantize
+from .residual import fit_residual, refit_with_residual, residual_values
+from .rtn import FP16_MAX, group_view
+from .search import quantize
+from .stats import ActivationStats, as_stats
 
 log = logging.getLogger("bitfuse.calibrate")
 
-
-class CalibrationError(ValueError):
-    """A weight or calibration input that cannot be quantized as asked."""
+METHODS = ("search", "rtn")
+# Input channels with (almost) no activation still get a little weight, so the search never
+# treats their weights as free.
+COLUMN_WEIGHT_FLOOR = 1e-4
 
 
 def _check_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -58,105 +68,121 @@ def _check_weight(weight: torch.Tensor) -> torch.Tensor:
     return w
 
 
-def activation_norms(activations: torch.Tensor, in_features: int) -> torch.Tensor:
-    """Per-input-channel RMS of calibration activations (..., K) -> (K,) fp32."""
-    if not isinstance(activations, torch.Tensor):
-        raise CalibrationError(f"activations must be a tensor, got {type(activations).__name__}")
-    if activations.dim() < 1 or activations.shape[-1] != in_features:
-        raise CalibrationError(
-            f"activations must have last dim in_features={in_features}, got shape {tuple(activations.shape)}"
-        )
-    a = activations.detach().reshape(-1, in_features).float()
-    if a.shape[0] == 0:
-        raise CalibrationError("activations hold no rows")
-    if not bool(torch.isfinite(a).all()):
-        raise CalibrationError("activations hold NaN/Inf values")
-    return a.square().mean(dim=0).sqrt()
+def activation_norms(activations, in_features: int) -> torch.Tensor:
+    """Per-input-channel RMS of calibration activations (a (..., K) tensor or ActivationStats)."""
+    return as_stats(activations, in_features).channel_norm()
+
+
+@dataclass
+class _Context:
+    """What every step needs to know about the layer and its calibration data."""
+    config: QuantConfig
+    method: str
+    n: int
+    k: int
+    k_pad: int
+    hessian: Optional[torch.Tensor]      # (K, K) XᵀX/M, or None
+    mean_square: Optional[torch.Tensor]  # (K,) diag(H), or None
+    col_weight: Optional[torch.Tensor]   # (k_pad,) per-column weight of the group error, or None
+    residual_rounds: int
+
+    def row_error(self, e: torch.Tensor) -> torch.Tensor:
+        """(rows, K) weight error -> (rows,) output error (e·H·eᵀ), or its proxies without H."""
+        if self.hessian is not None:
+            return ((e @ self.hessian) * e).sum(dim=1)
+        if self.mean_square is not None:
+            return (e.square() * self.mean_square).sum(dim=1)
+        return e.square().sum(dim=1)
+
+
+@dataclass
+class _DenseFit:
+    tensors: Dict[str, torch.Tensor]
+    approx: torch.Tensor   # (N, K) dense codes + residual + sparse values, original order
+
+
+def _column_weight(mean_square: Optional[torch.Tensor], k_pad: int) -> Optional[torch.Tensor]:
+    if mean_square is None:
+        return None
+    floor = COLUMN_WEIGHT_FLOOR * float(mean_square.mean()) + 1e-30
+    cw = torch.ones(k_pad, device=mean_square.device)
+    cw[: mean_square.numel()] = mean_square + floor
+    return cw
 
 
 def calibrate(
     weight: torch.Tensor,
     config: QuantConfig,
-    activations: Optional[torch.Tensor] = None,
+    activations: Union[None, torch.Tensor, ActivationStats] = None,
     bias: Optional[torch.Tensor] = None,
+    *,
+    method: str = "search",
+    residual_rounds: Optional[int] = None,
+    lowrank_iters: int = 1,
 ) -> PackedWeight:
-    """Quantize one (out, in) weight into a PackedWeight with every branch `config` asks for."""
+    """Quantize one (out, in) weight into a PackedWeight with every branch `config` asks for.
+
+    activations: None (data-free), a raw (…, K) tensor of the layer's inputs, or the
+        ActivationStats that bitfuse.calibrate.collect() gathers.
+    method: "search" (per-group range search, the default) or "rtn" (plain min/max per group).
+    residual_rounds: rounds alternating the dense scale/offset and the residual plane (default 2
+        with "search", 0 with "rtn").
+    lowrank_iters: 1 = one SVD of the error; more = requantize against W − L and redo the SVD
+        (SVDQuant style), keeping the best round.
+    """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a bitfuse.QuantConfig, got {type(config).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if residual_rounds is None:
+        residual_rounds = 2 if method == "search" else 0
+    if not isinstance(residual_rounds, int) or residual_rounds < 0:
+        raise ValueError(f"residual_rounds must be an int >= 0, got {residual_rounds!r}")
+    if not isinstance(lowrank_iters, int) or lowrank_iters < 1:
+        raise ValueError(f"lowrank_iters must be an int >= 1, got {lowrank_iters!r}")
     w = _check_weight(weight)
     n, k = w.shape
     g = config.group_size
     kp = pack.padded_k(k, g)
-    act_norm = activation_norms(activations, k).to(w.device) if activations is not None else None
+    stats = as_stats(activations, k, device=w.device)
     if bias is not None:
         if bias.shape != (n,):
             raise CalibrationError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
         if not bool(torch.isfinite(bias).all()):
             raise CalibrationError("bias holds NaN/Inf values")
+    mean_square = stats.mean_square() if stats is not None else None
+    ctx = _Context(
+        config=config, method=method, n=n, k=k, k_pad=kp,
+        hessian=stats.hessian() if stats is not None else None,
+        mean_square=mean_square, col_weight=_column_weight(mean_square, kp),
+        residual_rounds=residual_rounds,
+    )
 
     # 1. outliers out of the dense part.
-    out_mask = select_outliers(w, config.outliers, act_norm)
-    wp = torch.zeros(n, kp, device=w.device)
-    wp[:, :k] = w
+    out_mask = select_outliers(w, config.outliers, stats.channel_norm() if stats is not None else None)
     valid = torch.zeros(n, kp, dtype=torch.bool, device=w.device)
     valid[:, :k] = ~out_mask
 
-    # 2. bit classes, 3. RTN per class.
+    # 2. bit classes by measured error (each width quantized once, reused for the chosen split).
     row_align = pack.row_align_for(n)
-    class_bits, class_rows, perm = assign_classes(
-        kurtosis(wp, valid), config.bits, config.mixed_bits, config.effective_avg_bits, row_align
-    )
-    if perm is not None and config.effective_avg_bits >= config.bits:
-        # Uniform `bits` fits the budget too: keep the split only if it lowers the error.
-        mixed = _quantize_classes(wp[perm.long()], valid[perm.long()], class_bits, class_rows, g)
-        uniform = _quantize_classes(wp, valid, [config.bits], [n], g)
-        err_mixed = ((mixed[3] - wp[perm.long()]).square() * valid[perm.long()]).sum()
-        err_uniform = ((uniform[3] - wp).square() * valid).sum()
-        if err_mixed >= err_uniform:
-            # MPQ-DM keeps the split only if it helps; here judged on the weight error.
-            log.info("mixed classes did not lower the weight error (%.4g >= %.4g); using %d bits",
-                     float(err_mixed), float(err_uniform), config.bits)
-            class_bits, class_rows, perm = [config.bits], [n], None
-    order = perm.long() if perm is not None else None
-    wq = wp[order] if order is not None else wp
-    vq = valid[order] if order is not None else valid
-    codes, scales, zeros, what = _quantize_classes(wq, vq, class_bits, class_rows, g)
-
-    tensors = {"qweight": pack.pack_classes(codes, class_bits), "scales": scales, "zeros": zeros}
-    if perm is not None:
-        tensors["perm"] = perm
-
-    # 4. binary residual on what RTN left.
-    if config.residual:
-        signs, alpha, gain = fit_residual(wq - what, vq, g)
-        if config.residual is True:
-            rows = torch.arange(n, device=w.device)
-        else:
-            count = max(1, int(math.ceil(float(config.residual) * n)))
-            rows = torch.sort(torch.topk(gain, count).indices).values
-        res_index = torch.full((n,), -1, dtype=torch.int32, device=w.device)
-        res_index[rows] = torch.arange(rows.numel(), dtype=torch.int32, device=w.device)
-        tensors.update(res_index=res_index, res_plane=pack.pack_signs(signs[rows]), res_alpha=alpha[rows])
-        what[rows] += residual_values(signs[rows], alpha[rows], g)
-
-    # Back to the original channel order for the branches that live there.
-    what_out = torch.empty_like(what)
-    if order is not None:
-        what_out[order] = what
+    cache = {}
+    if config.mixed_bits:
+        wp = _pad(w, kp)
+        kurt = kurtosis(wp, valid)
+        row_err = {}
+        for b in config.mixed_bits:
+            cache[b] = quantize(wp, valid, b, g, method, ctx.col_weight)
+            row_err[b] = ctx.row_error(((cache[b][3] - wp) * valid)[:, :k])
+        hi, n_hi, lo, n_lo, info = choose_split(
+            kurt, row_err, k, kp, config.bits, config.mixed_bits, config.effective_avg_bits, row_align)
+        class_bits, class_rows, perm = classes_for_split(kurt, config.bits, hi, n_hi, lo, n_lo)
+        log.debug("split %s x %s: %s", class_bits, class_rows, info)
     else:
-        what_out = what
-    what_out = what_out[:, :k]
+        class_bits, class_rows, perm = [config.bits], [n], None
 
-    # 5. sparse values: exact corrections at the outlier positions.
-    approx = what_out
-    if bool(out_mask.any()):
-        rows_i, cols_i = torch.nonzero(out_mask, as_tuple=True)  # row-major: columns sorted per row
-        values = (w - what_out)[rows_i, cols_i].to(torch.float16)
-        indptr = torch.zeros(n + 1, dtype=torch.int64, device=w.device)
-        indptr[1:] = torch.cumsum(torch.bincount(rows_i, minlength=n), 0)
-        tensors.update(sp_indptr=indptr.to(torch.int32), sp_indices=cols_i.to(torch.int32), sp_values=values)
-        approx = what_out.clone()
-        approx[rows_i, cols_i] += values.float()
+    # 3-5. dense codes, residual plane and sparse values.
+    fit = _fit_dense(w, valid, out_mask, class_bits, class_rows, perm, ctx, cache)
+    tensors = fit.tensors
 
     # 6. low-rank branch from the remaining error.
     if config.rank > 0:
@@ -164,9 +190,11 @@ def calibrate(
         if rank < config.rank:
             log.info("rank %d exceeds min(out, in) = %d for a %dx%d layer; using %d",
                      config.rank, rank, n, k, rank)
-        down, up = lowrank_from_error(w - approx, rank)
-        up = up[order] if order is not None else up
-        tensors.update(lr_down=down.to(torch.float16), lr_up=up.to(torch.float16).contiguous(),
+        fit, (down, up) = _fit_lowrank(w, valid, out_mask, class_bits, class_rows, perm, ctx,
+                                       fit, rank, lowrank_iters)
+        tensors = fit.tensors
+        up = up[perm.long()] if perm is not None else up
+        tensors.update(lr_down=down, lr_up=up.contiguous(),
                        lr_scale=torch.ones(rank, dtype=torch.float32, device=w.device))
 
     if bias is not None:
@@ -180,13 +208,124 @@ def calibrate(
     return pw.validate()
 
 
-def _quantize_classes(w, valid, class_bits, class_rows, group_size):
-    """RTN per bit class over rows already in packed order. Returns per-class code tensors and
-    the concatenated scales, zeros and ŵ."""
-    codes, scales, zeros, whats = [], [], [], []
+def _pad(w: torch.Tensor, kp: int) -> torch.Tensor:
+    wp = torch.zeros(w.shape[0], kp, device=w.device)
+    wp[:, : w.shape[1]] = w
+    return wp
+
+
+def _fit_dense(target, valid, out_mask, class_bits, class_rows, perm, ctx: _Context, cache=None) -> _DenseFit:
+    """Codes, scales, residual plane and sparse values for `target` (N, K) under a fixed class
+    plan. `cache` may hold {bits: quantize() of all rows} computed in original order."""
+    n, k, kp, g, cfg = ctx.n, ctx.k, ctx.k_pad, ctx.config.group_size, ctx.config
+    order = perm.long() if perm is not None else None
+    wq = _pad(target, kp)
+    vq = valid
+    if order is not None:
+        wq, vq = wq[order], vq[order]
+    codes, scales, zeros, what = [], [], [], []
     start = 0
     for b, r in zip(class_bits, class_rows):
-        q, s, z, wh = rtn_quantize(w[start:start + r], valid[start:start + r], b, group_size)
-        codes.append(q), scales.append(s), zeros.append(z), whats.append(wh)
+        if cache and b in cache:
+            rows = order[start:start + r] if order is not None else slice(start, start + r)
+            q, s, z, wh = (t[rows] for t in cache[b])
+        else:
+            q, s, z, wh = quantize(wq[start:start + r], vq[start:start + r], b, g, ctx.method, ctx.col_weight)
+        codes.append(q), scales.append(s), zeros.append(z), what.append(wh)
         start += r
-    return codes, torch.cat(scales), torch.cat(zeros), torch.cat(whats)
+    scales, zeros, what = torch.cat(scales), torch.cat(zeros), torch.cat(what)
+
+    tensors = {}
+    if cfg.residual:
+        refit, signs, alpha, gain = _fit_residual_classes(wq, vq, class_bits, class_rows, codes,
+                                                          scales, zeros, what, ctx)
+        if cfg.residual is True:
+            rows = torch.arange(n, device=wq.device)
+        else:
+            count = max(1, int(math.ceil(float(cfg.residual) * n)))
+            rows = torch.sort(torch.topk(gain, count).indices).values
+        if refit is not None:
+            # The refitted dense part goes with its plane: only rows that get a plane adopt it.
+            chosen = torch.zeros(n, dtype=torch.bool, device=wq.device)
+            chosen[rows] = True
+            r_codes, r_scales, r_zeros, r_what = refit
+            start = 0
+            for c, r in enumerate(class_rows):
+                codes[c] = torch.where(chosen[start:start + r, None], r_codes[c], codes[c])
+                start += r
+            scales = torch.where(chosen[:, None], r_scales, scales)
+            zeros = torch.where(chosen[:, None], r_zeros, zeros)
+            what = torch.where(chosen[:, None], r_what, what)
+        res_index = torch.full((n,), -1, dtype=torch.int32, device=wq.device)
+        res_index[rows] = torch.arange(rows.numel(), dtype=torch.int32, device=wq.device)
+        tensors.update(res_index=res_index, res_plane=pack.pack_signs(signs[rows]), res_alpha=alpha[rows])
+        what = what.clone()
+        what[rows] += residual_values(signs[rows], alpha[rows], g)
+
+    tensors.update(qweight=pack.pack_classes(codes, class_bits), scales=scales, zeros=zeros)
+    if perm is not None:
+        tensors["perm"] = perm
+
+    # Back to the original channel order, where the sparse and low-rank branches live.
+    if order is not None:
+        what_out = torch.empty_like(what)
+        what_out[order] = what
+    else:
+        what_out = what
+    approx = what_out[:, :k]
+    if bool(out_mask.any()):
+        rows_i, cols_i = torch.nonzero(out_mask, as_tuple=True)  # row-major: columns sorted per row
+        values = (target - approx)[rows_i, cols_i].to(torch.float16)
+        indptr = torch.zeros(n + 1, dtype=torch.int64, device=wq.device)
+        indptr[1:] = torch.cumsum(torch.bincount(rows_i, minlength=n), 0)
+        tensors.update(sp_indptr=indptr.to(torch.int32), sp_indices=cols_i.to(torch.int32), sp_values=values)
+        approx = approx.clone()
+        approx[rows_i, cols_i] += values.float()
+    return _DenseFit(tensors, approx)
+
+
+def _fit_residual_classes(wq, vq, class_bits, class_rows, codes, scales, zeros, what, ctx):
+    """The residual plane for every row: (refit or None, signs, alpha, gain per row).
+
+    With residual_rounds > 0 the dense part is refitted together with the plane, class by class;
+    `refit` is then (codes per class, scales, zeros, ŵ) of that joint fit, and gain is measured
+    against the plain dense fit (the rows that get no plane keep the plain fit)."""
+    g = ctx.config.group_size
+    if ctx.residual_rounds == 0:
+        return (None,) + tuple(fit_residual(wq - what, vq, g, ctx.col_weight))
+    weight = vq.float() * (ctx.col_weight.unsqueeze(0) if ctx.col_weight is not None else 1.0)
+    r_codes, r_scales, r_zeros, r_what, signs, alphas, gains = [], [], [], [], [], [], []
+    start = 0
+    for c, (b, r) in enumerate(zip(class_bits, class_rows)):
+        sl = slice(start, start + r)
+        base_err = ((wq[sl] - what[sl]).square() * weight[sl]).sum(dim=1)
+        q, s, z, sign, alpha, err = refit_with_residual(
+            wq[sl], vq[sl], b, g, codes[c], scales[sl], zeros[sl], ctx.col_weight, ctx.residual_rounds)
+        r_codes.append(q), r_scales.append(s), r_zeros.append(z)
+        r_what.append((group_view(q.float(), g) * s.float().unsqueeze(-1) + z.float().unsqueeze(-1)).flatten(1))
+        signs.append(sign), alphas.append(alpha), gains.append(base_err - err)
+        start += r
+    refit = (r_codes, torch.cat(r_scales), torch.cat(r_zeros), torch.cat(r_what))
+    return refit, torch.cat(signs), torch.cat(alphas), torch.cat(gains)
+
+
+def _fit_lowrank(w, valid, out_mask, class_bits, class_rows, perm, ctx: _Context, fit: _DenseFit,
+                 rank: int, iters: int):
+    """The low-rank factors (fp16, original order) for the error the dense fit leaves; with
+    iters > 1, alternate: requantize W − L, redo the SVD, keep the round with the least error."""
+    def factors(dense: _DenseFit):
+        down, up = lowrank_from_error(w - dense.approx, rank, ctx.hessian)
+        down, up = down.to(torch.float16), up.to(torch.float16)
+        err = w - dense.approx - up.float() @ down.float()
+        return (down, up), float(ctx.row_error(err).sum())
+
+    best_factors, best_err = factors(fit)
+    best_fit = fit
+    for _ in range(iters - 1):
+        low = best_factors[1].float() @ best_factors[0].float()
+        cand = _fit_dense(w - low, valid, out_mask, class_bits, class_rows, perm, ctx)
+        # sparse values were fitted to W − L; the approximation of W adds L back later.
+        cand_f, cand_err = factors(cand)
+        if cand_err < best_err:
+            best_fit, best_factors, best_err = cand, cand_f, cand_err
+    return best_fit, best_factors

@@ -66,3 +66,88 @@ from .pipelines import (  # noqa: E402,F401
     load_pipeline, quantize_pipeline, save_pipeline, tiny_dit_pipeline, tiny_pixart_pipeline,
     tiny_sd_pipeline, tiny_vae,
 )
+
+
+# ---- activation capture across timesteps (issue #5) -------------------------------------------
+
+DEFAULT_TRAIN_TIMESTEPS = 1000
+
+
+def _denoiser_name(obj):
+    """The denoiser component's name when `obj` is a pipeline, else None (a bare module)."""
+    if isinstance(obj, torch.nn.Module):
+        return None
+    for name in ("unet", "transformer"):
+        if isinstance(getattr(obj, name, None), torch.nn.Module):
+            return name
+    raise TypeError(f"expected a denoiser nn.Module or a diffusers pipeline with a 'unet' or "
+                    f"'transformer', got {type(obj).__name__}")
+
+
+def sample_timesteps(steps, num_train_timesteps: int = DEFAULT_TRAIN_TIMESTEPS) -> list:
+    """`steps` timesteps spread evenly over [0, T) (from the noisiest), or the list given."""
+    if isinstance(steps, int):
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        return [int(round(t)) for t in torch.linspace(num_train_timesteps - 1, 0, steps).tolist()]
+    return [int(t) for t in steps]
+
+
+def _at_timestep(batch, t: int, scheduler, generator):
+    """A copy of a denoiser batch with its timestep set to t (and, given a scheduler, the sample
+    noised to t). Batches are dicts (`timestep` key, sample under `sample` or `hidden_states`)
+    or tuples (sample, timestep, *rest)."""
+    if isinstance(batch, dict):
+        b = dict(batch)
+        key = "sample" if "sample" in b else "hidden_states"
+        sample = b[key]
+    else:
+        b = list(batch)
+        key, sample = 0, b[0]
+    if scheduler is not None:
+        noise = torch.randn(sample.shape, generator=generator, dtype=sample.dtype).to(sample.device)
+        sample = scheduler.add_noise(sample, noise, torch.tensor([t]))
+        b[key] = sample
+    ts = torch.full((sample.shape[0],), t, dtype=torch.long, device=sample.device)
+    if isinstance(b, dict):
+        b["timestep"] = ts
+        return b
+    b[1] = ts
+    return tuple(b)
+
+
+@torch.no_grad()
+def collect(pipe_or_denoiser, inputs, steps=4, *, scheduler=None, full: bool = True,
+            filter_fn=None, seed: int = 0):
+    """Calibration statistics for a diffusion model, sampled across timesteps (activations shift
+    with the noise level, so one timestep is not enough).
+
+    * A bare denoiser (UNet2DConditionModel, DiTTransformer2DModel, …): `inputs` is a list of
+      batches, each a dict of forward kwargs or a tuple (sample, timestep, *rest). Every batch runs
+      once per timestep of `steps` (an int: that many spread over [0, 1000); or a list). Given a
+      `scheduler`, samples are treated as clean latents and noised to each timestep. Returns
+      {linear fqn: ActivationStats}, quantize_'s calib_data.
+    * A pipeline: `inputs` is a list of call kwargs (a str is taken as a prompt); each call runs
+      `steps` inference steps with hooks on the denoiser. Returns {denoiser name: {fqn: stats}},
+      quantize_pipeline's calib.
+    Only XᵀX and channel sums of squares are kept (full=False: sums of squares only).
+    """
+    from ..calibrate.collect import StatsRecorder, run_batch
+
+    name = _denoiser_name(pipe_or_denoiser)
+    denoiser = pipe_or_denoiser if name is None else getattr(pipe_or_denoiser, name)
+    with StatsRecorder(denoiser, full=full, filter_fn=filter_fn) as rec:
+        if name is None:
+            total = getattr(getattr(scheduler, "config", None), "num_train_timesteps", DEFAULT_TRAIN_TIMESTEPS)
+            gen = torch.Generator().manual_seed(seed)
+            for t in sample_timesteps(steps, total):
+                for batch in inputs:
+                    run_batch(denoiser, _at_timestep(batch, t, scheduler, gen))
+        else:
+            if not isinstance(steps, int):
+                raise ValueError("with a pipeline, steps is the number of inference steps (an int)")
+            for call in inputs:
+                kwargs = {"prompt": call} if isinstance(call, str) else dict(call)
+                kwargs.setdefault("num_inference_steps", steps)
+                pipe_or_denoiser(**kwargs)
+    return rec.stats if name is None else {name: rec.stats}

@@ -59,9 +59,10 @@ class QuantConv2d(QuantLinear):
             )
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, config: QuantConfig,
-                  activations: Optional[torch.Tensor] = None) -> "QuantConv2d":
-        """Quantize an nn.Conv2d. `activations`, if given, are unfolded patches (…, C·kh·kw)."""
+    def from_conv(cls, conv: nn.Conv2d, config: QuantConfig, activations=None,
+                  **calib_options) -> "QuantConv2d":
+        """Quantize an nn.Conv2d. `activations`, if given, are unfolded patches (…, C·kh·kw) or
+        their ActivationStats; calib_options go to calibrate()."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"QuantConv2d.from_conv expects an nn.Conv2d, got {type(conv).__name__}")
         why = conv_unsupported_reason(conv)
@@ -69,7 +70,7 @@ class QuantConv2d(QuantLinear):
             raise ValueError(f"QuantConv2d cannot take this conv: {why}")
         w = conv.weight.detach().reshape(conv.out_channels, -1)
         bias = conv.bias.detach() if conv.bias is not None else None
-        packed = calibrate(w, config, activations=activations, bias=bias)
+        packed = calibrate(w, config, activations=activations, bias=bias, **calib_options)
         return cls(packed, conv.in_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
 
     @classmethod

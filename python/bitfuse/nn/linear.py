@@ -59,13 +59,15 @@ class QuantLinear(nn.Module):
     # ---- construction ------------------------------------------------------------------------
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, config: QuantConfig, activations: Optional[torch.Tensor] = None
+        cls, linear: nn.Linear, config: QuantConfig, activations=None, **calib_options
     ) -> "QuantLinear":
-        """Quantize an nn.Linear (its weight, and bias if any) with `config`."""
+        """Quantize an nn.Linear (its weight, and bias if any) with `config`. activations: a raw
+        (…, in_features) tensor or ActivationStats; calib_options go to calibrate()."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"QuantLinear.from_linear expects an nn.Linear, got {type(linear).__name__}")
         bias = linear.bias.detach() if linear.bias is not None else None
-        return cls(calibrate(linear.weight.detach(), config, activations=activations, bias=bias))
+        return cls(calibrate(linear.weight.detach(), config, activations=activations, bias=bias,
+                             **calib_options))
 
     @classmethod
     def from_meta(cls, meta: dict, device="cpu") -> "QuantLinear":

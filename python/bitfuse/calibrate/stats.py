@@ -1,0 +1,121 @@
+"""Calibration activation statistics: what the calibrator needs from activations, and no more.
+
+A layer's output error for a weight error E is tr(E·H·Eᵀ) with H = XᵀX / M (M rows of X), so H
+(or its diagonal, the per-input-channel mean square) is all any step needs. Statistics are
+accumulated batch by batch, in float64, so activations are never stored.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from .errors import CalibrationError
+
+
+class ActivationStats:
+    """Running XᵀX (optional) and Σx² per input channel of one layer's inputs.
+
+    full=False keeps only the diagonal (K values instead of K²), for very wide layers; the steps
+    that need the full matrix (activation-aware SVD, row errors) then fall back to the diagonal.
+    """
+
+    def __init__(self, in_features: int, full: bool = True, device="cpu"):
+        if not isinstance(in_features, int) or in_features <= 0:
+            raise CalibrationError(f"in_features must be a positive int, got {in_features!r}")
+        self.in_features = in_features
+        self.xtx = torch.zeros(in_features, in_features, dtype=torch.float64, device=device) if full else None
+        self.sq_sum = torch.zeros(in_features, dtype=torch.float64, device=device)
+        self.count = 0
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> "ActivationStats":
+        """Add a batch (..., K) of inputs."""
+        _check_last_dim(x, self.in_features)
+        a = x.detach().reshape(-1, self.in_features)
+        if a.shape[0] == 0:
+            return self
+        a = a.float()
+        if not bool(torch.isfinite(a).all()):
+            raise CalibrationError("activations hold NaN/Inf values")
+        # fp32 product per batch (fast), fp64 running sums (no drift over many batches).
+        dev = self.sq_sum.device
+        if self.xtx is not None:
+            self.xtx += (a.t() @ a).to(dev, torch.float64)
+        self.sq_sum += a.square().sum(dim=0).to(dev, torch.float64)
+        self.count += a.shape[0]
+        return self
+
+    @classmethod
+    def from_tensor(cls, x: torch.Tensor, in_features: int, full: bool = True) -> "ActivationStats":
+        return cls(in_features, full=full, device=x.device if isinstance(x, torch.Tensor) else "cpu").update(x)
+
+    def merge(self, other: "ActivationStats") -> "ActivationStats":
+        if other.in_features != self.in_features:
+            raise CalibrationError(f"cannot merge stats of width {other.in_features} into {self.in_features}")
+        if self.xtx is not None and other.xtx is not None:
+            self.xtx += other.xtx.to(self.xtx.device)
+        else:
+            self.xtx = None
+        self.sq_sum += other.sq_sum.to(self.sq_sum.device)
+        self.count += other.count
+        return self
+
+    # ---- what the calibrator reads --------------------------------------------------------
+    def hessian(self) -> Optional[torch.Tensor]:
+        """H = XᵀX / M (K, K) fp32, or None when only the diagonal was kept."""
+        if self.xtx is None or self.count == 0:
+            return None
+        return (self.xtx / self.count).float()
+
+    def mean_square(self) -> torch.Tensor:
+        """diag(H): per-input-channel mean square (K,) fp32."""
+        return (self.sq_sum / max(self.count, 1)).float()
+
+    def channel_norm(self) -> torch.Tensor:
+        """Per-input-channel RMS (K,) fp32."""
+        return self.mean_square().sqrt()
+
+    def state_dict(self) -> dict:
+        return {"in_features": self.in_features, "xtx": self.xtx, "sq_sum": self.sq_sum, "count": self.count}
+
+    def __repr__(self) -> str:
+        return (f"ActivationStats(in_features={self.in_features}, rows={self.count}, "
+                f"full={self.xtx is not None})")
+
+
+def _check_last_dim(x, k: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise CalibrationError(f"activations must be a tensor or ActivationStats, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise CalibrationError(f"activations must be floating point, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise CalibrationError(
+            f"activations must have last dim in_features={k}, got shape {tuple(x.shape)}"
+        )
+
+
+def as_stats(activations: Union[None, torch.Tensor, ActivationStats], in_features: int,
+             device=None) -> Optional[ActivationStats]:
+    """Accept a raw (…, K) tensor or ActivationStats; check it; return ActivationStats (or None)."""
+    if activations is None:
+        return None
+    if isinstance(activations, ActivationStats):
+        st = activations
+        if st.in_features != in_features:
+            raise CalibrationError(
+                f"activation statistics are for in_features={st.in_features}, the layer has {in_features}"
+            )
+    else:
+        _check_last_dim(activations, in_features)
+        st = ActivationStats.from_tensor(activations, in_features)
+    if st.count == 0:
+        raise CalibrationError("activations hold no rows")
+    if not bool(torch.isfinite(st.sq_sum).all()) or (st.xtx is not None and not bool(torch.isfinite(st.xtx).all())):
+        raise CalibrationError("activation statistics hold NaN/Inf values")
+    if device is not None and st.sq_sum.device != torch.device(device):
+        moved = ActivationStats(in_features, full=st.xtx is not None, device=device)
+        moved.merge(st)
+        st = moved
+    return st

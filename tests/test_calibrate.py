@@ -1,0 +1,258 @@
+"""Issue #5 calibration: each step lowers the error it claims to, budgets hold, activation-aware
+beats data-free on correlated activations, results are deterministic, bad input is refused."""
+
+import json
+
+import pytest
+import torch
+
+import bitfuse
+from bitfuse import ConfigError, QuantConfig, calibrate, reference
+from bitfuse.calibrate import ActivationStats, BudgetError, CalibrationError, collect
+from bitfuse.calibrate.lowrank import lowrank_from_error
+from bitfuse.calibrate.mixed import choose_split, split_delta_bpw
+from synthetic import correlated_activations, heavy_tailed, linear_from
+
+N, K = 128, 256
+
+
+@pytest.fixture(scope="module")
+def layer():
+    w = heavy_tailed(N, K, seed=3, outlier_channels=6)
+    x = correlated_activations(2048, K, seed=3)
+    x_test = correlated_activations(2048, K, seed=3, sample_seed=9)  # held out, same distribution
+    return w, x, ActivationStats.from_tensor(x_test, K).hessian()
+
+
+def werr(w, pw):
+    return float((reference.dequantize(pw) - w).square().sum())
+
+
+def oerr(w, pw, h):
+    e = reference.dequantize(pw) - w
+    return float(((e @ h) * e).sum())
+
+
+# ---- each step lowers its error -----------------------------------------------------------------
+
+@pytest.mark.parametrize("bits,group", [(2, 64), (3, 64), (4, 128)])
+def test_scale_search_lowers_weight_error(layer, bits, group):
+    w, _, _ = layer
+    cfg = QuantConfig(bits=bits, group_size=group)
+    e_rtn, e_search = werr(w, calibrate(w, cfg, method="rtn")), werr(w, calibrate(w, cfg))
+    assert e_search < 0.8 * e_rtn, (e_search, e_rtn)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_scale_search_with_activations_lowers_output_error(layer, bits):
+    w, x, h = layer
+    cfg = QuantConfig(bits=bits, group_size=64)
+    free, aware = calibrate(w, cfg), calibrate(w, cfg, activations=x)
+    assert oerr(w, aware, h) < 0.8 * oerr(w, free, h)
+
+
+def test_search_never_worse_than_rtn_per_group():
+    # Gaussian, uniform, tiny and huge magnitudes: the min/max range is always a candidate.
+    torch.manual_seed(0)
+    w = torch.cat([torch.randn(16, 128), torch.rand(16, 128), 1e-3 * torch.randn(16, 128),
+                   100 * torch.randn(16, 128)])
+    for bits in (2, 3, 4):
+        cfg = QuantConfig(bits=bits, group_size=32)
+        rtn, srch = reference.dequantize(calibrate(w, cfg, method="rtn")), reference.dequantize(calibrate(w, cfg))
+        e_rtn = (rtn - w).square().reshape(64, 4, 32).sum(-1)
+        e_srch = (srch - w).square().reshape(64, 4, 32).sum(-1)
+        assert bool((e_srch <= e_rtn * (1 + 1e-5) + 1e-12).all())
+
+
+def test_mixed_split_lowers_error(layer):
+    w, x, h = layer
+    uniform = calibrate(w, QuantConfig(bits=3, group_size=64))
+    mixed = calibrate(w, QuantConfig(bits=3, group_size=64, mixed_bits=(2, 3, 4)))
+    assert len(mixed.class_bits) > 1 and werr(w, mixed) < 0.95 * werr(w, uniform)
+    assert mixed.bpw <= uniform.bpw + 1e-9  # default avg_bits = bits: no more real bpw than uniform
+    # with activations the split is judged by output error (held-out data here)
+    uniform = calibrate(w, QuantConfig(bits=3, group_size=64), activations=x)
+    mixed = calibrate(w, QuantConfig(bits=3, group_size=64, mixed_bits=(3, 4), avg_bits=3.25), activations=x)
+    assert len(mixed.class_bits) > 1 and oerr(w, mixed, h) < 0.95 * oerr(w, uniform, h)
+
+
+def test_choose_split_is_best_among_mpq_fractions():
+    torch.manual_seed(1)
+    n, k, align = 320, 256, 16
+    kurt = torch.rand(n)
+    err = {2: torch.rand(n) * 4 + 2, 3: torch.rand(n) + 1, 4: torch.rand(n) * 0.3}
+    err[3][kurt > 0.8] += 5  # heavy-tailed rows gain most from a fourth bit
+    hi, n_hi, lo, n_lo, info = choose_split(kurt, err, k, k, 3, (2, 3, 4), 3.0, align)
+    order = torch.argsort(kurt, descending=True)
+    for f_hi in (0, 0.05, 0.1, 0.2):
+        for f_lo in (0, 0.05, 0.1, 0.2):
+            h, l = int(round(f_hi * n / align)) * align, int(round(f_lo * n / align)) * align
+            if 3 + split_delta_bpw(n, k, k, 3, 4, h, 2, l) > 3.0 + 1e-9:
+                continue
+            e = err[4][order[:h]].sum() + err[2][order[n - l:]].sum() + err[3][order[h:n - l]].sum() if l else \
+                err[4][order[:h]].sum() + err[3][order[h:]].sum()
+            assert info["split_error"] <= float(e) + 1e-6
+    assert 3 + info["delta_bpw"] <= 3.0 + 1e-9 and n_hi % align == 0 and n_lo % align == 0
+
+
+@pytest.mark.parametrize("avg", [2.5, 2.8, 3.0, 3.3])
+def test_budget_is_respected_in_real_bpw(layer, avg):
+    w, _, _ = layer
+    uniform = calibrate(w, QuantConfig(bits=3, group_size=64))
+    pw = calibrate(w, QuantConfig(bits=3, group_size=64, mixed_bits=(2, 3, 4), avg_bits=avg))
+    # the split adds at most avg_bits − bits real bpw over uniform 3-bit (perm included)
+    assert pw.bpw <= uniform.bpw + (avg - 3) + 1e-9
+    assert all(r % pw.row_align == 0 for r in pw.class_rows[:-1])
+
+
+def test_unmeetable_budget_names_the_reachable_minimum():
+    w = heavy_tailed(100, 128, seed=1)  # 100 rows: at most 96 can move (16-row steps)
+    with pytest.raises(BudgetError, match=r"reachable minimum is avg_bits=2\.2") as e:
+        calibrate(w, QuantConfig(bits=3, group_size=32, mixed_bits=(2, 3), avg_bits=2.0))
+    assert isinstance(e.value, ConfigError) and isinstance(e.value, CalibrationError)
+
+
+def test_residual_alternation_lowers_error(layer):
+    w, x, h = layer
+    cfg = QuantConfig(bits=2, group_size=64, residual=True)
+    once, alt = calibrate(w, cfg, residual_rounds=0), calibrate(w, cfg, residual_rounds=3)
+    assert werr(w, alt) < 0.97 * werr(w, once)
+    part = calibrate(w, QuantConfig(bits=2, group_size=64, residual=0.25), residual_rounds=3)
+    plain = calibrate(w, QuantConfig(bits=2, group_size=64))
+    assert part.n_residual_rows == 32 and werr(w, part) < werr(w, plain)
+
+
+def test_outliers_by_sensitivity_lower_output_error(layer):
+    # Outliers picked by |w| x input-channel RMS, taken out before the dense part.
+    # (Measured: on this data, picking by |w| alone does better still; see the issue #5 report.)
+    w, x, h = layer
+    base = calibrate(w, QuantConfig(bits=3, group_size=64), activations=x)
+    aware = calibrate(w, QuantConfig(bits=3, group_size=64, outliers=0.01), activations=x)
+    assert oerr(w, aware, h) < 0.8 * oerr(w, base, h)
+
+
+def test_activation_aware_svd_lowers_output_error(layer):
+    w, x, h = layer
+    e = w - reference.dequantize(calibrate(w, QuantConfig(bits=3, group_size=64)))
+    hx = ActivationStats.from_tensor(x, K).hessian()
+    out = {}
+    for name, hess in (("plain", None), ("aware", hx)):
+        down, up = lowrank_from_error(e, 16, hess)
+        r = e - up @ down
+        out[name] = float(((r @ h) * r).sum())
+    assert out["aware"] < 0.7 * out["plain"], out
+
+
+def test_lowrank_alternation_never_hurts(layer):
+    w, x, h = layer
+    cfg = QuantConfig(bits=3, group_size=64, rank=8)
+    one = calibrate(w, cfg, activations=x)
+    three = calibrate(w, cfg, activations=x, lowrank_iters=3)
+    hx = ActivationStats.from_tensor(x, K).hessian()
+    assert oerr(w, three, hx) <= oerr(w, one, hx) * (1 + 1e-6)
+
+
+def test_activation_aware_recipe_beats_data_free(layer):
+    w, x, h = layer
+    cfg = QuantConfig(bits=3, group_size=128, mixed_bits=(2, 3, 4), residual=0.1, rank=8, outliers=0.002)
+    free, aware = calibrate(w, cfg), calibrate(w, cfg, activations=x)
+    assert oerr(w, aware, h) < 0.5 * oerr(w, free, h)
+
+
+# ---- determinism, statistics, capture ----------------------------------------------------------
+
+def test_deterministic():
+    w = heavy_tailed(320, 320, seed=5)  # > 256 rows and columns: the randomized SVD path
+    x = correlated_activations(512, 320, seed=5)
+    cfg = QuantConfig(bits=3, group_size=64, mixed_bits=(2, 3, 4), residual=0.5, rank=8, outliers=0.003)
+    a, b = calibrate(w, cfg, activations=x), calibrate(w, cfg, activations=x)
+    assert a.tensors.keys() == b.tensors.keys()
+    for name in a.tensors:
+        assert torch.equal(a.tensors[name], b.tensors[name]), name
+
+
+def test_stats_and_raw_activations_agree(layer):
+    w, x, _ = layer
+    cfg = QuantConfig(bits=3, group_size=64, rank=4)
+    raw = calibrate(w, cfg, activations=x.reshape(4, -1, K))
+    st = calibrate(w, cfg, activations=ActivationStats.from_tensor(x, K))
+    for name in raw.tensors:
+        assert torch.equal(raw.tensors[name], st.tensors[name]), name
+    halves = ActivationStats(K).update(x[:1000]).update(x[1000:])
+    assert torch.allclose(halves.hessian(), ActivationStats.from_tensor(x, K).hessian(), rtol=1e-5, atol=1e-6)
+    diag_only = calibrate(w, cfg, activations=ActivationStats(K, full=False).update(x))
+    assert diag_only.bpw == raw.bpw
+
+
+def test_collect_and_quantize_with_report(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 32))
+    batches = [torch.randn(8, 64) for _ in range(3)]
+    stats = collect(model, batches)
+    assert set(stats) == {"0", "2"} and stats["0"].count == 24
+    assert torch.allclose(stats["0"].hessian(), ActivationStats.from_tensor(torch.cat(batches), 64).hessian(), atol=1e-5)
+    ref = [model(b) for b in batches]
+    rows = []
+    bitfuse.quantize_(model, QuantConfig(bits=4, group_size=32), calib_data=stats, progress=False, report=rows,
+                      calib_options={"method": "search"})
+    assert [r["name"] for r in rows] == ["0", "2"]
+    assert all(r["bpw"] > 4 and "output_rel_err" in r and r["seconds"] >= 0 for r in rows)
+    err = max(float((model(b) - y).detach().abs().max()) for b, y in zip(batches, ref))
+    assert err < 0.1
+    path = tmp_path / "report.json"
+    model2 = torch.nn.Sequential(torch.nn.Linear(64, 96))
+    bitfuse.quantize_(model2, QuantConfig(bits=3, group_size=32), progress=False, report=path)
+    doc = json.loads(path.read_text())
+    assert doc["config"]["bits"] == 3 and doc["layers"][0]["name"] == "0" and "output_mse" not in doc["layers"][0]
+
+
+def test_diffusers_collect_samples_timesteps():
+    pytest.importorskip("diffusers")
+    from bitfuse.integrations import diffusers as bd
+    unet = bd.tiny_unet()
+    s, t, c = bd.unet_inputs(unet, batch=1)
+    one = bd.collect(unet, [dict(sample=s, timestep=t, encoder_hidden_states=c)], steps=[500])
+    three = bd.collect(unet, [(s, t, c)], steps=3)
+    name = "time_embedding.linear_1"
+    assert three[name].count == 3 * one[name].count
+    # the timestep embedding's inputs differ per timestep: the statistics must reflect all three
+    assert not torch.allclose(three[name].mean_square(), one[name].mean_square())
+    model = bd.tiny_unet()
+    bitfuse.quantize_(model, QuantConfig(bits=4, group_size=32), calib_data=three, progress=False)
+    with torch.no_grad():
+        assert torch.isfinite(model(s, t, c).sample).all()
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["zero", "constant"])
+def test_degenerate_layers_are_exact(kind):
+    w = torch.zeros(32, 64) if kind == "zero" else torch.full((32, 64), 0.125)
+    cfg = QuantConfig(bits=2, group_size=32, mixed_bits=(2, 3), avg_bits=2.5, residual=True, rank=2, outliers=0.01)
+    x = correlated_activations(64, 64, seed=1)
+    for act in (None, x, torch.zeros(16, 64)):
+        pw = calibrate(w, cfg, activations=act)
+        assert torch.allclose(reference.dequantize(pw), w, atol=1e-6)
+
+
+def test_bad_weights_and_calibration_data():
+    w = heavy_tailed(32, 64, seed=2)
+    cfg = QuantConfig(bits=3, group_size=32)
+    bad = w.clone()
+    bad[3, 5] = float("nan")
+    with pytest.raises(CalibrationError, match="NaN"):
+        calibrate(bad, cfg)
+    with pytest.raises(CalibrationError, match="last dim in_features=64"):
+        calibrate(w, cfg, activations=torch.randn(10, 63))
+    with pytest.raises(CalibrationError, match="in_features=32, the layer has 64"):
+        calibrate(w, cfg, activations=ActivationStats(32).update(torch.randn(4, 32)))
+    with pytest.raises(CalibrationError, match="no rows"):
+        calibrate(w, cfg, activations=ActivationStats(64))
+    with pytest.raises(CalibrationError, match="NaN"):
+        calibrate(w, cfg, activations=torch.full((4, 64), float("inf")))
+    with pytest.raises(CalibrationError, match="floating point"):
+        calibrate(w, cfg, activations=torch.ones(4, 64, dtype=torch.long))
+    with pytest.raises(ValueError, match="method"):
+        calibrate(w, cfg, method="gptq")
+    with pytest.raises(CalibrationError, match="last dim"):
+        bitfuse.QuantLinear.from_linear(linear_from(w), cfg, activations=torch.randn(3, 65))
