@@ -88,6 +88,31 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def quantize_cmd(args: argparse.Namespace) -> int:
+    """Quantize and save. The checkpoint is written to a temporary name and renamed, so an
+    interrupted run never leaves a half-written file (or clobbers an older one) at --out."""
+    from . import QuantConfig, quantize_, save_quantized
+    from .e2e import RECIPES, E2EError, build_denoiser
+
+    if args.recipe not in RECIPES:
+        raise E2EError(f"unknown recipe {args.recipe!r}; choose one of {sorted(RECIPES)}")
+    t0 = time.perf_counter()
+    model = build_denoiser(args.model, args.path).float()
+    if torch.cuda.is_available():
+        model = model.cuda()
+    config = QuantConfig(target="auto", **RECIPES[args.recipe])
+    rows: list = []
+    quantize_(model, config, report=rows)
+    save_quantized(model, args.out)
+    if args.report:
+        from .calibrate.report import write_report
+        write_report(rows, args.report, config)
+    total = sum(r.get("bpw", 0) * r.get("out_features", 0) * r.get("in_features", 0) for r in rows)
+    print(f"quantized {len(rows)} layers of {args.path or args.model} with {args.recipe} in "
+          f"{time.perf_counter() - t0:.1f} s -> {args.out}" + (f" ({total / 8 / 2**20:.1f} MiB packed)" if total else ""))
+    return 0
+
+
 def bench_kernels(args: argparse.Namespace) -> int:
     from .bench_kernels import main as kernels_main
 
@@ -135,6 +160,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     d.add_argument("--width", type=int, default=64, help="UNet base channel count")
     d.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
     d.set_defaults(func=demo)
+    qz = sub.add_parser("quantize", help="quantize a denoiser (built-in config or local folder) to a checkpoint")
+    qz.add_argument("--model", default="tiny", help="tiny, sd15-unet, dit-xl-2 or pixart-alpha (random weights)")
+    qz.add_argument("--path", default=None, help="a local diffusers denoiser folder (with config.json)")
+    qz.add_argument("--recipe", default="w4", help="w4, w4g128, w3res, w3mix or w4-linear")
+    qz.add_argument("--out", required=True, help="the .safetensors checkpoint to write")
+    qz.add_argument("--report", default=None, help="also write the per-layer report as JSON here")
+    qz.set_defaults(func=quantize_cmd)
     b = sub.add_parser("backends", help="which backends run here, and why the others do not")
     b.set_defaults(func=show_backends)
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)

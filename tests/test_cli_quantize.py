@@ -1,0 +1,57 @@
+"""`bitfuse quantize`: a checkpoint from a built-in config, and no half-written files."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bitfuse
+from bitfuse import QuantConfig
+
+pytest.importorskip("diffusers")
+from bitfuse.integrations.diffusers import tiny_unet, unet_inputs  # noqa: E402
+
+
+def test_quantize_cli_writes_a_loadable_checkpoint_and_report(tmp_path):
+    ckpt, rep = tmp_path / "unet.safetensors", tmp_path / "report.json"
+    r = subprocess.run([sys.executable, "-m", "bitfuse.cli", "quantize", "--model", "tiny", "--recipe", "w3res",
+                        "--out", str(ckpt), "--report", str(rep)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    layers = json.loads(rep.read_text())["layers"]
+    assert len(layers) > 40 and all(row["bpw"] > 3 for row in layers)
+    meta = bitfuse.io.read_metadata(str(ckpt))
+    some = next(iter(meta["layers"].values()))
+    assert some["config"]["bits"] == 3 and some["target"] in ("cpu", "orin", "rtx30", "rtx40", "h100")
+    assert some["bpw"] > 3
+    unet = bitfuse.load_quantized(tiny_unet(seed=7), str(ckpt))
+    with torch.no_grad():
+        assert torch.isfinite(unet(*unet_inputs(unet)).sample).all()
+    assert sorted(os.listdir(tmp_path)) == ["report.json", "unet.safetensors"]  # no temp files left
+
+
+def test_interrupted_save_leaves_nothing_half_written(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    model = bitfuse.quantize_(torch.nn.Sequential(torch.nn.Linear(64, 64)), QuantConfig(group_size=32))
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(b"an older checkpoint")
+
+    def interrupted(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bitfuse.save_quantized(model, str(path))
+    assert path.read_bytes() == b"an older checkpoint"
+    assert os.listdir(tmp_path) == ["m.safetensors"]
+
+
+def test_quantize_cli_bad_recipe():
+    r = subprocess.run([sys.executable, "-m", "bitfuse.cli", "quantize", "--recipe", "w9", "--out", "/tmp/x"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "unknown recipe 'w9'" in r.stderr
