@@ -1,0 +1,160 @@
+"""Quality at equal bits: output error vs effective bits per weight, RTN vs HQQ vs bitfuse recipes.
+
+    python benchmarks/quality/bench_quality.py [--quick] [--out benchmarks/results/cpu]
+
+Layers: heavy-tailed synthetic layers (Student-t weights with planted outlier channels) fed with
+correlated activations that have outlier input channels (bitfuse.synthetic), and the linear
+layers of a tiny diffusers UNet fed with its own captured activations. Calibration statistics
+come from one sample of activations; the output error is measured on a held-out sample from the
+same distribution: relative output error ‖(Ŵ−W)x‖² / ‖Wx‖², summed over layers.
+Writes quality.json, quality.md and quality.png. CPU only; a few minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from typing import Dict, List
+
+import torch
+
+import bitfuse
+from bitfuse import QuantConfig, reference
+from bitfuse.calibrate import calibrate
+from bitfuse.synthetic import correlated_activations, heavy_tailed
+
+# (name, config kwargs, calibrate kwargs, uses activations)
+RTN = [(f"RTN W{b} g{g}", dict(bits=b, group_size=g), dict(method="rtn"), False)
+       for b in (2, 3, 4) for g in (64, 128)]
+BITFUSE = [
+    ("search W3 g128 (data-free)", dict(bits=3, group_size=128), {}, False),
+    ("search W3 g128", dict(bits=3, group_size=128), {}, True),
+    ("mixed W3 g128", dict(bits=3, group_size=128, mixed_bits=(2, 3, 4)), {}, True),
+    ("mixed+residual(25%) W3 g128", dict(bits=3, group_size=128, mixed_bits=(2, 3, 4), residual=0.25), {}, True),
+    ("mixed+outliers W3 g128", dict(bits=3, group_size=128, mixed_bits=(2, 3, 4), outliers=0.001), {}, True),
+    ("mixed+lowrank(r4) W3 g128", dict(bits=3, group_size=128, mixed_bits=(2, 3, 4), rank=4), {}, True),
+    ("all W3 g128", dict(bits=3, group_size=128, mixed_bits=(2, 3, 4), residual=0.1, outliers=0.001, rank=4), {}, True),
+    ("W2 g64 + residual(25%)", dict(bits=2, group_size=64, residual=0.25), {}, True),
+    ("all W2 g64", dict(bits=2, group_size=64, mixed_bits=(2, 3), avg_bits=2.2, residual=0.25, rank=4), {}, True),
+]
+
+
+def hqq_recipes():
+    """HQQ baselines if the package is installed (it is not a dependency)."""
+    try:
+        from hqq.core.quantize import Quantizer  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return None
+    return True
+
+
+def synthetic_layers(quick: bool):
+    shapes = [(512, 1024), (1024, 512)] if quick else [(512, 1024), (1024, 1024), (1024, 512), (2048, 1024)]
+    for i, (n, k) in enumerate(shapes):
+        w = heavy_tailed(n, k, seed=10 + i, outlier_channels=max(4, n // 64))
+        yield f"synthetic{n}x{k}", w, correlated_activations(4 * k, k, seed=i), \
+            correlated_activations(2 * k, k, seed=i, sample_seed=1)
+
+
+def unet_layers():
+    """The tiny UNet's linear layers with activations captured from two different inputs."""
+    from bitfuse.integrations.diffusers import tiny_unet, unet_inputs
+
+    unet = tiny_unet(width=64)
+    acts: Dict[str, List[torch.Tensor]] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, inp, n=n: acts.setdefault(n, []).append(inp[0].detach()))
+             for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and m.in_features >= 64]
+    with torch.no_grad():
+        for seed in (1, 2):
+            unet(*unet_inputs(unet, batch=2, seed=seed))
+    for h in hooks:
+        h.remove()
+    for n, m in unet.named_modules():
+        if n in acts and len(acts[n]) == 2:
+            calib, held = (a.reshape(-1, m.in_features) for a in acts[n])
+            yield f"unet.{n}", m.weight.detach().clone(), calib, held
+
+
+def evaluate(layers, recipes) -> List[dict]:
+    out = []
+    totals = {name: [0.0, 0.0, 0.0, 0.0] for name, *_ in recipes}  # err, ref, bits, weights
+    for lname, w, calib, held in layers:
+        ref = (held @ w.t()).square().sum()
+        for name, cfg, kw, uses_act in recipes:
+            pw = calibrate(w, QuantConfig(**cfg), activations=calib if uses_act else None, **kw)
+            err = (held @ (reference.dequantize(pw) - w).t()).square().sum()
+            t = totals[name]
+            t[0] += float(err)
+            t[1] += float(ref)
+            t[2] += pw.bpw * w.numel()
+            t[3] += w.numel()
+    for name, (err, ref, bits, n) in totals.items():
+        out.append({"recipe": name, "bpw": bits / n, "output_rel_err": err / ref})
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=os.path.join("benchmarks", "results", "cpu"))
+    args = p.parse_args(argv)
+    recipes = RTN + BITFUSE
+    t0 = time.perf_counter()
+    suites = {"synthetic": evaluate(list(synthetic_layers(args.quick)), recipes),
+              "tiny-unet": evaluate(list(unet_layers()), recipes)}
+    env = {"bitfuse": bitfuse.__version__, "torch": torch.__version__, "python": platform.python_version(),
+           "device": "cpu", "seconds": time.perf_counter() - t0, "hqq": "not installed" if hqq_recipes() is None else "installed (not yet wired)"}
+    verdict = {}
+    for suite, rows in suites.items():
+        rtn4 = next(r for r in rows if r["recipe"] == "RTN W4 g128")
+        best = min((r for r in rows if r["bpw"] <= 3.3 and not r["recipe"].startswith("RTN")),
+                   key=lambda r: r["output_rel_err"], default=None)
+        verdict[suite] = {"rtn_w4g128": rtn4, "best_at_most_3.3bpw": best,
+                          "target_met": bool(best and best["output_rel_err"] <= rtn4["output_rel_err"])}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "quality.json"), "w") as f:
+        json.dump({"environment": env, "suites": suites, "target": verdict}, f, indent=1)
+    lines = ["# Output error vs effective bits per weight", "",
+             f"bitfuse {env['bitfuse']}, torch {env['torch']}, CPU, {env['seconds']:.0f} s. Relative output "
+             "error on held-out activations, summed over the suite's layers; bpw counts everything "
+             f"(docs/FORMAT.md §10). HQQ: {env['hqq']}.", ""]
+    for suite, rows in suites.items():
+        v = verdict[suite]
+        lines += [f"## {suite}", "", "| recipe | bpw | output rel. error |", "|---|---|---|"]
+        lines += [f"| {r['recipe']} | {r['bpw']:.3f} | {r['output_rel_err']:.5f} |" for r in sorted(rows, key=lambda r: r["bpw"])]
+        if v["best_at_most_3.3bpw"]:
+            lines += ["", f"Target (best bitfuse recipe at ≤ 3.3 bpw has output error ≤ RTN W4 g128): "
+                          f"**{'met' if v['target_met'] else 'NOT met'}**: {v['best_at_most_3.3bpw']['recipe']} "
+                          f"{v['best_at_most_3.3bpw']['output_rel_err']:.5f} at {v['best_at_most_3.3bpw']['bpw']:.3f} bpw "
+                          f"vs {v['rtn_w4g128']['output_rel_err']:.5f} at {v['rtn_w4g128']['bpw']:.3f} bpw.", ""]
+    with open(os.path.join(args.out, "quality.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(suites), figsize=(6 * len(suites), 4.5), squeeze=False)
+        for ax, (suite, rows) in zip(axes[0], suites.items()):
+            for r in rows:
+                rtn = r["recipe"].startswith("RTN")
+                ax.scatter(r["bpw"], r["output_rel_err"], marker="x" if rtn else "o", color="gray" if rtn else "C0")
+                ax.annotate(r["recipe"], (r["bpw"], r["output_rel_err"]), fontsize=6)
+            ax.set_yscale("log")
+            ax.set_xlabel("effective bits per weight")
+            ax.set_ylabel("relative output error (held-out)")
+            ax.set_title(suite)
+        fig.tight_layout()
+        fig.savefig(os.path.join(args.out, "quality.png"), dpi=120)
+    except ImportError:
+        print("matplotlib is not installed: no PNG")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
