@@ -1,5 +1,6 @@
 """Layer 5 (GPU machines only, `pytest -m gpu`): the CUDA backend against the torch reference."""
 
+import copy
 import itertools
 
 import pytest
@@ -60,3 +61,74 @@ def test_cuda_linear_matches_reference(m, dtype):
     # the CUDA path rounds Ŵ to x's dtype, then cuBLAS multiplies with fp32 accumulation.
     bound = matmul_bound(x.float(), [W], dtype, y_ref=y_ref, operand_dtype=dtype)
     assert_within(y, y_ref, bound, f"cuda linear M={m} {dtype}")
+
+
+# ---- the fused CUDA GEMV (csrc/cuda/gemv.cu), M <= 8 ---------------------------------------------
+
+GEMV_CONFIGS = {
+    "plain": {},
+    "residual": dict(residual=0.5),
+    "mixed": dict(mixed_bits=(2, 3, 4), residual=True),
+    "all": dict(residual=0.5, mixed_bits=(2, 3, 4), rank=8, outliers=0.005),
+}
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("name", list(GEMV_CONFIGS))
+@pytest.mark.parametrize("n,k,g", [(257, 200, 32), (1088, 1000, 64), (96, 4103, 128), (48, 33, 32)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_gemv_matches_reference(bits, name, n, k, g, dtype):
+    """Every M in 1..8 through backend_cuda.gemv vs the fp32 reference (odd K and N included)."""
+    _cuda_ready()
+    from _tolerance import branch_magnitudes
+    from bitfuse.backend_cuda import gemv
+
+    kw = dict(GEMV_CONFIGS[name])
+    if "mixed_bits" in kw and bits != 3:
+        kw["mixed_bits"] = (2, 3) if bits == 2 else (3, 4)
+    lin = linear_from(heavy_tailed(n, k, seed=bits + n))
+    lin.bias = torch.nn.Parameter(torch.randn(n) * 0.1)
+    q = QuantLinear.from_linear(lin, QuantConfig(bits=bits, group_size=g, **kw))
+    qc = copy.deepcopy(q).cuda()  # Module.cuda() moves in place: keep q on the CPU
+    mags = branch_magnitudes(q)
+    for m in range(1, 9):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+        y_ref = reference.linear(x.float(), q.packed)  # fp32, before the cast
+        y = gemv(x.cuda(), qc.packed).float().cpu()
+        # Ŵ is the reference's fp32 value bit for bit; fp32 accumulation in another order, then
+        # one cast to x's dtype (operand_dtype covers the activations' own rounding: none here,
+        # x is exact in fp32, so it only widens the bound by one more ulp of the dtype).
+        bound = matmul_bound(x.float(), mags, dtype, y_ref=y_ref, operand_dtype=dtype,
+                             bias=q.packed.bias)
+        assert_within(y, y_ref, bound, f"cuda gemv {bits}b {name} {n}x{k} g{g} M={m} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_gemv_deterministic_and_unaligned_x(dtype):
+    _cuda_ready()
+    from bitfuse.backend_cuda import gemv
+
+    cfg = QuantConfig(bits=4, group_size=128, residual=0.5, mixed_bits=(3, 4), rank=8)
+    q_cpu = QuantLinear.from_linear(linear_from(heavy_tailed(512, 1024, seed=3)), cfg)
+    q = copy.deepcopy(q_cpu).cuda()
+    buf = torch.randn(3 * 1024 + 1, dtype=dtype, device="cuda")
+    x_aligned = buf[: 3 * 1024].view(3, 1024)
+    x_odd = buf[1:].view(3, 1024)  # 2-byte aligned only: the kernel's 16-bit x loads
+    for x in (x_aligned, x_odd):
+        ys = [gemv(x, q.packed) for _ in range(3)]
+        assert all(torch.equal(ys[0], y) for y in ys[1:]), "split-K reduction is not deterministic"
+        y_ref = reference.linear(x.float().cpu(), q_cpu.packed)
+        assert torch.allclose(ys[0].float().cpu(), y_ref, rtol=2e-2, atol=2e-2)
+
+
+def test_cuda_linear_uses_gemv_for_small_m(monkeypatch):
+    _cuda_ready()
+    import bitfuse.backend_cuda as bc
+
+    calls = []
+    real = bc.gemv
+    monkeypatch.setattr(bc, "gemv", lambda x, pw: calls.append(x.shape[0]) or real(x, pw))
+    q = QuantLinear.from_linear(linear_from(heavy_tailed(256, 512, seed=5)), QuantConfig(bits=4)).cuda()
+    for m in (1, 8, 9):
+        bc.linear(torch.randn(m, 512, dtype=torch.float16, device="cuda"), q.packed)
+    assert calls == [1, 8]

@@ -23,6 +23,7 @@ namespace bitfuse {
 namespace host {
 void register_host_ops(py::module_& m);  // host_ops.cpp
 void register_hbp_ops(py::module_& m);   // hbp_py.cpp (HBP sparse format, docs/HBP.md)
+void register_gemv_host_ops(py::module_& m);  // gemv_host.cpp (GEMV bit math + CPU twin)
 }
 
 namespace {
@@ -112,6 +113,82 @@ void dequantize_cuda(std::uintptr_t qweight, std::uintptr_t scales, std::uintptr
 #endif
 }
 
+void gemv_cuda(std::uintptr_t x, std::uintptr_t out, std::uintptr_t qweight, std::uintptr_t scales,
+               std::uintptr_t zeros, std::uintptr_t perm, std::uintptr_t res_index,
+               std::uintptr_t res_plane, std::uintptr_t res_alpha, std::uintptr_t t,
+               std::uintptr_t lr_up, std::uintptr_t extra, std::uintptr_t bias,
+               const std::vector<int>& class_bits, const std::vector<int>& class_rows, int m,
+               int n, int k, int k_pad, int group_size, int r, int dtype, std::uintptr_t stream) {
+#ifndef BITFUSE_WITH_CUDA
+  (void)x, (void)out, (void)qweight, (void)scales, (void)zeros, (void)perm, (void)res_index,
+      (void)res_plane, (void)res_alpha, (void)t, (void)lr_up, (void)extra, (void)bias,
+      (void)class_bits, (void)class_rows, (void)m, (void)n, (void)k, (void)k_pad,
+      (void)group_size, (void)r, (void)dtype, (void)stream;
+  throw std::runtime_error(
+      "bitfuse._C was built without CUDA (BITFUSE_CUDA=0, or no nvcc was found at build time); "
+      "reinstall with nvcc available (BITFUSE_CUDA=1 makes a missing nvcc a build error)");
+#else
+  const char* who = "bitfuse gemv_cuda";
+  const ClassTable table = host::make_class_table(class_bits, class_rows, n, k, k_pad, group_size);
+  if (m < 1 || m > gemv::kMaxM)
+    host::fail(std::string(who) + ": m must be 1.." + std::to_string(gemv::kMaxM) + ", got " +
+               std::to_string(m));
+  if (dtype != 1 && dtype != 2)
+    host::fail(std::string(who) + ": dtype must be 1 (fp16) or 2 (bf16), got " + std::to_string(dtype));
+  if (r < 0) host::fail(std::string(who) + ": r must be >= 0, got " + std::to_string(r));
+  auto need = [&](std::uintptr_t p, const char* name, std::uintptr_t align, bool required) {
+    if (p == 0) {
+      if (required) host::fail(std::string(who) + ": " + name + " must not be 0");
+      return;
+    }
+    if (p % align)
+      host::fail(std::string(who) + ": " + name + " must be " + std::to_string(align) +
+                 "-byte aligned");
+  };
+  need(x, "x_ptr", 2, true);
+  need(out, "out_ptr", 2, true);
+  need(qweight, "qweight_ptr", 4, true);
+  need(scales, "scales_ptr", 2, true);
+  need(zeros, "zeros_ptr", 2, true);
+  need(perm, "perm_ptr", 4, false);
+  const bool residual = res_index != 0;
+  need(res_index, "res_index_ptr", 4, false);
+  need(res_plane, "res_plane_ptr", 4, residual);
+  need(res_alpha, "res_alpha_ptr", 2, residual);
+  const bool lowrank = t != 0 || lr_up != 0;
+  need(t, "t_ptr", 4, lowrank);
+  need(lr_up, "lr_up_ptr", 2, lowrank);
+  if (lowrank && r < 1) host::fail(std::string(who) + ": the low-rank branch needs r >= 1");
+  need(extra, "extra_ptr", 4, false);
+  need(bias, "bias_ptr", 4, false);
+
+  gemv::Args a{};
+  host::fill_gemv_classes(a, table, k_pad, qweight, who);
+  a.x = reinterpret_cast<const void*>(x);
+  a.out = reinterpret_cast<void*>(out);
+  a.qweight = reinterpret_cast<const uint32_t*>(qweight);
+  a.scales = reinterpret_cast<const uint16_t*>(scales);
+  a.zeros = reinterpret_cast<const uint16_t*>(zeros);
+  a.perm = reinterpret_cast<const int32_t*>(perm);
+  if (residual) {
+    a.res_index = reinterpret_cast<const int32_t*>(res_index);
+    a.res_plane = reinterpret_cast<const uint32_t*>(res_plane);
+    a.res_alpha = reinterpret_cast<const uint16_t*>(res_alpha);
+  }
+  if (lowrank) {
+    a.t = reinterpret_cast<const float*>(t);
+    a.lr_up = reinterpret_cast<const uint16_t*>(lr_up);
+    a.r = r;
+  }
+  a.extra = reinterpret_cast<const float*>(extra);
+  a.bias = reinterpret_cast<const float*>(bias);
+  a.m = m, a.n = n, a.k = k, a.k_pad = k_pad, a.group_size = group_size;
+  a.x_vec = (x % 16 == 0) && (k % 8 == 0);  // 128-bit x loads, else 16-bit ones
+  const std::string err = cuda::gemv(a, dtype, stream);
+  if (!err.empty()) throw std::runtime_error(err);
+#endif
+}
+
 }  // namespace
 }  // namespace bitfuse
 
@@ -137,6 +214,20 @@ PYBIND11_MODULE(_C, m) {
         "(n, k) weight in original row order, residual included, as fp32/fp16/bf16 "
         "(out_dtype 0/1/2). Asynchronous on `stream`. RuntimeError when built without CUDA or "
         "when CUDA fails; ValueError for bad arguments.");
+  m.def("gemv_cuda", &gemv_cuda, py::arg("x_ptr"), py::arg("out_ptr"), py::arg("qweight_ptr"),
+        py::arg("scales_ptr"), py::arg("zeros_ptr"), py::arg("perm_ptr"),
+        py::arg("res_index_ptr"), py::arg("res_plane_ptr"), py::arg("res_alpha_ptr"),
+        py::arg("t_ptr"), py::arg("lr_up_ptr"), py::arg("extra_ptr"), py::arg("bias_ptr"),
+        py::arg("class_bits"), py::arg("class_rows"), py::arg("m"), py::arg("n"), py::arg("k"),
+        py::arg("k_pad"), py::arg("group_size"), py::arg("r"), py::arg("dtype"),
+        py::arg("stream"),
+        "Fused GEMV for m <= 8 rows of x on the GPU (csrc/cuda/gemv.cu). Device pointers "
+        "(0 = absent for perm, the residual triple, t/lr_up, extra, bias): x (m, k) and out "
+        "(m, n) in dtype 1 (fp16) / 2 (bf16); t (m, r) fp32 = x·L_downᵀ·diag(lr_scale); lr_up "
+        "(n, r) fp16; extra (m, n) fp32 (sparse branch, original order); bias (n) fp32. "
+        "out = x·(Ŵ_b+R̂)ᵀ + t·lr_upᵀ + extra + bias through perm. Asynchronous on `stream`. "
+        "RuntimeError when built without CUDA or when CUDA fails; ValueError for bad arguments.");
   host::register_host_ops(m);
+  host::register_gemv_host_ops(m);
   host::register_hbp_ops(m);
 }

@@ -68,3 +68,30 @@ inline ClassTable make_class_table(const std::vector<int>& class_bits,
 
 }  // namespace host
 }  // namespace bitfuse
+
+#include "bitfuse/gemv.h"
+
+namespace bitfuse {
+namespace host {
+
+// The class layout the GEMV reads (gemv::Args): first row, first word and 128-bit-load flag of
+// each class. Every class boundary except the end must be a multiple of the GEMV's 16-row block
+// (FORMAT.md §4 makes them multiples of 16 or 64), so that a block's rows share one bit width.
+inline void fill_gemv_classes(gemv::Args& a, const ClassTable& t, int k_pad,
+                              std::uint64_t qweight_addr, const char* who) {
+  a.classes = t;
+  int first = 0;
+  for (int c = 0; c < t.count; ++c) {
+    if (c > 0 && t.rows[c] > 0 && first % gemv::kRowsPerBlock)
+      fail(std::string(who) + ": bit-class boundaries must be multiples of " +
+           std::to_string(gemv::kRowsPerBlock) + " rows (FORMAT.md §4), got class_rows " +
+           list_str(std::vector<int>(t.rows, t.rows + t.count)));
+    a.class_first[c] = first;
+    a.class_word[c] = class_word_offset(t.bits, t.rows, c, k_pad);
+    a.class_vec[c] = gemv::class_vec_ok(qweight_addr, a.class_word[c], t.bits[c], k_pad);
+    first += t.rows[c];
+  }
+}
+
+}  // namespace host
+}  // namespace bitfuse

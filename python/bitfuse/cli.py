@@ -82,7 +82,7 @@ def demo(args: argparse.Namespace) -> int:
     _print_table(rows)
     fid = fidelity(ref, out)
     print(f"\noutput fidelity vs float: PSNR {fid['psnr_db']:.2f} dB, cosine {fid['cosine']:.5f}")
-    print(f"backend: {select_backend(device)} on {device}"
+    print(f"backend: {select_backend(device, 'gemm')} on {device}"
           + (" (CPU: the torch reference path; timings here are CPU timings)" if device.type == "cpu" else ""))
     print(f"time: {time.perf_counter() - t0:.1f} s (build + quantize {t_quant:.1f} s)")
     return 0

@@ -66,10 +66,21 @@ def _triton_status() -> Tuple[bool, str]:
     return False, "no CUDA GPU; set TRITON_INTERPRET=1 to run the Triton kernels on CPU in the interpreter"
 
 
-# Which ops each compiled backend implements itself. The CUDA extension has only the dense
-# dequantize so far (issue #4 brings its fused GEMV/GEMM): automatic dispatch sends `linear` to
-# Triton on a GPU, and BITFUSE_BACKEND=cuda still runs it as CUDA dequantize + cuBLAS.
-NATIVE_OPS = {"cuda": ("dequantize",), "triton": ("linear",), "torch": ("linear", "dequantize")}
+# The ops each backend implements, and the automatic order on a GPU (ARCHITECTURE.md §4: cuda >
+# triton > torch), per op. `linear` is split by M: "gemv" (M <= 8) and "gemm" (M > 8).
+#   gemv: the fused CUDA GEMV (csrc/cuda/gemv.cu), then Triton's GEMV path.
+#   gemm: Triton's fused tl.dot GEMM first, because the cuda "gemm" is still CUDA dequantize +
+#         cuBLAS (it materialises the dense weight every call) until issue #4's tensor-core GEMM.
+# Both orders are unmeasured defaults (docs/STATUS.md); BITFUSE_BACKEND forces a backend.
+NATIVE_OPS = {"cuda": ("dequantize", "gemv", "gemm"), "triton": ("gemv", "gemm"),
+              "torch": ("gemv", "gemm", "dequantize")}
+AUTO_ORDER = {"gemv": ("cuda", "triton"), "gemm": ("triton", "cuda"), "dequantize": ("cuda",)}
+GEMV_MAX_M = 8
+
+
+def linear_op(m: int) -> str:
+    """The op name `linear` dispatches under for M rows of x."""
+    return "gemv" if m <= GEMV_MAX_M else "gemm"
 
 
 def backends() -> Dict[str, Dict[str, object]]:
@@ -86,8 +97,9 @@ def forced_backend() -> str:
     return name
 
 
-def select_backend(device: torch.device, op: str = "linear") -> str:
-    """The backend that runs `op` on tensors living on `device`."""
+def select_backend(device: torch.device, op: str = "gemv") -> str:
+    """The backend that runs `op` ("gemv", "gemm" or "dequantize"; see linear_op) on tensors
+    living on `device`."""
     forced = forced_backend()
     if forced:
         if forced == "torch":
@@ -104,7 +116,7 @@ def select_backend(device: torch.device, op: str = "linear") -> str:
             return "torch"  # e.g. dequantize under BITFUSE_BACKEND=triton: torch ops on the same device
         return forced
     if device.type == "cuda":
-        for name in ("cuda", "triton"):
+        for name in AUTO_ORDER.get(op, ()):
             if op in NATIVE_OPS[name] and backends_status(name)[0]:
                 return name
     return "torch"

@@ -206,7 +206,7 @@ def run(model: str = "tiny", recipe: str = "w4", steps: int = 4, batch: int = 1,
         "latent_shape": list(latents.shape),
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or 'unknown'})",
         "timing": "GPU time, CUDA events" if dev.type == "cuda" else "CPU timings of the torch reference path",
-        "backend": select_backend(dev),
+        "backend": {op: select_backend(dev, op) for op in ("gemv", "gemm")},
         "versions": {"bitfuse": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "float_dtype": str(dtype).replace("torch.", ""),
         "float_step_ms": 1e3 * med(ref["step_s"]), "bitfuse_step_ms": 1e3 * med(got["step_s"]),
@@ -228,7 +228,8 @@ def format_report(r: dict) -> str:
     o = r["orin"]
     lines = [
         f"bitfuse e2e: {r['model']} ({r['recipe']}: {r['config']}), {r['steps']} DDIM steps, latents {r['latent_shape']}",
-        f"device: {r['device']}, backend: {r['backend']}, timing: {r['timing']}",
+        f"device: {r['device']}, backend: gemv (M<=8) {r['backend']['gemv']}, gemm {r['backend']['gemm']}, "
+        f"timing: {r['timing']}",
         f"per step: float ({r['float_dtype']}) {r['float_step_ms']:.2f} ms, bitfuse {r['bitfuse_step_ms']:.2f} ms "
         f"({r['speedup']:.2f}x)",
         f"weights: fp16 {r['weight_bytes_fp16'] / 2**20:.2f} MiB -> bitfuse {r['weight_bytes_bitfuse'] / 2**20:.2f} MiB "

@@ -12,7 +12,7 @@ from typing import Dict, Optional
 import torch
 
 from . import reference
-from .dispatch import select_backend
+from .dispatch import linear_op, select_backend
 from .format import TENSOR_NAMES, TENSOR_SPECS, PackedWeight
 
 Tensor = torch.Tensor
@@ -48,7 +48,7 @@ torch.library.define("bitfuse::dequantize", f"({_TENSORS}, {_GEOMETRY}) -> Tenso
 def _linear(x: Tensor, *args) -> Tensor:
     """y = x·Ŵᵀ + bias for a 2-D x (M, K), all branches of the PackedWeight included."""
     pw = _from_args(args)
-    backend = select_backend(x.device, "linear")
+    backend = select_backend(x.device, linear_op(x.shape[0]))
     if backend == "triton":
         from .kernels import fused_linear
         return fused_linear(x, pw)

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "bitfuse/format.h"
+#include "bitfuse/gemv.h"
 
 namespace bitfuse {
 namespace cuda {
@@ -19,6 +20,11 @@ int device_count(std::string* status);
 // __nv_bfloat16 (2). Arguments are already validated by the caller. Returns "" on success, else
 // a message with the CUDA error; it does not synchronize.
 std::string dequantize(const DequantArgs& args, void* out, int out_dtype, std::uintptr_t stream);
+
+// Launch the fused GEMV (csrc/cuda/gemv.cu) for args.m <= 8 rows of x, dtype 1 (fp16) or 2
+// (bf16) for x and out. Arguments are validated by the caller (bindings.cpp). Returns "" on
+// success, else the CUDA error; asynchronous on `stream`.
+std::string gemv(const gemv::Args& args, int dtype, std::uintptr_t stream);
 
 }  // namespace cuda
 }  // namespace bitfuse

@@ -142,6 +142,9 @@ BF_HD inline float dequant_value(uint32_t q, float scale, float zero) {
   return fmaf(float(q), scale, zero);
 }
 
+// The same with the code already a float (the GEMV's magic-number unpack yields float codes).
+BF_HD inline float dequant_value_f(float q, float scale, float zero) { return fmaf(q, scale, zero); }
+
 // Up to kMaxClasses bit classes in packed order (FORMAT.md §4).
 struct ClassTable {
   int count;

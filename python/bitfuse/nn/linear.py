@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops, reference
-from ..dispatch import select_backend
+from ..dispatch import linear_op, select_backend
 from ..calibrate import calibrate
 from ..config import QuantConfig
 from ..format import TENSOR_NAMES, PackedWeight
@@ -113,7 +113,8 @@ class QuantLinear(nn.Module):
             raise ValueError(f"QuantLinear input is on {x.device} but the layer is on {self.qweight.device}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        w = self._cached_weight() if select_backend(x.device) == "torch" else None
+        backend = select_backend(x.device, linear_op(x2.shape[0]))
+        w = self._cached_weight() if backend == "torch" else None
         if w is not None:
             y = F.linear(x2.float(), w, None if self.bias is None else self.bias.float()).to(x.dtype)
         else:

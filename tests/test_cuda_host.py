@@ -1,0 +1,238 @@
+"""The CUDA GEMV's bit math on the CPU (layer 3): csrc/include/bitfuse/dequant_tricks.h and
+gemv.h, run through bitfuse._C host hooks, against bitfuse.pack and the torch reference.
+
+The kernel (csrc/cuda/gemv.cu) calls exactly these __host__ __device__ functions; what only a GPU
+can check (thread mapping, shared-memory swizzle, split-K reduction) is in tests/test_gpu.py.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bitfuse import _C, pack, reference
+from bitfuse.format import PackedWeight
+
+BITS = (2, 3, 4)
+words32 = st.integers(0, 2**32 - 1)
+
+
+def _decode_pairs(pairs: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """(runs, 16) half2 patterns + (16, 2) columns -> (runs, 32) codes, checking the magic."""
+    halves = np.stack([pairs & 0xFFFF, pairs >> 16], axis=-1).astype(np.int64)  # (runs, 16, 2)
+    # Every half is fp16 1024 + q: exponent bits 0x6400 and the code in the low mantissa bits.
+    assert ((halves & ~np.int64(0xF)) == 0x6400).all()
+    codes = np.full((pairs.shape[0], 32), -1, dtype=np.int64)
+    codes[:, cols.reshape(-1)] = (halves - 0x6400).reshape(pairs.shape[0], 32)
+    return codes
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_pair_columns_are_a_permutation(bits):
+    _, cols = _C.magic_unpack_test(np.zeros(bits, dtype=np.int32), bits)
+    assert sorted(cols.reshape(-1).tolist()) == list(range(32))
+    # The documented order: 4-bit pair p=4i+j -> (8i+j, 8i+j+4); 2/3-bit p=8i+j -> (16i+j, +8).
+    for p in range(16):
+        if bits == 4:
+            i, j = divmod(p, 4)
+            assert tuple(cols[p]) == (8 * i + j, 8 * i + j + 4)
+        else:
+            i, j = divmod(p, 8)
+            assert tuple(cols[p]) == (16 * i + j, 16 * i + j + 8)
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.sampled_from(BITS), data=st.data())
+def test_magic_unpack_matches_pack_on_random_words(bits, data):
+    runs = data.draw(st.integers(1, 6))
+    words = np.array(data.draw(st.lists(words32, min_size=bits * runs, max_size=bits * runs)),
+                     dtype=np.uint32)
+    pairs, cols = _C.magic_unpack_test(words.view(np.int32), bits)
+    got = _decode_pairs(pairs.astype(np.int64), cols)
+    # pack.unpack_codes reads the same words as one row of k_pad = 32·runs codes.
+    ref = pack.unpack_codes(torch.from_numpy(words.view(np.int32)).reshape(1, -1), bits, 32 * runs)
+    np.testing.assert_array_equal(got.reshape(1, -1), ref.numpy().astype(np.int64))
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_magic_unpack_extremes(bits):
+    for fill in (0, -1, 0x55555555, -0x55555556):  # all zeros, all ones, alternating patterns
+        words = np.full(bits * 2, fill, dtype=np.int64).astype(np.uint32).view(np.int32)
+        pairs, cols = _C.magic_unpack_test(words, bits)
+        ref = pack.unpack_codes(torch.from_numpy(words).reshape(1, -1), bits, 64)
+        np.testing.assert_array_equal(_decode_pairs(pairs.astype(np.int64), cols).reshape(1, -1),
+                                      ref.numpy().astype(np.int64))
+
+
+def _f16_bits(v: float) -> int:
+    return int(np.array(v, dtype=np.float16).view(np.uint16))
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.sampled_from(BITS), data=st.data(), has_res=st.booleans(), plane=words32,
+       scale=st.floats(0, 2.0, width=16), zero=st.floats(-2.0, 2.0, width=16),
+       alpha=st.floats(0, 0.5, width=16))
+def test_run_dequant_matches_reference(bits, data, has_res, plane, scale, zero, alpha):
+    """One run through run_dequant (magic unpack + fma + residual) vs the reference's fp32 math."""
+    words = np.array(data.draw(st.lists(words32, min_size=bits, max_size=bits)),
+                     dtype=np.uint32).view(np.int32)
+    got = _C.run_dequant_test(words, bits, _f16_bits(scale), _f16_bits(zero), has_res, plane,
+                              _f16_bits(alpha))
+    q = pack.unpack_codes(torch.from_numpy(words).reshape(1, -1), bits, 32).float()
+    s16 = torch.tensor(scale, dtype=torch.float16).float()
+    z16 = torch.tensor(zero, dtype=torch.float16).float()
+    w = q * s16 + z16  # the reference: exact product, one rounding
+    if has_res:
+        signs = pack.unpack_signs(torch.tensor([[np.uint32(plane).view(np.int32)]]), 32).float()
+        w = w + torch.tensor(alpha, dtype=torch.float16).float() * (signs * 2 - 1)
+    np.testing.assert_array_equal(got, w.reshape(-1).numpy())  # bit-identical
+
+
+# ---- the whole GEMV's CPU twin vs the torch reference --------------------------------------------
+
+def _layer(class_bits, class_rows, k, g, residual, rank, sparse, bias, seed):
+    gen = torch.Generator().manual_seed(seed)
+    n = sum(class_rows)
+    k_pad = pack.padded_k(k, g)
+    G = k_pad // g
+    codes = []
+    for b, r in zip(class_bits, class_rows):
+        q = torch.randint(0, 1 << b, (r, k_pad), generator=gen, dtype=torch.int32)
+        q[:, k:] = 0
+        codes.append(q)
+    t = dict(qweight=pack.pack_classes(codes, class_bits),
+             scales=(torch.rand(n, G, generator=gen) * 0.1 + 1e-3).half(),
+             zeros=(torch.rand(n, G, generator=gen) - 0.5).half(),
+             perm=torch.randperm(n, generator=gen).to(torch.int32))
+    if residual:
+        has = torch.rand(n, generator=gen) < 0.6
+        has[0] = True
+        nr = int(has.sum())
+        ri = torch.full((n,), -1, dtype=torch.int32)
+        ri[has] = torch.randperm(nr, generator=gen).to(torch.int32)
+        t.update(res_index=ri, res_plane=pack.pack_signs(torch.rand(nr, k_pad, generator=gen) < 0.5),
+                 res_alpha=(torch.rand(nr, G, generator=gen) * 0.05).half())
+    if rank:
+        t.update(lr_down=(torch.randn(rank, k, generator=gen) * 0.1).half(),
+                 lr_up=(torch.randn(n, rank, generator=gen) * 0.1).half(),
+                 lr_scale=torch.rand(rank, generator=gen) + 0.5)
+    if sparse:
+        nnz_rows = torch.randint(0, 3, (n,), generator=gen)
+        indptr = torch.cat([torch.zeros(1, dtype=torch.int64), nnz_rows.cumsum(0)]).to(torch.int32)
+        idx = torch.cat([torch.randperm(k, generator=gen)[: int(c)].sort().values for c in nnz_rows])
+        t.update(sp_indptr=indptr, sp_indices=idx.to(torch.int32),
+                 sp_values=(torch.randn(idx.numel(), generator=gen) * 0.2).half())
+    if bias:
+        t["bias"] = torch.randn(n, generator=gen)
+    return PackedWeight(out_features=n, in_features=k, group_size=g, class_bits=list(class_bits),
+                        class_rows=list(class_rows), row_align=16, config={}, target="",
+                        tensors=t)
+
+
+def _np(t):
+    return None if t is None else t.numpy()
+
+
+def _gemv_host(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
+    """What backend_cuda.gemv hands the kernel, run through the CPU twin."""
+    x32 = x.float()
+    t = lr_up = extra = None
+    if pw.lr_down is not None:
+        t = (x32 @ pw.lr_down.float().t()) * pw.lr_scale.float()
+        lr_up = pw.lr_up.half()
+    if pw.sp_values is not None:
+        extra = reference.sparse_apply(x32, pw)
+    return torch.from_numpy(_C.gemv_host(
+        x32.numpy(), _np(pw.qweight), _np(pw.scales), _np(pw.zeros), _np(pw.perm),
+        _np(pw.res_index), _np(pw.res_plane), _np(pw.res_alpha), _np(t), _np(lr_up), _np(extra),
+        _np(pw.bias), pw.class_bits, pw.class_rows, pw.out_features, pw.in_features, pw.k_pad,
+        pw.group_size))
+
+
+@pytest.mark.parametrize("class_bits,class_rows", [([4], [7]), ([3], [33]), ([2], [16]),
+                                                   ([2, 3, 4], [16, 32, 5]), ([4, 2], [16, 9])])
+@pytest.mark.parametrize("k,g", [(100, 32), (200, 64), (257, 128), (33, 32)])
+@pytest.mark.parametrize("branches", ["plain", "residual", "all"])
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_gemv_host_matches_reference(class_bits, class_rows, k, g, branches, m):
+    from _tolerance import assert_within, branch_magnitudes, matmul_bound
+
+    full = branches == "all"
+    pw = _layer(class_bits, class_rows, k, g, residual=branches != "plain", rank=4 if full else 0,
+                sparse=full, bias=full, seed=k + m + len(class_bits))
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).half()
+    y = _gemv_host(x, pw)
+    xf = x.float()
+    y_ref = reference.linear(xf, pw)  # fp32 reference, before any cast
+
+    class _Q:  # branch_magnitudes wants an object with .packed
+        packed = pw
+
+    bound = matmul_bound(xf, branch_magnitudes(_Q), torch.float32, bias=pw.bias)
+    assert_within(y, y_ref, bound, f"gemv_host {class_bits} {k=} {g=} {branches} {m=}")
+
+
+def test_gemv_host_rejects_unaligned_classes():
+    pw = _layer([4, 2], [8, 8], 64, 32, False, 0, False, False, seed=0)
+    x = torch.randn(1, 64).half()
+    with pytest.raises(ValueError, match="multiples of 16"):
+        _gemv_host(x, pw)
+    with pytest.raises(ValueError, match="m must be"):
+        _gemv_host(torch.randn(9, 64).half(), _layer([4], [16], 64, 32, False, 0, False, False, 0))
+
+
+# ---- the CUDA entry point without a GPU -----------------------------------------------------------
+
+def _gemv_call(**over):
+    args = dict(x_ptr=256, out_ptr=256, qweight_ptr=256, scales_ptr=256, zeros_ptr=256, perm_ptr=0,
+                res_index_ptr=0, res_plane_ptr=0, res_alpha_ptr=0, t_ptr=0, lr_up_ptr=0,
+                extra_ptr=0, bias_ptr=0, class_bits=[4], class_rows=[16], m=1, n=16, k=32,
+                k_pad=32, group_size=32, r=0, dtype=1, stream=0)
+    args.update(over)
+    return args
+
+
+def test_gemv_cuda_fails_cleanly_without_gpu():
+    code = textwrap.dedent("""
+        from bitfuse import _C
+        if _C.cuda_device_count() > 0:
+            print("HAS_GPU")
+            raise SystemExit(0)
+        try:
+            # Aligned, non-null fake pointers: they must never be dereferenced on the host.
+            _C.gemv_cuda(256, 256, 256, 256, 256, 0, 0, 0, 0, 0, 0, 0, 0, [4], [16], 1, 16, 32,
+                         32, 32, 0, 1, 0)
+        except RuntimeError as e:
+            print("RuntimeError:", e)
+        else:
+            print("NO ERROR")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    if "HAS_GPU" in r.stdout:
+        pytest.skip("a CUDA device is usable here; tests/test_gpu.py covers gemv_cuda")
+    assert "RuntimeError:" in r.stdout, r.stdout
+    if not _C.cuda_built():
+        assert "built without CUDA" in r.stdout
+
+
+def test_gemv_cuda_validates_arguments():
+    if not _C.cuda_built():
+        with pytest.raises(RuntimeError, match="built without CUDA"):
+            _C.gemv_cuda(**_gemv_call())
+        return
+    for over, msg in [(dict(m=9), "m must be"), (dict(m=0), "m must be"),
+                      (dict(dtype=0), "dtype"), (dict(class_bits=[5]), "2, 3 or 4 bits"),
+                      (dict(class_rows=[15]), "sum to"), (dict(x_ptr=0), "x_ptr"),
+                      (dict(res_index_ptr=256), "res_plane_ptr"), (dict(t_ptr=256), "lr_up_ptr"),
+                      (dict(t_ptr=256, lr_up_ptr=256), "r >= 1"), (dict(extra_ptr=258), "aligned"),
+                      (dict(class_bits=[4, 2], class_rows=[8, 8]), "multiples of 16")]:
+        with pytest.raises(ValueError, match=msg):
+            _C.gemv_cuda(**_gemv_call(**over))
