@@ -9,6 +9,7 @@
 #include <string>
 
 #include "bitfuse/cuda_api.h"
+#include "cuda_check.cuh"
 #include "bitfuse/format.h"
 
 namespace bitfuse {
@@ -49,33 +50,13 @@ __global__ void dequant_kernel(const DequantArgs a, T* __restrict__ out) {
   }
 }
 
-std::string error_text(const char* what, cudaError_t e) {
-  return std::string(what) + ": " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")";
-}
-
-// Reject host or unregistered pointers up front: launching on them would be an illegal access,
-// which poisons the whole CUDA context, where this is an ordinary error.
-std::string check_device_pointer(const void* p, const char* name) {
-  cudaPointerAttributes attr;
-  const cudaError_t e = cudaPointerGetAttributes(&attr, p);
-  if (e != cudaSuccess) {
-    cudaGetLastError();  // clear the (non-sticky) error so it does not surface at a later call
-    std::string status;  // "no CUDA driver found", ...: says more than the bare error code
-    cuda::device_count(&status);
-    return error_text(("bitfuse dequantize_cuda: CUDA is not usable here (" + status + ")").c_str(), e);
-  }
-  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
-    return std::string("bitfuse dequantize_cuda: ") + name + " is not CUDA device memory";
-  return "";
-}
-
 }  // namespace
 
 namespace cuda {
 
 std::string dequantize(const DequantArgs& args, void* out, int out_dtype, std::uintptr_t stream) {
-  std::string err = check_device_pointer(args.qweight, "qweight_ptr");
-  if (err.empty()) err = check_device_pointer(out, "out_ptr");
+  std::string err = cuda_check::device_pointer(args.qweight, "qweight_ptr", "bitfuse dequantize_cuda");
+  if (err.empty()) err = cuda_check::device_pointer(out, "out_ptr", "bitfuse dequantize_cuda");
   if (!err.empty()) return err;
   const int64_t threads = int64_t(args.n) * (args.k_pad / kCodesPerThread);
   if (threads == 0) return "";
@@ -92,7 +73,7 @@ std::string dequantize(const DequantArgs& args, void* out, int out_dtype, std::u
     default: return "bitfuse dequantize_cuda: out_dtype must be 0 (fp32), 1 (fp16) or 2 (bf16)";
   }
   const cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) return error_text("bitfuse dequantize_cuda: kernel launch failed", e);
+  if (e != cudaSuccess) return cuda_check::error_text("bitfuse dequantize_cuda: kernel launch failed", e);
   return "";
 }
 

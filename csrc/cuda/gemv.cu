@@ -33,6 +33,7 @@
 #include <string>
 
 #include "bitfuse/cuda_api.h"
+#include "cuda_check.cuh"
 #include "bitfuse/dequant_tricks.h"
 #include "bitfuse/gemv.h"
 
@@ -248,24 +249,6 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const Args a, int dtype)
   }
 }
 
-std::string error_text(const char* what, cudaError_t e) {
-  return std::string(what) + ": " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")";
-}
-
-std::string check_device_pointer(const void* p, const char* name) {
-  cudaPointerAttributes attr;
-  const cudaError_t e = cudaPointerGetAttributes(&attr, p);
-  if (e != cudaSuccess) {
-    cudaGetLastError();
-    std::string status;
-    cuda::device_count(&status);
-    return error_text(("bitfuse gemv_cuda: CUDA is not usable here (" + status + ")").c_str(), e);
-  }
-  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
-    return std::string("bitfuse gemv_cuda: ") + name + " is not CUDA device memory";
-  return "";
-}
-
 void launch(const Args& a, int dtype, unsigned blocks, cudaStream_t s) {
   // M tile: the smallest of 1/2/4/8 that holds m (four instantiations in all).
   if (a.m <= 1) gemv_kernel<1><<<blocks, kThreads, 0, s>>>(a, dtype);
@@ -279,9 +262,9 @@ void launch(const Args& a, int dtype, unsigned blocks, cudaStream_t s) {
 namespace cuda {
 
 std::string gemv(const gemv::Args& args, int dtype, std::uintptr_t stream) {
-  std::string err = check_device_pointer(args.qweight, "qweight_ptr");
-  if (err.empty()) err = check_device_pointer(args.x, "x_ptr");
-  if (err.empty()) err = check_device_pointer(args.out, "out_ptr");
+  std::string err = cuda_check::device_pointer(args.qweight, "qweight_ptr", "bitfuse gemv_cuda");
+  if (err.empty()) err = cuda_check::device_pointer(args.x, "x_ptr", "bitfuse gemv_cuda");
+  if (err.empty()) err = cuda_check::device_pointer(args.out, "out_ptr", "bitfuse gemv_cuda");
   if (!err.empty()) return err;
   if (args.n == 0 || args.m == 0) return "";
   const unsigned blocks = unsigned((args.n + kRowsPerBlock - 1) / kRowsPerBlock);
@@ -289,7 +272,7 @@ std::string gemv(const gemv::Args& args, int dtype, std::uintptr_t stream) {
   if (dtype != 1 && dtype != 2) return "bitfuse gemv_cuda: dtype must be 1 (fp16) or 2 (bf16)";
   launch(args, dtype, blocks, s);
   const cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) return error_text("bitfuse gemv_cuda: kernel launch failed", e);
+  if (e != cudaSuccess) return cuda_check::error_text("bitfuse gemv_cuda: kernel launch failed", e);
   return "";
 }
 
