@@ -9,25 +9,9 @@ per-call time is in extra_info. bench_kernels.py is the full sweep with tables a
 import pytest
 import torch
 
-from bitfuse.bench_kernels import RECIPES
+from bitfuse.bench_kernels import RECIPES, capture_graph
 
 pytestmark = pytest.mark.gpu
-
-
-def _graph(fn, calls=20):
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-        torch.cuda.synchronize()
-        with torch.cuda.graph(g, stream=s):
-            for _ in range(calls):
-                fn()
-    torch.cuda.current_stream().wait_stream(s)
-    return g
 
 
 @pytest.mark.parametrize("m", [1, 16, 256])
@@ -46,7 +30,7 @@ def test_linear(benchmark, impl, size, m):
     else:
         pw = QuantLinear.from_linear(lin, QuantConfig(**RECIPES[impl])).packed
         fn = lambda: fused_linear(x, pw)  # noqa: E731
-    g = _graph(fn)
+    g = capture_graph(fn)
 
     def run():
         g.replay()

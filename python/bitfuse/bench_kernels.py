@@ -45,23 +45,28 @@ RECIPES = {
 }
 
 
+def capture_graph(fn: Callable[[], None], calls: int = 20) -> "torch.cuda.CUDAGraph":
+    """A CUDA graph of `calls` back-to-back calls of fn (warmed up on a side stream first)."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+        torch.cuda.synchronize()
+        with torch.cuda.graph(g, stream=s):
+            for _ in range(calls):
+                fn()
+    torch.cuda.current_stream().wait_stream(s)
+    return g
+
+
 def gpu_time_us(fn: Callable[[], None], calls: int = 20, replays: int = 10) -> Dict[str, object]:
     """Median GPU time of one call, from CUDA-graph replays of `calls` back-to-back calls.
     Falls back to event timing of eager calls if capture fails (recorded in the result)."""
-    fn()
-    torch.cuda.synchronize()
     try:
-        g = torch.cuda.CUDAGraph()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-            torch.cuda.synchronize()
-            with torch.cuda.graph(g, stream=s):
-                for _ in range(calls):
-                    fn()
-        torch.cuda.current_stream().wait_stream(s)
-        run, method = g.replay, "cuda-graph"
+        run, method = capture_graph(fn, calls).replay, "cuda-graph"
     except Exception as e:  # noqa: BLE001 - record why and measure eagerly instead
         def run():
             for _ in range(calls):
