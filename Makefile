@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(BIN)/bitfuse demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
+	$(BIN)/pytest -q $(PYTEST_ARGS) tests
 
 clean:
 	rm -rf build python/bitfuse/_C*.so *.egg-info python/*.egg-info
