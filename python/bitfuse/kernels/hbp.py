@@ -92,9 +92,11 @@ def hbp_spmm(arrays: dict, x: torch.Tensor, shape, tile_cols: int) -> torch.Tens
     if n_tiles == 0 or m == 0:
         return y.to(x.dtype)
     x = x.contiguous()
-    n_slots = int(arrays["multi_ptr"][-1]) if arrays["multi_ptr"].device.type == "cpu" else None
+    n_slots = arrays.get("_n_slots")
     if n_slots is None:
-        n_slots = arrays.setdefault("_n_slots", int(arrays["multi_ptr"][-1].item()))
+        # Read once (a device->host copy on GPU) and cached, so later calls never sync and can
+        # be captured in a CUDA graph.
+        n_slots = arrays["_n_slots"] = int(arrays["multi_ptr"][-1])
     counter = arrays.setdefault("_counter", torch.zeros(1, dtype=torch.int32, device=x.device))
     counter.zero_()  # reset on device, in stream order, every call: no host sync
     programs = _programs(x.device, n_tiles)

@@ -244,6 +244,8 @@ class HBPMatrix:
                    for k in ARRAYS if k != "cols"}
             # uint16 columns travel as int16 bits (torch has limited uint16 support); kernels mask.
             arr["cols"] = torch.from_numpy(self.layout["cols"].view(np.int16)).to(self.device)
+            # Host-known size of the partial-sum buffer: the kernel never reads it from the device.
+            arr["_n_slots"] = int(self.layout["multi_ptr"][-1]) if len(self.layout["multi_ptr"]) else 0
             self._device_arrays = arr
         return self._device_arrays
 
