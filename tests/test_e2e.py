@@ -8,14 +8,16 @@ import sys
 import pytest
 
 pytest.importorskip("diffusers")
-from bitfuse.e2e import E2EError, run  # noqa: E402
+from bitfuse.e2e import LAYER_TYPES, E2EError, LayerTimer, layer_type, run  # noqa: E402
 
 
 def test_e2e_tiny_cli_writes_json(tmp_path):
     r = subprocess.run([sys.executable, "-m", "bitfuse.cli", "bench", "e2e", "--model", "tiny", "--steps", "2",
-                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+                        "--cuda-graphs", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "CPU timings" in r.stdout and "PROJECTION" in r.stdout
+    assert "--cuda-graphs ignored: not on CPU" in r.stdout
+    assert "where the time goes" in r.stdout and "QuantConv2d" in r.stdout
     res = json.loads((tmp_path / "e2e_tiny_w4.json").read_text())
     for key in ("device", "versions", "backend", "recipe", "float_step_ms", "bitfuse_step_ms",
                 "weight_bytes_fp16", "weight_bytes_bitfuse", "fidelity", "orin"):
@@ -23,6 +25,72 @@ def test_e2e_tiny_cli_writes_json(tmp_path):
     assert res["weight_reduction"] > 2.5  # W4 g64 on linears and convs (small layers stay fp16)
     assert res["fidelity"]["cosine"] > 0.9
     assert res["orin"]["per_step_ms"]["Orin Nano"] > res["orin"]["per_step_ms"]["AGX Orin 64GB"] > 0
+    assert res["cuda_graphs"]["status"].startswith("ignored: not on CPU")
+    bd = res["breakdown"]
+    assert "CPU: perf_counter" in bd["method"]
+    for side in ("float", "bitfuse"):
+        b = bd[side]
+        assert set(b["per_type_ms"]) == set(LAYER_TYPES) and set(b["fraction"]) == set(LAYER_TYPES)
+        assert sum(b["per_type_ms"].values()) == pytest.approx(b["step_ms"], rel=1e-6)
+        assert all(v >= 0 for v in b["per_type_ms"].values())
+    # the float UNet has no bitfuse layers; the quantized one runs its linears and convs through them
+    assert bd["float"]["calls"]["QuantLinear"] == bd["float"]["calls"]["QuantConv2d"] == 0
+    assert bd["bitfuse"]["calls"]["QuantLinear"] > 0 and bd["bitfuse"]["calls"]["QuantConv2d"] > 0
+    assert bd["bitfuse"]["per_type_ms"]["QuantLinear"] > 0 and bd["bitfuse"]["per_type_ms"]["QuantConv2d"] > 0
+    assert bd["float"]["calls"]["attention"] == bd["bitfuse"]["calls"]["attention"] > 0
+    md = (tmp_path / "e2e_tiny_w4.md").read_text()
+    assert "| per-step latency |" in md and "| QuantConv2d |" in md and "not a measurement" in md
+
+
+def test_layer_timer_self_time_and_categories():
+    """Nested hooked modules count once, as self time; unhooked glue goes to 'other'."""
+    import time
+
+    import torch
+
+    from bitfuse import QuantConfig
+    from bitfuse.nn import QuantConv2d, QuantLinear
+
+    class Slow(torch.nn.Module):  # an "attention" wrapping a linear: its self time excludes the linear
+        def __init__(self):
+            super().__init__()
+            self.proj = QuantLinear.from_linear(torch.nn.Linear(64, 64), QuantConfig(group_size=64))
+
+        def forward(self, x):
+            time.sleep(0.02)
+            return self.proj(x)
+
+    Slow.__name__ = "Attention"
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = QuantConv2d.from_conv(torch.nn.Conv2d(64, 64, 1), QuantConfig(group_size=64))
+            self.norm = torch.nn.GroupNorm(8, 64)
+            self.attn = Slow()
+
+        def forward(self, x):
+            x = self.norm(self.conv(x))
+            time.sleep(0.03)  # glue
+            return self.attn(x.flatten(2).transpose(1, 2))
+
+    net = Net().eval()
+    assert [layer_type(m) for m in (net.conv, net.norm, net.attn, net.attn.proj)] == \
+        ["QuantConv2d", "norm", "attention", "QuantLinear"]
+    x = torch.randn(1, 64, 4, 4)
+    with torch.no_grad():
+        with LayerTimer(net, "cpu") as timer:
+            t0 = time.perf_counter()
+            net(x)
+            total = time.perf_counter() - t0
+    assert not net.attn._forward_pre_hooks and not net.conv._forward_hooks  # hooks removed
+    r = timer.result(total)
+    assert r["calls"] == {"QuantLinear": 1, "QuantConv2d": 1, "float Linear": 0, "float Conv2d": 0,
+                          "attention": 1, "norm": 1}
+    ms = r["per_type_ms"]
+    assert 18 <= ms["attention"] < 28 and ms["other"] >= 28  # sleeps: 20 ms in attention, 30 ms glue
+    assert ms["QuantLinear"] < 15 and ms["QuantConv2d"] > 0
+    assert sum(ms.values()) == pytest.approx(1e3 * total)
 
 
 def test_e2e_bad_input(tmp_path):

@@ -129,9 +129,11 @@ def bench_e2e(args: argparse.Namespace) -> int:
     device = torch.cuda.get_device_name(0).replace(" ", "_") if torch.cuda.is_available() else "cpu"
     out = args.out or os.path.join("benchmarks", "results", device)
     r = run(model=args.model, recipe=args.recipe, steps=args.steps, batch=args.batch,
-            resolution=args.resolution, path=args.path, out_dir=out)
+            resolution=args.resolution, path=args.path, out_dir=out, cuda_graphs=args.cuda_graphs,
+            breakdown=not args.no_breakdown)
     print(format_report(r))
-    print(f"wrote {os.path.join(out, f'e2e_{args.model}_{args.recipe}.json')}")
+    stem = os.path.join(out, f"e2e_{args.model}_{args.recipe}")
+    print(f"wrote {stem}.json and {stem}.md")
     return 0
 
 
@@ -182,7 +184,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     e.add_argument("--steps", type=int, default=4)
     e.add_argument("--batch", type=int, default=1)
     e.add_argument("--resolution", type=int, default=None, help="image side in pixels (latents are /8)")
-    e.add_argument("--out", default=None, help="folder for the JSON (default benchmarks/results/<device>)")
+    e.add_argument("--out", default=None, help="folder for the JSON and markdown (default benchmarks/results/<device>)")
+    e.add_argument("--cuda-graphs", action="store_true",
+                   help="also time each step as a CUDA-graph replay (GPU only; ignored on CPU)")
+    e.add_argument("--no-breakdown", action="store_true",
+                   help="skip the extra profiled step that splits the time per layer type")
     e.set_defaults(func=bench_e2e)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")

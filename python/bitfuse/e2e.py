@@ -4,7 +4,9 @@ Builds a denoiser from its published config (random weights; nothing is download
 local diffusers folder, quantizes a copy with a named recipe, runs both through the same DDIM
 steps from the same noise, and reports per-step latency, peak memory, weight bytes, and the
 fidelity of the final latents. Every result records the device, versions, backend and recipe.
-On a CPU the timings are CPU timings of the torch reference path, and say so.
+On a CPU the timings are CPU timings of the torch reference path, and say so. One extra
+profiled step per model splits the time by layer type (LayerTimer); --cuda-graphs also times the
+loop as CUDA-graph replays (graph_denoise, GPU only). The record is written as JSON and markdown.
 
 The Orin projection counts the bytes each quantized layer's kernel must move (packed weight +
 activations in and out) and divides by the Jetson's DRAM bandwidth: a memory-bound LOWER BOUND
@@ -18,7 +20,7 @@ import json
 import os
 import platform
 import time
-from typing import Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -98,10 +100,12 @@ def make_inputs(den, batch: int, device, dtype, resolution: Optional[int]):
     return lat, dict(encoder_hidden_states=ctx, added_cond_kwargs={"resolution": None, "aspect_ratio": None})
 
 
-def denoise(den, latents, cond, steps: int, device) -> Dict[str, object]:
-    """A DDIM loop; returns the final latents and the per-step times (seconds)."""
+def denoise(den, latents, cond, steps: int, device, step_fn: Optional[Callable] = None) -> Dict[str, object]:
+    """A DDIM loop; returns the final latents and the per-step times (seconds). `step_fn(x, t)`
+    replaces the eager denoiser call (the CUDA-graph replay uses it)."""
     from diffusers import DDIMScheduler
 
+    step_fn = step_fn or (lambda x, tt: call(den, x, tt, cond))
     sched = DDIMScheduler()
     sched.set_timesteps(steps)
     x = latents.clone()
@@ -113,7 +117,7 @@ def denoise(den, latents, cond, steps: int, device) -> Dict[str, object]:
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 a.record()
             t0 = time.perf_counter()
-            out = call(den, x, tt, cond)
+            out = step_fn(x, tt)
             eps = out[:, : x.shape[1]]  # DiT/PixArt predict (eps, variance): keep eps
             if device.type == "cuda":
                 b.record()
@@ -161,6 +165,169 @@ def orin_projection(model, latents, cond) -> Dict[str, object]:
             "bandwidth_gbs": dict(ORIN)}
 
 
+# ---- where the time goes, per layer type ------------------------------------------------------
+
+LAYER_TYPES = ("QuantLinear", "QuantConv2d", "float Linear", "float Conv2d", "attention", "norm", "other")
+BREAKDOWN_METHOD = (
+    "one separate profiled step (t=500) after the timed loop, with forward hooks around every "
+    "QuantLinear, QuantConv2d, float nn.Linear / nn.Conv2d, attention module and norm; each call's "
+    "SELF time (its time minus that of hooked modules nested in it), summed per type. 'attention' "
+    "is the attention core (scores, softmax, reshapes) without its projections, which count as "
+    "linears; 'other' is the rest of the step (activations, residual adds, resampling, "
+    "embeddings). GPU: CUDA events, one sync at the end; CPU: perf_counter, no sync. The hooks "
+    "add overhead, so the profiled step is slower than the timed ones: read the fractions.")
+
+
+def layer_type(mod) -> Optional[str]:
+    """The breakdown category of a module, or None for a container that is not timed itself."""
+    import torch.nn as nn
+
+    from .nn import QuantConv2d, QuantLinear
+
+    if isinstance(mod, QuantConv2d):  # before QuantLinear: QuantConv2d subclasses it
+        return "QuantConv2d"
+    if isinstance(mod, QuantLinear):
+        return "QuantLinear"
+    if isinstance(mod, nn.Linear):
+        return "float Linear"
+    if isinstance(mod, nn.Conv2d):
+        return "float Conv2d"
+    name = type(mod).__name__
+    if name == "Attention" or name.endswith("Attention"):
+        return "attention"
+    if "Norm" in name:  # GroupNorm, LayerNorm, RMSNorm, AdaLayerNorm{,Zero,Single}, ...
+        return "norm"
+    return None
+
+
+class LayerTimer:
+    """Forward hooks that time every categorised module's calls (self time, nesting-aware).
+
+    On CUDA each hook records an event (no sync until `result()`); on CPU a perf_counter stamp.
+    Use as a context manager around the forward passes to profile."""
+
+    def __init__(self, model, device):
+        self.model, self.cuda = model, torch.device(device).type == "cuda"
+        self.records: List[list] = []  # [type, start, end, children indices]
+        self.stack: List[int] = []
+        self.handles: list = []
+
+    def _stamp(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def _elapsed(self, a, b) -> float:
+        return a.elapsed_time(b) / 1e3 if self.cuda else b - a
+
+    def __enter__(self):
+        for mod in self.model.modules():
+            kind = layer_type(mod)
+            if kind is None:
+                continue
+
+            def pre(_m, _inp, kind=kind):
+                idx = len(self.records)
+                if self.stack:
+                    self.records[self.stack[-1]][3].append(idx)
+                self.stack.append(idx)
+                self.records.append([kind, self._stamp(), None, []])
+
+            def post(_m, _inp, _out):
+                self.records[self.stack.pop()][2] = self._stamp()
+
+            self.handles.append(mod.register_forward_pre_hook(pre))
+            self.handles.append(mod.register_forward_hook(post))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self.stack.clear()
+
+    def result(self, total_s: float) -> Dict[str, object]:
+        """{type: seconds} of self time, call counts, and 'other' = total - everything hooked."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        dur = [self._elapsed(r[1], r[2]) if r[2] is not None else 0.0 for r in self.records]
+        per = {k: 0.0 for k in LAYER_TYPES}
+        calls = {k: 0 for k in LAYER_TYPES}
+        for i, r in enumerate(self.records):
+            per[r[0]] += max(dur[i] - sum(dur[c] for c in r[3]), 0.0)
+            calls[r[0]] += 1
+        per["other"] = max(total_s - sum(per.values()), 0.0)
+        return {"step_ms": 1e3 * total_s,
+                "per_type_ms": {k: 1e3 * v for k, v in per.items()},
+                "fraction": {k: (v / total_s if total_s > 0 else 0.0) for k, v in per.items()},
+                "calls": {k: v for k, v in calls.items() if k != "other"}}
+
+
+def layer_breakdown(den, latents, cond, device) -> Dict[str, object]:
+    """Time one denoiser call (t=500) split by layer type; see BREAKDOWN_METHOD."""
+    dev = torch.device(device)
+    tt = torch.full((latents.shape[0],), 500, dtype=torch.long, device=dev)
+    with LayerTimer(den, dev) as timer:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            call(den, latents, tt, cond)
+            b.record()
+            b.synchronize()
+            total = a.elapsed_time(b) / 1e3
+        else:
+            t0 = time.perf_counter()
+            call(den, latents, tt, cond)
+            total = time.perf_counter() - t0
+    return timer.result(total)
+
+
+# ---- CUDA graphs ------------------------------------------------------------------------------
+
+def graph_denoise(den, latents, cond, steps: int, device) -> Dict[str, object]:
+    """The DDIM loop with each denoiser call replayed from one CUDA graph.
+
+    One call is captured with static input buffers (latents, timestep; the conditioning tensors
+    are already fixed); each step copies its x and t into them and replays. Graph-safe: the
+    Triton kernels and the CUDA extension launch on the current stream, allocate only through
+    torch's caching allocator (the capture's private pool) and never sync with the host; the
+    warm-up calls before capture fill the Triton JIT and, with BITFUSE_AUTOTUNE=1, the autotune
+    cache. A capture that fails (a layer that syncs, for instance) is reported, not raised. Known
+    exception: the sparse-outlier (HBP) wrapper calls .item() per CUDA call, so `outliers` > 0 is
+    not expected to capture yet. Not yet run on a GPU (none lent so far)."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return {"status": "ignored: not on CPU (CUDA graphs need a GPU)"}
+    static_x = latents.clone()
+    static_t = torch.full((latents.shape[0],), 999, dtype=torch.long, device=dev)
+    try:
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(3):  # warm-up off the default stream, as torch.cuda.graph asks
+                call(den, static_x, static_t, cond)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph):
+            static_out = call(den, static_x, static_t, cond)
+    except Exception as e:  # noqa: BLE001 - capture errors come from many layers
+        return {"status": f"capture failed: {type(e).__name__}: {e}"}
+
+    def replay(x, tt):
+        static_x.copy_(x)
+        static_t.copy_(tt)
+        graph.replay()
+        return static_out.clone()
+
+    denoise(den, latents, cond, 1, dev, step_fn=replay)  # warm replay
+    res = denoise(den, latents, cond, steps, dev, step_fn=replay)
+    res["status"] = "ok"
+    return res
+
+
 def call(den, x, t, cond):
     with torch.no_grad():
         if type(den).__name__ == "UNet2DConditionModel":
@@ -170,8 +337,11 @@ def call(den, x, t, cond):
 
 def run(model: str = "tiny", recipe: str = "w4", steps: int = 4, batch: int = 1,
         resolution: Optional[int] = None, path: Optional[str] = None, device: Optional[str] = None,
-        out_dir: Optional[str] = None) -> dict:
-    """Float vs bitfuse over the same DDIM loop; returns (and with out_dir writes) the record."""
+        out_dir: Optional[str] = None, cuda_graphs: bool = False, breakdown: bool = True) -> dict:
+    """Float vs bitfuse over the same DDIM loop; returns (and with out_dir writes, as JSON and a
+    markdown table) the record. breakdown: profile one extra step per model by layer type (off
+    the timed loop). cuda_graphs: also time the loop with each call replayed from a CUDA graph
+    (GPU only; on a CPU the record says it was ignored)."""
     if recipe not in RECIPES:
         raise E2EError(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -185,6 +355,8 @@ def run(model: str = "tiny", recipe: str = "w4", steps: int = 4, batch: int = 1,
         denoise(den, latents, cond, 1, dev)  # warm-up
         ref = denoise(den, latents, cond, steps, dev)
         peak_fp = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+        bd_fp = layer_breakdown(den, latents, cond, dev) if breakdown else None
+        gr_fp = graph_denoise(den, latents, cond, steps, dev) if cuda_graphs else None
         t0 = time.perf_counter()
         qden = quantize_(den, QuantConfig(target="auto", **RECIPES[recipe]))  # in place: frees fp weights
         quant_s = time.perf_counter() - t0
@@ -194,6 +366,8 @@ def run(model: str = "tiny", recipe: str = "w4", steps: int = 4, batch: int = 1,
         denoise(qden, latents, cond, 1, dev)
         got = denoise(qden, latents, cond, steps, dev)
         peak_q = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+        bd_q = layer_breakdown(qden, latents, cond, dev) if breakdown else None
+        gr_q = graph_denoise(qden, latents, cond, steps, dev) if cuda_graphs else None
     except torch.cuda.OutOfMemoryError as e:
         free, total = torch.cuda.mem_get_info(dev)
         raise E2EError(f"out of GPU memory running {model} at batch {batch}: {free / 2**30:.1f} GiB free of "
@@ -217,11 +391,31 @@ def run(model: str = "tiny", recipe: str = "w4", steps: int = 4, batch: int = 1,
         "orin": orin_projection(qden, latents, cond),
     }
     result["weight_reduction"] = result["weight_bytes_fp16"] / result["weight_bytes_bitfuse"]
+    if breakdown:
+        result["breakdown"] = {"method": BREAKDOWN_METHOD, "float": bd_fp, "bitfuse": bd_q}
+    if cuda_graphs:
+        result["cuda_graphs"] = _graph_record(gr_fp, gr_q, ref, got, med)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, f"e2e_{model}_{recipe}.json"), "w") as f:
+        stem = os.path.join(out_dir, f"e2e_{model}_{recipe}")
+        with open(stem + ".json", "w") as f:
             json.dump(result, f, indent=1)
+        with open(stem + ".md", "w") as f:
+            f.write(format_markdown(result))
     return result
+
+
+def _graph_record(gr_fp, gr_q, ref, got, med) -> Dict[str, object]:
+    """The --cuda-graphs part of the record: replay step times, and how far the replayed loop's
+    final latents are from the eager loop's (they should match to rounding)."""
+    if gr_fp.get("status") != "ok" or gr_q.get("status") != "ok":
+        return {"status": gr_fp["status"] if gr_fp.get("status") != "ok" else gr_q["status"],
+                "float": gr_fp.get("status"), "bitfuse": gr_q.get("status")}
+    diff = lambda a, b: float((a["latents"].float() - b["latents"].float()).abs().max())  # noqa: E731
+    return {"status": "ok",
+            "float_step_ms": 1e3 * med(gr_fp["step_s"]), "bitfuse_step_ms": 1e3 * med(gr_q["step_s"]),
+            "speedup": med(gr_fp["step_s"]) / med(gr_q["step_s"]),
+            "max_abs_diff_vs_eager": {"float": diff(gr_fp, ref), "bitfuse": diff(gr_q, got)}}
 
 
 def format_report(r: dict) -> str:
@@ -238,6 +432,62 @@ def format_report(r: dict) -> str:
     ]
     if r["peak_mem_float"] is not None:
         lines.append(f"peak memory: float {r['peak_mem_float'] / 2**20:.1f} MiB, bitfuse {r['peak_mem_bitfuse'] / 2**20:.1f} MiB")
+    g = r.get("cuda_graphs")
+    if g is not None:
+        if g["status"] == "ok":
+            lines.append(f"CUDA graphs (replay per step): float {g['float_step_ms']:.2f} ms, bitfuse "
+                         f"{g['bitfuse_step_ms']:.2f} ms ({g['speedup']:.2f}x); max |graph - eager| of the "
+                         f"final latents: float {g['max_abs_diff_vs_eager']['float']:.2e}, "
+                         f"bitfuse {g['max_abs_diff_vs_eager']['bitfuse']:.2e}")
+        else:
+            lines.append(f"--cuda-graphs {g['status']}")
+    bd = r.get("breakdown")
+    if bd is not None:
+        lines.append("where the time goes (one profiled step with hooks; self time per layer type):")
+        for side in ("float", "bitfuse"):
+            b = bd[side]
+            parts = ", ".join(f"{k} {b['per_type_ms'][k]:.2f} ms ({100 * b['fraction'][k]:.0f}%)"
+                              for k in LAYER_TYPES if b["per_type_ms"][k] > 0 or k in ("QuantLinear", "QuantConv2d"))
+            lines.append(f"  {side:7s} {b['step_ms']:.2f} ms: {parts}")
     lines.append(o["label"] + ": " + ", ".join(f"{k} ({o['bandwidth_gbs'][k]} GB/s) >= {v:.3f} ms/step"
                                                for k, v in o["per_step_ms"].items()))
     return "\n".join(lines)
+
+
+def format_markdown(r: dict) -> str:
+    """The record as markdown tables (written next to the JSON)."""
+    mib = lambda n: "n/a" if n is None else f"{n / 2**20:.2f} MiB"  # noqa: E731
+    lines = [
+        f"# bitfuse e2e: {r['model']}, recipe {r['recipe']}", "",
+        f"{r['steps']} DDIM steps, latents {r['latent_shape']}, device **{r['device']}** "
+        f"({r['timing']}), backend gemv {r['backend']['gemv']} / gemm {r['backend']['gemm']}, "
+        f"bitfuse {r['versions']['bitfuse']}, torch {r['versions']['torch']}. Recipe: `{r['config']}`.", "",
+        f"| | float ({r['float_dtype']}) | bitfuse | ratio |", "|---|---|---|---|",
+        f"| per-step latency | {r['float_step_ms']:.2f} ms | {r['bitfuse_step_ms']:.2f} ms | {r['speedup']:.2f}x |",
+        f"| weight bytes (fp16 deployment) | {mib(r['weight_bytes_fp16'])} | {mib(r['weight_bytes_bitfuse'])} "
+        f"| {r['weight_reduction']:.2f}x smaller |",
+        f"| peak memory | {mib(r['peak_mem_float'])} | {mib(r['peak_mem_bitfuse'])} | |",
+    ]
+    g = r.get("cuda_graphs")
+    if g is not None and g["status"] == "ok":
+        lines.append(f"| per-step latency, CUDA graph replay | {g['float_step_ms']:.2f} ms | "
+                     f"{g['bitfuse_step_ms']:.2f} ms | {g['speedup']:.2f}x |")
+    elif g is not None:
+        lines.append(f"| CUDA graphs | {g['status']} | | |")
+    f = r["fidelity"]
+    lines += ["", f"Final latents vs float: PSNR {f['psnr_db']:.2f} dB, cosine {f['cosine']:.5f}.", ""]
+    bd = r.get("breakdown")
+    if bd is not None:
+        lines += ["## Where the time goes (one profiled step, self time per layer type)", "",
+                  "| layer type | float ms | float % | bitfuse ms | bitfuse % |", "|---|---|---|---|---|"]
+        for k in LAYER_TYPES:
+            a, b = bd["float"], bd["bitfuse"]
+            lines.append(f"| {k} | {a['per_type_ms'][k]:.2f} | {100 * a['fraction'][k]:.0f} | "
+                         f"{b['per_type_ms'][k]:.2f} | {100 * b['fraction'][k]:.0f} |")
+        lines.append(f"| **profiled step** | {bd['float']['step_ms']:.2f} | 100 | {bd['bitfuse']['step_ms']:.2f} | 100 |")
+        lines += ["", bd["method"], ""]
+    o = r["orin"]
+    lines += ["## Orin projection (not a measurement)", "", o["label"] + ".", "",
+              "| device | DRAM GB/s | quantized layers, ms/step (lower bound) |", "|---|---|---|"]
+    lines += [f"| {k} | {o['bandwidth_gbs'][k]} | {v:.3f} |" for k, v in o["per_step_ms"].items()]
+    return "\n".join(lines) + "\n"

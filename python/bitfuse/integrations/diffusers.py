@@ -1,6 +1,18 @@
-"""diffusers integration: tiny denoisers built from configs (no downloads) for demos and tests.
+"""diffusers integration: quantize_pipeline / save_pipeline / load_pipeline (from .pipelines),
+activation capture across timesteps (collect), and tiny denoisers built from configs (no
+downloads) for demos and tests.
 
-The full pipeline integration (quantize_pipeline, activation capture) comes with issues #5/#7.
+Why there is no `DiffusersQuantizer` backend (`from_pretrained(..., quantization_config=...)`):
+diffusers 0.42 resolves `quantization_config.quant_method` through two module-level dicts in
+diffusers/quantizers/auto.py (AUTO_QUANTIZER_MAPPING, AUTO_QUANTIZATION_CONFIG_MAPPING) and offers
+no registration API. Adding "bitfuse" to them at import time is monkeypatching diffusers' private
+state, and it breaks: a saved folder with quant_method "bitfuse" loads only where bitfuse was
+imported first; QuantizationMethod is a closed enum whose `.value` from_pretrained reads; the
+quantizer path builds the model on the meta device and feeds weights one tensor at a time, with
+no way to pass the calibration statistics bitfuse's recipes use or the per-layer packed geometry a
+checkpoint needs; and the DiffusersQuantizer hooks are internal, with no stability promise. So bitfuse quantizes
+after loading, in place, and the pipeline keeps its own classes and API. README.md, "How this
+relates to diffusers' quantization_config backends", says more.
 """
 
 from __future__ import annotations
