@@ -1,5 +1,6 @@
 """Calibration: turn float weights into PackedWeights (see core.py for the steps)."""
 
+from .budget import allocate_ranks, quantize_with_ranks, rank_params
 from .collect import collect
 from .core import METHODS, activation_norms, calibrate
 from .errors import BudgetError, CalibrationError
@@ -7,4 +8,5 @@ from .report import layer_report
 from .stats import ActivationStats
 
 __all__ = ["calibrate", "collect", "layer_report", "ActivationStats", "CalibrationError",
-           "BudgetError", "activation_norms", "METHODS"]
+           "BudgetError", "activation_norms", "METHODS", "allocate_ranks", "quantize_with_ranks",
+           "rank_params"]

@@ -27,7 +27,7 @@ def layer_report(weight: torch.Tensor, packed: PackedWeight, activations=None,
         "name": name, "out_features": n, "in_features": packed.in_features,
         "class_bits": list(packed.class_bits), "class_rows": list(packed.class_rows),
         "bits": bits, "bpw": packed.bpw, "rank": packed.rank, "nnz": packed.nnz,
-        "residual_rows": packed.n_residual_rows,
+        "residual_rows": packed.n_residual_rows, "target": packed.target,
         "weight_mse": float(e.square().mean()),
         "weight_rel_err": float(e.square().sum() / w.square().sum().clamp_min(1e-30)),
     }

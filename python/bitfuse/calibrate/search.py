@@ -63,22 +63,49 @@ def least_squares_params(wg, q, weight, s16, z16) -> Tuple[torch.Tensor, torch.T
     return torch.where(ok, s.to(torch.float16), s16), torch.where(ok, z.to(torch.float16), z16)
 
 
+class _Evaluator:
+    """Error of candidate (scale, offset) pairs for one chunk of groups, computed in one reused
+    buffer with in-place ops (no full-size temporaries per candidate). Bit-identical to
+    group_error(wg, codes_for(wg, s, z, bits), s, z, weight)."""
+
+    def __init__(self, wg, weight, bits):
+        self.wg, self.bits = wg, bits
+        # Data-free layers without padding or outliers weigh every entry 1: skip the multiply.
+        self.weight = None if bool((weight == 1).all()) else weight
+        self.buf = torch.empty_like(wg)
+
+    def error(self, s16, z16):
+        qmax = (1 << self.bits) - 1
+        s, z = s16.float().unsqueeze(-1), z16.float().unsqueeze(-1)
+        pos = s > 0
+        safe = torch.where(pos, s, torch.ones_like(s))
+        t = torch.sub(self.wg, z, out=self.buf)
+        t.div_(safe).round_().clamp_(0, qmax)
+        if not bool(pos.all()):
+            t.mul_(pos)
+        # ŵ = q·s + z, then (ŵ − w)² (= (w − ŵ)² exactly).
+        t.mul_(s).add_(z).sub_(self.wg).square_()
+        if self.weight is not None:
+            t.mul_(self.weight)
+        return t.sum(dim=-1)
+
+
 def _search_chunk(wg, weight, lo0, hi0, bits, refit_rounds):
+    # Only the per-group (scale, offset) of the best candidate is tracked; its codes are
+    # recomputed when needed (codes are a pure function of the parameters).
+    ev = _Evaluator(wg, weight, bits)
     width = hi0 - lo0
     best_s, best_z = range_params(lo0, hi0, bits)
-    best_q = codes_for(wg, best_s, best_z, bits)
-    best_e = group_error(wg, best_q, best_s, best_z, weight)
+    best_e = ev.error(best_s, best_z)
     best_t = torch.zeros_like(lo0)
 
-    def consider(s, z, q=None):
-        nonlocal best_s, best_z, best_q, best_e
-        q = codes_for(wg, s, z, bits) if q is None else q
-        e = group_error(wg, q, s, z, weight)
+    def consider(s, z):
+        nonlocal best_s, best_z, best_e
+        e = ev.error(s, z)
         better = e < best_e
         best_e = torch.where(better, e, best_e)
         best_s = torch.where(better, s, best_s)
         best_z = torch.where(better, z, best_z)
-        best_q = torch.where(better.unsqueeze(-1), q, best_q)
         return better
 
     for t in SHRINK_STEPS[1:]:
@@ -89,9 +116,9 @@ def _search_chunk(wg, weight, lo0, hi0, bits, refit_rounds):
         consider(s, z)
     for _ in range(refit_rounds):
         # Lloyd-style: best parameters for the current codes, then best codes for them.
-        s, z = least_squares_params(wg, best_q, weight, best_s, best_z)
+        s, z = least_squares_params(wg, codes_for(wg, best_s, best_z, bits), weight, best_s, best_z)
         consider(s, z)
-    return best_q, best_s, best_z
+    return codes_for(wg, best_s, best_z, bits), best_s, best_z
 
 
 def search_quantize(
