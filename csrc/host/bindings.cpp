@@ -56,14 +56,17 @@ std::string cuda_status() {
 }
 
 #ifdef BITFUSE_WITH_CUDA
-void check_ptr(std::uintptr_t p, const char* name, std::uintptr_t align, bool required) {
+// A device pointer argument: non-zero when required, aligned to its element size. `who` names the
+// entry point in the message.
+void check_ptr(const char* who, std::uintptr_t p, const char* name, std::uintptr_t align,
+               bool required) {
   if (p == 0) {
-    if (required) host::fail(std::string("bitfuse dequantize_cuda: ") + name + " must not be 0");
+    if (required) host::fail(std::string(who) + ": " + name + " must not be 0");
     return;
   }
   if (p % align)
-    host::fail(std::string("bitfuse dequantize_cuda: ") + name + " must be " +
-               std::to_string(align) + "-byte aligned");
+    host::fail(std::string(who) + ": " + name + " must be " + std::to_string(align) +
+               "-byte aligned");
 }
 #endif
 
@@ -89,15 +92,15 @@ void dequantize_cuda(std::uintptr_t qweight, std::uintptr_t scales, std::uintptr
   if (out_dtype < 0 || out_dtype > 2)
     host::fail("bitfuse dequantize_cuda: out_dtype must be 0 (fp32), 1 (fp16) or 2 (bf16), got " +
                std::to_string(out_dtype));
-  check_ptr(qweight, "qweight_ptr", 4, true);
-  check_ptr(scales, "scales_ptr", 2, true);
-  check_ptr(zeros, "zeros_ptr", 2, true);
-  check_ptr(perm, "perm_ptr", 4, false);
-  check_ptr(res_index, "res_index_ptr", 4, false);
+  check_ptr("bitfuse dequantize_cuda", qweight, "qweight_ptr", 4, true);
+  check_ptr("bitfuse dequantize_cuda", scales, "scales_ptr", 2, true);
+  check_ptr("bitfuse dequantize_cuda", zeros, "zeros_ptr", 2, true);
+  check_ptr("bitfuse dequantize_cuda", perm, "perm_ptr", 4, false);
+  check_ptr("bitfuse dequantize_cuda", res_index, "res_index_ptr", 4, false);
   const bool residual = res_index != 0;
-  check_ptr(res_plane, "res_plane_ptr", 4, residual);
-  check_ptr(res_alpha, "res_alpha_ptr", 2, residual);
-  check_ptr(out, "out_ptr", out_dtype == 0 ? 4 : 2, true);
+  check_ptr("bitfuse dequantize_cuda", res_plane, "res_plane_ptr", 4, residual);
+  check_ptr("bitfuse dequantize_cuda", res_alpha, "res_alpha_ptr", 2, residual);
+  check_ptr("bitfuse dequantize_cuda", out, "out_ptr", out_dtype == 0 ? 4 : 2, true);
 
   a.qweight = reinterpret_cast<const uint32_t*>(qweight);
   a.scales = reinterpret_cast<const uint16_t*>(scales);
@@ -137,13 +140,7 @@ void gemv_cuda(std::uintptr_t x, std::uintptr_t out, std::uintptr_t qweight, std
     host::fail(std::string(who) + ": dtype must be 1 (fp16) or 2 (bf16), got " + std::to_string(dtype));
   if (r < 0) host::fail(std::string(who) + ": r must be >= 0, got " + std::to_string(r));
   auto need = [&](std::uintptr_t p, const char* name, std::uintptr_t align, bool required) {
-    if (p == 0) {
-      if (required) host::fail(std::string(who) + ": " + name + " must not be 0");
-      return;
-    }
-    if (p % align)
-      host::fail(std::string(who) + ": " + name + " must be " + std::to_string(align) +
-                 "-byte aligned");
+    check_ptr(who, p, name, align, required);
   };
   need(x, "x_ptr", 2, true);
   need(out, "out_ptr", 2, true);
