@@ -56,6 +56,24 @@ std::string cuda_status() {
 }
 
 #ifdef BITFUSE_WITH_CUDA
+// The PackedWeight pointers every CUDA entry point takes, into its argument struct (DequantArgs,
+// gemv::Args: the same member names). Residual pointers only when the layer has the branch.
+template <class Args>
+void set_weight_pointers(Args& a, std::uintptr_t qweight, std::uintptr_t scales,
+                         std::uintptr_t zeros, std::uintptr_t perm, bool residual,
+                         std::uintptr_t res_index, std::uintptr_t res_plane,
+                         std::uintptr_t res_alpha) {
+  a.qweight = reinterpret_cast<const uint32_t*>(qweight);
+  a.scales = reinterpret_cast<const uint16_t*>(scales);
+  a.zeros = reinterpret_cast<const uint16_t*>(zeros);
+  a.perm = reinterpret_cast<const int32_t*>(perm);
+  if (residual) {
+    a.res_index = reinterpret_cast<const int32_t*>(res_index);
+    a.res_plane = reinterpret_cast<const uint32_t*>(res_plane);
+    a.res_alpha = reinterpret_cast<const uint16_t*>(res_alpha);
+  }
+}
+
 // A device pointer argument: non-zero when required, aligned to its element size. `who` names the
 // entry point in the message.
 void check_ptr(const char* who, std::uintptr_t p, const char* name, std::uintptr_t align,
@@ -102,15 +120,7 @@ void dequantize_cuda(std::uintptr_t qweight, std::uintptr_t scales, std::uintptr
   check_ptr("bitfuse dequantize_cuda", res_alpha, "res_alpha_ptr", 2, residual);
   check_ptr("bitfuse dequantize_cuda", out, "out_ptr", out_dtype == 0 ? 4 : 2, true);
 
-  a.qweight = reinterpret_cast<const uint32_t*>(qweight);
-  a.scales = reinterpret_cast<const uint16_t*>(scales);
-  a.zeros = reinterpret_cast<const uint16_t*>(zeros);
-  a.perm = reinterpret_cast<const int32_t*>(perm);
-  if (residual) {
-    a.res_index = reinterpret_cast<const int32_t*>(res_index);
-    a.res_plane = reinterpret_cast<const uint32_t*>(res_plane);
-    a.res_alpha = reinterpret_cast<const uint16_t*>(res_alpha);
-  }
+  set_weight_pointers(a, qweight, scales, zeros, perm, residual, res_index, res_plane, res_alpha);
   const std::string err = cuda::dequantize(a, reinterpret_cast<void*>(out), out_dtype, stream);
   if (!err.empty()) throw std::runtime_error(err);
 #endif
@@ -163,15 +173,7 @@ void gemv_cuda(std::uintptr_t x, std::uintptr_t out, std::uintptr_t qweight, std
   host::fill_gemv_classes(a, table, k_pad, qweight, who);
   a.x = reinterpret_cast<const void*>(x);
   a.out = reinterpret_cast<void*>(out);
-  a.qweight = reinterpret_cast<const uint32_t*>(qweight);
-  a.scales = reinterpret_cast<const uint16_t*>(scales);
-  a.zeros = reinterpret_cast<const uint16_t*>(zeros);
-  a.perm = reinterpret_cast<const int32_t*>(perm);
-  if (residual) {
-    a.res_index = reinterpret_cast<const int32_t*>(res_index);
-    a.res_plane = reinterpret_cast<const uint32_t*>(res_plane);
-    a.res_alpha = reinterpret_cast<const uint16_t*>(res_alpha);
-  }
+  set_weight_pointers(a, qweight, scales, zeros, perm, residual, res_index, res_plane, res_alpha);
   if (lowrank) {
     a.t = reinterpret_cast<const float*>(t);
     a.lr_up = reinterpret_cast<const uint16_t*>(lr_up);
