@@ -7,12 +7,10 @@ can check (thread mapping, shared-memory swizzle, split-K reduction) is in tests
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
+from _cuda_probe import assert_fails_cleanly_without_gpu
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -200,27 +198,9 @@ def _gemv_call(**over):
 
 
 def test_gemv_cuda_fails_cleanly_without_gpu():
-    code = textwrap.dedent("""
-        from bitfuse import _C
-        if _C.cuda_device_count() > 0:
-            print("HAS_GPU")
-            raise SystemExit(0)
-        try:
-            # Aligned, non-null fake pointers: they must never be dereferenced on the host.
-            _C.gemv_cuda(256, 256, 256, 256, 256, 0, 0, 0, 0, 0, 0, 0, 0, [4], [16], 1, 16, 32,
-                         32, 32, 0, 1, 0)
-        except RuntimeError as e:
-            print("RuntimeError:", e)
-        else:
-            print("NO ERROR")
-    """)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
-    if "HAS_GPU" in r.stdout:
-        pytest.skip("a CUDA device is usable here; tests/test_gpu.py covers gemv_cuda")
-    assert "RuntimeError:" in r.stdout, r.stdout
-    if not _C.cuda_built():
-        assert "built without CUDA" in r.stdout
+    assert_fails_cleanly_without_gpu(
+        "_C.gemv_cuda(256, 256, 256, 256, 256, 0, 0, 0, 0, 0, 0, 0, 0, [4], [16], 1, 16, 32, 32, 32, 0, 1, 0)",
+        "tests/test_gpu.py covers gemv_cuda")
 
 
 def test_gemv_cuda_validates_arguments():
