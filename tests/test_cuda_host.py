@@ -36,14 +36,22 @@ def _decode_pairs(pairs: np.ndarray, cols: np.ndarray) -> np.ndarray:
 def test_pair_columns_are_a_permutation(bits):
     _, cols = _C.magic_unpack_test(np.zeros(bits, dtype=np.int32), bits)
     assert sorted(cols.reshape(-1).tolist()) == list(range(32))
-    # The documented order: 4-bit pair p=4i+j -> (8i+j, 8i+j+4); 2/3-bit p=8i+j -> (16i+j, +8).
+    # The documented order: 4-bit pair p=4i+j -> slots (8i+j, 8i+j+4); 2/3-bit p=8i+j -> slots
+    # (16i+j, +8); a slot's column is pack.run_column (FORMAT.md §3.1).
     for p in range(16):
         if bits == 4:
             i, j = divmod(p, 4)
-            assert tuple(cols[p]) == (8 * i + j, 8 * i + j + 4)
+            slots = (8 * i + j, 8 * i + j + 4)
         else:
             i, j = divmod(p, 8)
-            assert tuple(cols[p]) == (16 * i + j, 16 * i + j + 8)
+            slots = (16 * i + j, 16 * i + j + 8)
+        assert tuple(cols[p]) == tuple(pack.run_column(s) for s in slots)
+    if bits == 4:
+        # The point of the slot order: 4-bit pairs are the mma B-fragment register pairs of lane
+        # t = i, i.e. columns (2t, 2t+1), (2t+8, 2t+9), (2t+16, 2t+17), (2t+24, 2t+25).
+        for p in range(16):
+            t, j = divmod(p, 4)
+            assert tuple(cols[p]) == (2 * t + 8 * j, 2 * t + 8 * j + 1)
 
 
 @settings(max_examples=60, deadline=None)

@@ -57,11 +57,14 @@ def test_unpack_codes_all_ones(bits):
 
 
 @pytest.mark.parametrize("bits,k,code,word,shift", [
-    # FORMAT.md §3 spelled out for single codes, independent of pack.py.
-    (4, 13, 0b1011, 1, 20),           # word 13/8 = 1, bits 4*(13%8) = 20
-    (2, 37, 0b10, 2, 10),             # word 37/16 = 2, bits 2*(37%16) = 10
-    (3, 49, 0b101, (4, 5), (2, 17)),  # t=1, j=17: low bits in word 3+17/16=4 at bit 2*(17%16)=2,
-                                      # bit 2 of the code in word 3+2=5 at bit 17
+    # FORMAT.md §3 spelled out for single codes, independent of pack.py. Column c of a run goes to
+    # slot 8t + 4l + 2s + h where c = 16s + 8h + 2t + l (§3.1).
+    (4, 13, 0b1011, 2, 20),           # c=13: s0 h1 t2 l1 -> slot 21: word 21/8 = 2, bits 4*(21%8) = 20
+    (4, 0, 0b0111, 0, 0),             # c=0 -> slot 0
+    (2, 37, 0b10, 3, 8),              # run 1, c=5: s0 h0 t2 l1 -> slot 20, position 52:
+                                      # word 52/16 = 3, bits 2*(52%16) = 8
+    (3, 49, 0b101, (3, 5), (12, 6)),  # run 1, c=17: s1 h0 t0 l1 -> slot 6: low bits in word
+                                      # 3+6/16 = 3 at bit 2*6 = 12, bit 2 in word 3+2 = 5 at bit 6
 ])
 def test_layout_positions(bits, k, code, word, shift):
     k_pad = 64

@@ -162,15 +162,17 @@ def test_garbage_file(tmp_path):
         bitfuse.load_quantized(_small_model(), str(tmp_path / "missing.safetensors"))
 
 
-def test_wrong_version(small_ckpt):
+@pytest.mark.parametrize("version,hint", [(99, "reads version 2"), (1, "re-quantize")])
+def test_wrong_version(small_ckpt, version, hint):
     _, path = small_ckpt
     _, h = _header(path)
     meta = json.loads(h["__metadata__"]["bitfuse"])
-    meta["format_version"] = 99
+    meta["format_version"] = version
     h["__metadata__"]["bitfuse"] = json.dumps(meta)
     _rewrite_header(path, h)
-    with pytest.raises(bitfuse.CheckpointError, match="format_version 99"):
+    with pytest.raises(bitfuse.CheckpointError, match=f"format_version {version}") as e:
         bitfuse.load_quantized(_small_model(), path)
+    assert hint in str(e.value)
 
 
 def test_not_a_bitfuse_checkpoint(small_ckpt):

@@ -39,27 +39,42 @@ def test_sign_plane_round_trip(rows, words, seed):
     assert torch.equal(pack.unpack_signs(w, 32 * words), s)
 
 
+def test_run_slot_table():
+    # FORMAT.md §3.1 written out: slot j of a run holds column run_column(j); lane t of an mma quad
+    # owns slots 8t..8t+7 = columns {2t, 2t+8, 2t+16, 2t+24, 2t+1, 2t+9, 2t+17, 2t+25}.
+    for t in range(4):
+        cols = [pack.run_column(8 * t + i) for i in range(8)]
+        assert cols == [2 * t + d for d in (0, 8, 16, 24, 1, 9, 17, 25)]
+    assert sorted(pack.run_slot(c) for c in range(32)) == list(range(32))
+    assert all(pack.run_column(pack.run_slot(c)) == c for c in range(32))
+    with pytest.raises(pack.PackError, match="run column"):
+        pack.run_slot(32)
+
+
 @pytest.mark.parametrize("bits", [2, 4])
 def test_uniform_layout_bit_positions(bits):
-    # FORMAT.md §3: code k sits in word k / (32/b) at bits [b*(k % (32/b)), ...).
+    # FORMAT.md §3: the code of column k sits in slot j = 32·(k // 32) + run_slot(k % 32), which
+    # is in word j / (32/b) at bits [b*(j % (32/b)), ...).
     per = 32 // bits
-    q = torch.zeros(1, 64, dtype=torch.uint8)
-    k, v = per + 3, (1 << bits) - 1  # second word, fourth slot, all ones
-    q[0, k] = v
-    w = pack.pack_codes(q, bits)
-    expect = torch.zeros(1, 64 * bits // 32, dtype=torch.int64)
-    expect[0, k // per] = v << (bits * (k % per))
-    assert [_word_bits(int(x)) for x in w[0]] == [int(x) for x in expect[0]]
+    for k in (per + 3, 32 + 13, 63):
+        q = torch.zeros(1, 64, dtype=torch.uint8)
+        v = (1 << bits) - 1  # all ones
+        q[0, k] = v
+        w = pack.pack_codes(q, bits)
+        j = 32 * (k // 32) + pack.run_slot(k % 32)
+        expect = torch.zeros(1, 64 * bits // 32, dtype=torch.int64)
+        expect[0, j // per] = v << (bits * (j % per))
+        assert [_word_bits(int(x)) for x in w[0]] == [int(x) for x in expect[0]]
 
 
 def test_three_bit_plane_layout():
-    # FORMAT.md §3: codes 0..15 low bits in word 0, 16..31 in word 1, bit 2 of all in word 2.
+    # FORMAT.md §3: slots 0..15 low bits in word 0, 16..31 in word 1, bit 2 of all in word 2.
     q = torch.zeros(1, 64, dtype=torch.uint8)
-    q[0, 1] = 0b101   # lo=01 at word0 bits 2..3, hi at word2 bit 1
-    q[0, 17] = 0b110  # lo=10 at word1 bits 2..3, hi at word2 bit 17
-    q[0, 32 + 31] = 0b111  # second run: lo=11 at word4 bits 30..31, hi at word5 bit 31
+    q[0, 8] = 0b101   # column 8 -> slot 1: lo=01 at word0 bits 2..3, hi at word2 bit 1
+    q[0, 6] = 0b110   # column 6 -> slot 24: lo=10 at word1 bits 16..17, hi at word2 bit 24
+    q[0, 32 + 31] = 0b111  # second run, column 31 -> slot 31: lo=11 at word4 bits 30..31, word5 bit 31
     w = [_word_bits(int(x)) for x in pack.pack_codes(q, 3)[0]]
-    assert w == [0b01 << 2, 0b10 << 2, (1 << 1) | (1 << 17), 0, 0b11 << 30, 1 << 31]
+    assert w == [0b01 << 2, 0b10 << 16, (1 << 1) | (1 << 24), 0, 0b11 << 30, 1 << 31]
 
 
 def test_all_ones_words_survive_int32_sign():

@@ -7,9 +7,17 @@ from bitfuse import QuantConfig, calibrate, reference
 from synthetic import heavy_tailed
 
 
+def naive_slot(k):
+    """FORMAT.md §3.1, written out: column 16s + 8h + 2t + l of a run is stored in slot 8t + 4l + 2s + h."""
+    run, c = divmod(k, 32)
+    s, h, t, l = c // 16, (c // 8) % 2, (c // 2) % 4, c % 2
+    return 32 * run + 8 * t + 4 * l + 2 * s + h
+
+
 def naive_code(words, bits, k):
     """FORMAT.md §3, one code at a time, with Python integers."""
     w = [int(x) & 0xFFFFFFFF for x in words]
+    k = naive_slot(k)
     if bits in (2, 4):
         per = 32 // bits
         return (w[k // per] >> (bits * (k % per))) & ((1 << bits) - 1)
@@ -35,7 +43,7 @@ def naive_dense(pw):
                 v = q * float(pw.scales[row, c // g]) + float(pw.zeros[row, c // g])
                 if pw.res_index is not None and int(pw.res_index[row]) >= 0:
                     ri = int(pw.res_index[row])
-                    bit = (int(pw.res_plane[ri, c // 32]) >> (c % 32)) & 1
+                    bit = (int(pw.res_plane[ri, c // 32]) >> (naive_slot(c) % 32)) & 1
                     v += float(pw.res_alpha[ri, c // g]) * (2 * bit - 1)
                 out[perm[row], c] = v
             row += 1

@@ -22,7 +22,7 @@ import torch
 from . import pack
 from .config import QuantConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: slot order inside 32-column runs (FORMAT.md §3.1); 1 read as an error
 
 # name -> (dtype, is it required). Order fixes the op signature (ops.py) and the checkpoint.
 TENSOR_SPECS: Dict[str, Tuple[torch.dtype, bool]] = {

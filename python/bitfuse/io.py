@@ -98,6 +98,8 @@ def read_metadata(path: str) -> dict:
         raise CheckpointError(
             f"checkpoint {path!r} has format_version {version!r}; this bitfuse "
             f"({__version__}) reads version {FORMAT_VERSION}"
+            + (" (version 1 stored codes in column order, version 2 in the mma slot order of "
+               "docs/FORMAT.md §3.1: re-quantize the float model to convert)" if version == 1 else "")
         )
     return meta
 

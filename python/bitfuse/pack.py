@@ -7,12 +7,14 @@ csrc/include/bitfuse/format.h, which is tested against this module) all follow i
 Conventions (see docs/FORMAT.md for the why of each):
   * A row is one output channel; codes run along K (input columns), padded to k_pad, a multiple
     of the group size (and so of 32).
+  * K is cut into runs of 32 columns. Inside a run, column c is stored at *slot* run_slot(c), the
+    tensor-core fragment order of FORMAT.md §3.1 (format v2); everything below is in slot order.
   * Words are 32-bit, stored as torch.int32; bit 0 is the least significant bit.
-  * 2- and 4-bit codes: code j of a word sits at bits [b*j, b*j + b) (16 or 8 codes a word).
+  * 2- and 4-bit codes: the code in slot j of a word sits at bits [b*j, b*j + b) (16 or 8 a word).
   * 3-bit codes are split into bit planes. Each run of 32 codes takes 3 words:
-      word 0: low 2 bits of codes 0..15 (2-bit layout), word 1: low 2 bits of codes 16..31,
-      word 2: bit 2 of codes 0..31 (1-bit layout).
-  * 1-bit planes (the binary residual): bit j of word i is element 32*i + j.
+      word 0: low 2 bits of slots 0..15 (2-bit layout), word 1: low 2 bits of slots 16..31,
+      word 2: bit 2 of slots 0..31 (1-bit layout).
+  * 1-bit planes (the binary residual): bit j of word i is slot j of run i, the same slot order.
 """
 
 from __future__ import annotations
@@ -22,7 +24,47 @@ from typing import Sequence
 import torch
 
 WORD_BITS = 32
+RUN = 32  # columns per run: the unit of the slot permutation (a multiple of every group size's divisor)
 _MASK32 = 0xFFFFFFFF
+
+
+def run_slot(c: int) -> int:
+    """Slot (storage position) of column c (0..31) inside its 32-column run: FORMAT.md §3.1.
+
+    Write c = 16·s + 8·h + 2·t + l (s, h, l in {0, 1}, t in 0..3). Then slot = 8·t + 4·l + 2·s + h:
+    the 8 slots of "thread" t (a lane's position in an mma quad) hold exactly the columns that lane
+    needs as the B operand of two m16n8k16 steps, and the fp16 magic-number unpack of slots (i, i+4)
+    yields the register pairs {2t, 2t+1} and {2t+8, 2t+9} in order.
+    """
+    if not 0 <= c < RUN:
+        raise PackError(f"run column must lie in [0, {RUN}), got {c}")
+    s, h, t, l = (c >> 4) & 1, (c >> 3) & 1, (c >> 1) & 3, c & 1
+    return 8 * t + 4 * l + 2 * s + h
+
+
+def run_column(j: int) -> int:
+    """Inverse of run_slot: the column (0..31) whose code sits in slot j of a run."""
+    if not 0 <= j < RUN:
+        raise PackError(f"run slot must lie in [0, {RUN}), got {j}")
+    t, l, s, h = j >> 3, (j >> 2) & 1, (j >> 1) & 1, j & 1
+    return 16 * s + 8 * h + 2 * t + l
+
+
+# SLOT_OF_COLUMN[c] = run_slot(c); COLUMN_OF_SLOT[j] = run_column(j) (index tensors for gathers).
+SLOT_OF_COLUMN = torch.tensor([run_slot(c) for c in range(RUN)], dtype=torch.int64)
+COLUMN_OF_SLOT = torch.tensor([run_column(j) for j in range(RUN)], dtype=torch.int64)
+
+
+def to_slot_order(q: torch.Tensor) -> torch.Tensor:
+    """(rows, k_pad) in column order -> slot order: out[:, 32r + j] = q[:, 32r + run_column(j)]."""
+    r, k = q.shape
+    return q.reshape(r, k // RUN, RUN)[:, :, COLUMN_OF_SLOT.to(q.device)].reshape(r, k)
+
+
+def to_column_order(q: torch.Tensor) -> torch.Tensor:
+    """Inverse of to_slot_order."""
+    r, k = q.shape
+    return q.reshape(r, k // RUN, RUN)[:, :, SLOT_OF_COLUMN.to(q.device)].reshape(r, k)
 
 
 class PackError(ValueError):
@@ -94,10 +136,11 @@ def _check_codes(q: torch.Tensor, bits: int) -> None:
 
 
 def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """(rows, k_pad) integer codes in [0, 2^bits) -> (rows, words_per_row) int32."""
+    """(rows, k_pad) integer codes in [0, 2^bits), column order -> (rows, words_per_row) int32."""
     if bits not in (2, 3, 4):
         raise PackError(f"dense codes are 2, 3 or 4 bits, got {bits}")
     _check_codes(q, bits)
+    q = to_slot_order(q)
     if bits != 3:
         return _pack_uniform(q, bits)
     r, k = q.shape
@@ -109,7 +152,7 @@ def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_codes(words: torch.Tensor, bits: int, k_pad: int) -> torch.Tensor:
-    """Inverse of pack_codes: (rows, words_per_row) int32 -> (rows, k_pad) uint8."""
+    """Inverse of pack_codes: (rows, words_per_row) int32 -> (rows, k_pad) uint8, column order."""
     nw = words_per_row(bits, k_pad)
     if words.dim() != 2 or words.shape[1] != nw or words.dtype != torch.int32:
         raise PackError(
@@ -117,19 +160,19 @@ def unpack_codes(words: torch.Tensor, bits: int, k_pad: int) -> torch.Tensor:
             f"got {words.dtype} {tuple(words.shape)}"
         )
     if bits != 3:
-        return _unpack_uniform(words, bits)
+        return to_column_order(_unpack_uniform(words, bits))
     r = words.shape[0]
     t = words.reshape(r, k_pad // 32, 3)
     lo = _unpack_uniform(t[..., :2].reshape(-1, 2), 2).reshape(r, k_pad // 32, 32)
     hi = _unpack_uniform(t[..., 2:].reshape(-1, 1), 1).reshape(r, k_pad // 32, 32)
-    return (lo | (hi << 2)).reshape(r, k_pad)
+    return to_column_order((lo | (hi << 2)).reshape(r, k_pad))
 
 
 def pack_signs(bits: torch.Tensor) -> torch.Tensor:
     """(rows, k_pad) bool (True = +alpha) -> (rows, k_pad/32) int32 1-bit plane."""
     if bits.dim() != 2 or bits.shape[1] % WORD_BITS:
         raise PackError(f"sign plane must be (rows, multiple of 32), got {tuple(bits.shape)}")
-    return _pack_uniform(bits.to(torch.int64), 1)
+    return _pack_uniform(to_slot_order(bits.to(torch.int64)), 1)
 
 
 def unpack_signs(words: torch.Tensor, k_pad: int) -> torch.Tensor:
@@ -139,7 +182,7 @@ def unpack_signs(words: torch.Tensor, k_pad: int) -> torch.Tensor:
             f"sign plane for k_pad={k_pad} must be int32 (rows, {k_pad // WORD_BITS}), "
             f"got {words.dtype} {tuple(words.shape)}"
         )
-    return _unpack_uniform(words, 1).bool()
+    return to_column_order(_unpack_uniform(words, 1)).bool()
 
 
 def class_word_offsets(class_bits: Sequence[int], class_rows: Sequence[int], k_pad: int) -> list:

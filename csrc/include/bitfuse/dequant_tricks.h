@@ -1,7 +1,8 @@
 // Register-level unpacking of one 32-code run for the CUDA GEMV (csrc/cuda/gemv.cu).
 //
 // Everything here works on the canonical layout of docs/FORMAT.md §3 (row-major, K-contiguous,
-// linear code order): no layout transform is needed. A "run" is 32 consecutive codes of a row,
+// slot order inside each 32-column run, §3.1): the words are decoded in slot order and each value
+// is written to its column's register (pair_column composes the unpack order with run_column). A "run" is 32 consecutive codes of a row,
 // starting at a multiple of 32: 4 words (4-bit), 2 words (2-bit) or 3 words (3-bit: low plane
 // words 3t, 3t+1 and the high plane word 3t+2). Every helper is __host__ __device__, so the
 // host tests (tests/test_cuda_host.py, through bitfuse._C) run exactly the code the kernel runs
@@ -85,11 +86,13 @@ BF_HD inline uint32_t run_pair(const uint32_t* w, int p) {
   }
 }
 
-// Column (0..31, within the run) of the low (hi = 0) or high (hi = 1) half of pair p. This is
-// the order in which codes come out of the words; the host test checks it against pack.py.
-BF_HD constexpr int pair_column(int bits, int p, int hi) {
+// Slot (0..31, within the run) of the low (hi = 0) or high (hi = 1) half of pair p: the order in
+// which codes come out of the words.
+BF_HD constexpr int pair_slot(int bits, int p, int hi) {
   return bits == 4 ? 8 * (p >> 2) + (p & 3) + 4 * hi : 16 * (p >> 3) + (p & 7) + 8 * hi;
 }
+// Column (0..31, within the run) of that half; the host test checks it against pack.py.
+BF_HD constexpr int pair_column(int bits, int p, int hi) { return run_column(pair_slot(bits, p, hi)); }
 
 // Host-testable runtime-bits form of run_pair (the kernel uses the template).
 BF_HD inline uint32_t run_pair_rt(const uint32_t* w, int bits, int p) {
@@ -114,9 +117,9 @@ BF_HD inline void magic_to_codes(uint32_t h2, float* q0, float* q1) {
 // One run dequantized: w[c] = q_c · s + m (+ α·(2·sign_c − 1)), c = 0..31 in column order.
 // ---------------------------------------------------------------------------------------------
 // The pair loop fully unrolls, so "column order" is only register naming: the kernel multiplies
-// w[c] by x[k0 + c] with compile-time indices. `plane` is the run's residual sign word (bit c is
-// the sign of column c: FORMAT.md §6, shift/mask: one bit per column gives nothing to pair up);
-// has_res = false ignores plane and alpha.
+// w[c] by x[k0 + c] with compile-time indices. `plane` is the run's residual sign word (bit j is
+// the sign of slot j, i.e. of column run_column(j): FORMAT.md §6, shift/mask: one bit per column
+// gives nothing to pair up); has_res = false ignores plane and alpha.
 template <int BITS>
 BF_HD inline void run_dequant(const uint32_t* words, float scale, float zero, bool has_res,
                               uint32_t plane, float alpha, float* w) {
@@ -134,7 +137,7 @@ BF_HD inline void run_dequant(const uint32_t* words, float scale, float zero, bo
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-    for (int c = 0; c < 32; ++c) w[c] += ((plane >> c) & 1u) ? alpha : na;
+    for (int j = 0; j < 32; ++j) w[run_column(j)] += ((plane >> j) & 1u) ? alpha : na;
   }
 }
 

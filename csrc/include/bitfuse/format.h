@@ -35,18 +35,34 @@ constexpr int kMaxClasses = 8;
 // (32 % b == 0 for b = 1, 2, 4; 3-bit uses three words per 32 codes), so this is exact.
 BF_HD inline int words_per_row(int bits, int k_pad) { return k_pad * bits / kWordBits; }
 
-// 2- and 4-bit: codes are stored in plain linear order, 32/b codes a word, code k in word
-// k / (32/b). Linear order (not an mma-fragment interleave) keeps the host reference, Triton and
-// this header trivially in agreement; a kernel that wants another order applies its own,
-// documented transform.
-BF_HD inline int code_word_index(int bits, int k) { return k / (kWordBits / bits); }
+// Slot order (format v2, FORMAT.md §3.1). K is cut into runs of 32 columns; inside a run, column
+// c = 16s + 8h + 2t + l is stored in slot 8t + 4l + 2s + h. Why: lane t of an mma quad needs, as
+// the B operand of two m16n8k16 steps, exactly the columns {2t, 2t+1, 2t+8, 2t+9} (+16): they are
+// its 8 slots 8t..8t+7, i.e. one 4-bit word, one 16-bit half of a 2-bit word, one byte of a 1-bit
+// plane; and the magic-number unpack of slots (i, i+4) gives the register pairs in order
+// ((2t, 2t+1), (2t+8, 2t+9), (2t+16, 2t+17), (2t+24, 2t+25)). Kernels that walk K linearly (the
+// GEMV, the reference) only rename registers. python/bitfuse/pack.py run_slot/run_column are the
+// Python twins, and tests/test_ext.py checks that they agree.
+constexpr int kRun = 32;
+BF_HD constexpr int run_slot(int c) {
+  return 8 * ((c >> 1) & 3) + 4 * (c & 1) + 2 * ((c >> 4) & 1) + ((c >> 3) & 1);
+}
+BF_HD constexpr int run_column(int j) {
+  return 16 * ((j >> 1) & 1) + 8 * (j & 1) + 2 * (j >> 3) + ((j >> 2) & 1);
+}
+// Storage position (slot index along the row) of column k.
+BF_HD constexpr int slot_of(int k) { return (k & ~(kRun - 1)) + run_slot(k & (kRun - 1)); }
 
-// ... at bits [b·(k % (32/b)), +b) of that word: code 0 of a word is its least significant bits.
-BF_HD inline int code_bit_offset(int bits, int k) { return bits * (k % (kWordBits / bits)); }
+// 2- and 4-bit: 32/b codes a word in slot order: slot j in word j / (32/b) ...
+BF_HD inline int code_word_index(int bits, int j) { return j / (kWordBits / bits); }
+
+// ... at bits [b·(j % (32/b)), +b) of that word: slot 0 of a word is its least significant bits.
+BF_HD inline int code_bit_offset(int bits, int j) { return bits * (j % (kWordBits / bits)); }
 
 // 3-bit is split into bit planes so that no code straddles a word and each plane is read with the
-// same shift-and-mask as the 2- and 1-bit layouts. Each run of 32 codes (t = k / 32) owns the
-// three words 3t, 3t+1, 3t+2. Low two bits of code k: word 3t + (k % 32) / 16 ...
+// same shift-and-mask as the 2- and 1-bit layouts. Each run of 32 slots (t = j / 32) owns the
+// three words 3t, 3t+1, 3t+2. Low two bits of slot j: word 3t + (j % 32) / 16 ... (the helpers
+// below take the slot j; a column k maps to j = slot_of(k))
 BF_HD inline int plane3_lo_word(int k) { return 3 * (k / 32) + (k % 32) / 16; }
 // ... at bits [2·(k % 16), +2) (the 2-bit layout within the run) ...
 BF_HD inline int plane3_lo_shift(int k) { return 2 * (k % 16); }
@@ -54,9 +70,10 @@ BF_HD inline int plane3_lo_shift(int k) { return 2 * (k % 16); }
 BF_HD inline int plane3_hi_word(int k) { return 3 * (k / 32) + 2; }
 BF_HD inline int plane3_hi_shift(int k) { return k % 32; }
 
-// Code k of a row whose packed words start at row_words; bits is 2, 3 or 4 (callers validate).
-// Words are read as unsigned so that the right shift never drags in a sign bit.
-BF_HD inline uint32_t extract_code(const uint32_t* row_words, int bits, int k) {
+// Code of column k of a row whose packed words start at row_words; bits is 2, 3 or 4 (callers
+// validate). Words are read as unsigned so that the right shift never drags in a sign bit.
+BF_HD inline uint32_t extract_code(const uint32_t* row_words, int bits, int column) {
+  const int k = slot_of(column);
   if (bits == 3) {
     const uint32_t lo = (row_words[plane3_lo_word(k)] >> plane3_lo_shift(k)) & 3u;
     const uint32_t hi = (row_words[plane3_hi_word(k)] >> plane3_hi_shift(k)) & 1u;
@@ -70,9 +87,10 @@ BF_HD inline uint32_t extract_code(const uint32_t* row_words, int bits, int k) {
 // 1-bit planes: the binary residual's signs (FORMAT.md §6)
 // ---------------------------------------------------------------------------------------------
 
-// Element k of a 1-bit plane row is bit k % 32 of word k / 32 (1 -> +alpha, 0 -> -alpha).
+// Column k of a 1-bit plane row is bit slot_of(k) % 32 of word k / 32, the same slot order as the
+// codes (1 -> +alpha, 0 -> -alpha).
 BF_HD inline uint32_t sign_bit(const uint32_t* plane_row, int k) {
-  return (plane_row[k / kWordBits] >> (k % kWordBits)) & 1u;
+  return (plane_row[k / kWordBits] >> run_slot(k % kWordBits)) & 1u;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -3,10 +3,12 @@
 y = x·(Ŵ_b + R̂)ᵀ + (x·L_downᵀ·diag(lr_scale))·L_upᵀ + S·x + bias   (docs/FORMAT.md §1)
 
 Layout decisions, where they are used:
-  * Weights are read in the canonical layout of docs/FORMAT.md (row-major, K-contiguous, codes in
-    linear order). A tile is BLOCK_N packed rows × BLOCK_K codes; each code's word is gathered with
-    the same shift-and-mask as bitfuse/pack.py, so 8 (4-bit) or 16 (2-bit) neighbouring k read the
-    same word and the loads coalesce along K.
+  * Weights are read in the canonical layout of docs/FORMAT.md (row-major, K-contiguous; inside
+    each 32-column run, column c sits in slot run_slot(c), the mma fragment order of §3.1). A tile
+    is BLOCK_N packed rows × BLOCK_K codes; each column's slot is computed (`_slot`, the same
+    formula as pack.run_slot) and its word gathered with the same shift-and-mask as pack.py. A run
+    is one 4/2/3-word span, so the loads still coalesce along K; the slot order costs a few integer
+    ops per column and no extra memory traffic.
   * BLOCK_K divides the group size, so one K tile sees one scale/offset per row: they are loaded
     once per tile as a BLOCK_N vector, and the dequant is one fma in fp32 (q·s is exact).
   * Mixed-precision classes are contiguous runs of packed rows whose boundaries are multiples of
@@ -46,23 +48,31 @@ def _mm(a, b, USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_FP32: tl.const
 
 
 @triton.jit
+def _slot(offs_k):
+    """Storage position of column offs_k: its run's base plus run_slot(c) (FORMAT.md §3.1)."""
+    c = offs_k % 32
+    return (offs_k - c) + 8 * ((c >> 1) & 3) + 4 * (c & 1) + 2 * ((c >> 4) & 1) + ((c >> 3) & 1)
+
+
+@triton.jit
 def _dequant_tile(qw_ptr, word_base, offs_k, offs_n, n_mask, scales_ptr, zeros_ptr, g_idx, G,
                   res_index_ptr, res_plane_ptr, res_alpha_ptr, KW1,
                   BITS: tl.constexpr, HAS_RES: tl.constexpr):
     """Ŵ_b (+ R̂) for BLOCK_K codes × BLOCK_N packed rows, as fp32 [BLOCK_K, BLOCK_N]."""
     nm = n_mask[None, :]
+    pos = _slot(offs_k)
     if BITS == 3:
-        # bit planes: per 32 codes, words 3t, 3t+1 hold the low 2 bits, word 3t+2 bit 2.
-        t = offs_k // 32
-        j = offs_k % 32
+        # bit planes: per 32 slots, words 3t, 3t+1 hold the low 2 bits, word 3t+2 bit 2.
+        t = pos // 32
+        j = pos % 32
         lo = tl.load(qw_ptr + word_base[None, :] + (3 * t + j // 16)[:, None], mask=nm, other=0)
         hi = tl.load(qw_ptr + word_base[None, :] + (3 * t + 2)[:, None], mask=nm, other=0)
         q = ((lo >> (2 * (j % 16))[:, None]) & 3) | (((hi >> j[:, None]) & 1) << 2)
     else:
-        # 32/BITS codes a word, code k at bits [BITS·(k % per), +BITS). The mask after the
+        # 32/BITS codes a word, slot j at bits [BITS·(j % per), +BITS). The mask after the
         # (arithmetic) shift drops any sign bits the int32 shift drags in.
-        wd = tl.load(qw_ptr + word_base[None, :] + (offs_k // (32 // BITS))[:, None], mask=nm, other=0)
-        q = (wd >> ((offs_k % (32 // BITS)) * BITS)[:, None]) & ((1 << BITS) - 1)
+        wd = tl.load(qw_ptr + word_base[None, :] + (pos // (32 // BITS))[:, None], mask=nm, other=0)
+        q = (wd >> ((pos % (32 // BITS)) * BITS)[:, None]) & ((1 << BITS) - 1)
     s = tl.load(scales_ptr + offs_n * G + g_idx, mask=n_mask, other=0.0).to(tl.float32)
     z = tl.load(zeros_ptr + offs_n * G + g_idx, mask=n_mask, other=0.0).to(tl.float32)
     w = q.to(tl.float32) * s[None, :] + z[None, :]
@@ -70,8 +80,8 @@ def _dequant_tile(qw_ptr, word_base, offs_k, offs_n, n_mask, scales_ptr, zeros_p
         ri = tl.load(res_index_ptr + offs_n, mask=n_mask, other=-1)
         has = ri >= 0
         ri = tl.where(has, ri, 0).to(tl.int64)
-        pw = tl.load(res_plane_ptr + ri[None, :] * KW1 + (offs_k // 32)[:, None], mask=has[None, :], other=0)
-        sign = ((pw >> (offs_k % 32)[:, None]) & 1).to(tl.float32) * 2.0 - 1.0
+        pw = tl.load(res_plane_ptr + ri[None, :] * KW1 + (pos // 32)[:, None], mask=has[None, :], other=0)
+        sign = ((pw >> (pos % 32)[:, None]) & 1).to(tl.float32) * 2.0 - 1.0
         alpha = tl.load(res_alpha_ptr + ri * G + g_idx, mask=has, other=0.0).to(tl.float32)
         w += alpha[None, :] * sign
     return w
