@@ -8,9 +8,11 @@ On a CPU the timings are CPU timings of the torch reference path, and say so. On
 profiled step per model splits the time by layer type (LayerTimer); --cuda-graphs also times the
 loop as CUDA-graph replays (graph_denoise, GPU only). The record is written as JSON and markdown.
 
-The Orin projection counts the bytes each quantized layer's kernel must move (packed weight +
-activations in and out) and divides by the Jetson's DRAM bandwidth: a memory-bound LOWER BOUND
-on the time of those layers, always labelled a projection, never a measurement.
+The Orin projection counts, per quantized layer, the bytes its kernel must move (packed weight +
+activations in and out) and its tensor-core work (2·M·N·K flops), and bounds the layer's time
+below by bytes / DRAM bandwidth (memory bound), flops / fp16 tensor peak (compute bound), and the
+larger of the two (roofline). Summed over one step's layers, these are LOWER BOUNDS on the time of
+those layers on a Jetson, always labelled a projection, never a measurement.
 """
 
 from __future__ import annotations
@@ -37,6 +39,16 @@ RECIPES: Dict[str, dict] = {
     "w4-linear": dict(bits=4, group_size=64),
 }
 ORIN = {"AGX Orin 64GB": 204.8, "Orin Nano": 68.0}  # GB/s, vendor figures (shared/hardware.md)
+# Dense fp16 tensor-core peak, TFLOP/s. shared/hardware.md gives none, so it is DERIVED here from
+# the Ampere GA10B configuration: tensor cores × 256 fp16 FMA/clock × 2 flops × max GPU clock.
+#   AGX Orin 64GB: 64 TCs (16 SMs) at 1.3 GHz   -> 42.6 (= NVIDIA's 170 sparse-INT8 GPU TOPS / 4)
+#   Orin Nano 8GB: 32 TCs (8 SMs)  at 0.625 GHz -> 10.2 (= its 40 sparse-INT8 TOPS / 4)
+# GA10x may run fp16 with fp32 accumulation at half this rate; the full rate is used on purpose,
+# so that flops / peak stays a lower bound on time.
+ORIN_FP16_TFLOPS = {"AGX Orin 64GB": 42.6, "Orin Nano": 10.2}
+ORIN_PEAK_SOURCE = ("derived, not a vendor table: tensor cores x 256 fp16 FMA/clk x 2 x max GPU clock "
+                    "(AGX Orin 64 TCs @ 1.3 GHz, Orin Nano 32 TCs @ 0.625 GHz); full fp16 rate, so a "
+                    "lower bound on time")
 
 # Published configs (diffusers' config.json of each model), trimmed to the fields that differ
 # from the class defaults. Random weights: only shapes matter for speed and bytes.
@@ -140,16 +152,21 @@ def weight_bytes(model) -> int:
 
 
 def orin_projection(model, latents, cond) -> Dict[str, object]:
-    """Memory-bound lower bound on one step's quantized layers, per Orin variant: each layer's
-    packed bytes + its input and output activations in fp16, over the DRAM bandwidth."""
+    """Lower bounds on one step's quantized layers, per Orin variant (see the module doc).
+
+    Per layer: bytes = packed weight + fp16 input and output activations; flops = 2·M·N·K with
+    M = output elements / N (tokens for a linear, output pixels for a conv). Memory bound = Σ
+    bytes / bandwidth, compute bound = Σ flops / peak, roofline = Σ max(per-layer bounds)."""
     from .nn import QuantLinear
 
-    layer_bytes: Dict[str, int] = {}
+    layers: Dict[str, tuple] = {}
 
     def hook(name):
         def record(mod, inp, out):
-            layer_bytes[name] = int(mod.bpw * mod.out_features * mod.in_features / 8) \
+            nbytes = int(mod.bpw * mod.out_features * mod.in_features / 8) \
                 + 2 * (inp[0].numel() + out.numel())
+            flops = 2 * (out.numel() // mod.out_features) * mod.out_features * mod.in_features
+            layers[name] = (nbytes, flops)
         return record
 
     hooks = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
@@ -158,11 +175,20 @@ def orin_projection(model, latents, cond) -> Dict[str, object]:
     finally:
         for h in hooks:
             h.remove()
-    nbytes = sum(layer_bytes.values())
-    return {"label": "PROJECTION: memory-bound lower bound of the quantized layers, not a measurement",
-            "bytes_per_step": nbytes,
-            "per_step_ms": {name: nbytes / (bw * 1e9) * 1e3 for name, bw in ORIN.items()},
-            "bandwidth_gbs": dict(ORIN)}
+    nbytes = sum(b for b, _ in layers.values())
+    flops = sum(f for _, f in layers.values())
+    mem, comp, roof = {}, {}, {}
+    for name, bw in ORIN.items():
+        peak = ORIN_FP16_TFLOPS[name] * 1e12
+        mem[name] = nbytes / (bw * 1e9) * 1e3
+        comp[name] = flops / peak * 1e3
+        roof[name] = sum(max(b / (bw * 1e9), f / peak) for b, f in layers.values()) * 1e3
+    return {"label": "PROJECTION: lower bounds on the time of the quantized layers, not a measurement",
+            "bytes_per_step": nbytes, "flops_per_step": flops,
+            "per_step_ms": mem,  # memory-bound lower bound (kept under this key for older readers)
+            "memory_bound_ms": mem, "compute_bound_ms": comp, "roofline_ms": roof,
+            "bandwidth_gbs": dict(ORIN), "fp16_tflops": dict(ORIN_FP16_TFLOPS),
+            "fp16_tflops_source": ORIN_PEAK_SOURCE}
 
 
 # ---- where the time goes, per layer type ------------------------------------------------------
@@ -449,8 +475,10 @@ def format_report(r: dict) -> str:
             parts = ", ".join(f"{k} {b['per_type_ms'][k]:.2f} ms ({100 * b['fraction'][k]:.0f}%)"
                               for k in LAYER_TYPES if b["per_type_ms"][k] > 0 or k in ("QuantLinear", "QuantConv2d"))
             lines.append(f"  {side:7s} {b['step_ms']:.2f} ms: {parts}")
-    lines.append(o["label"] + ": " + ", ".join(f"{k} ({o['bandwidth_gbs'][k]} GB/s) >= {v:.3f} ms/step"
-                                               for k, v in o["per_step_ms"].items()))
+    lines.append(o["label"] + ": " + ", ".join(
+        f"{k} ({o['bandwidth_gbs'][k]} GB/s, {o['fp16_tflops'][k]} fp16 TFLOP/s) >= "
+        f"{o['roofline_ms'][k]:.3f} ms/step (memory {o['memory_bound_ms'][k]:.3f}, compute "
+        f"{o['compute_bound_ms'][k]:.3f})" for k in o["memory_bound_ms"]))
     return "\n".join(lines)
 
 
@@ -488,6 +516,10 @@ def format_markdown(r: dict) -> str:
         lines += ["", bd["method"], ""]
     o = r["orin"]
     lines += ["## Orin projection (not a measurement)", "", o["label"] + ".", "",
-              "| device | DRAM GB/s | quantized layers, ms/step (lower bound) |", "|---|---|---|"]
-    lines += [f"| {k} | {o['bandwidth_gbs'][k]} | {v:.3f} |" for k, v in o["per_step_ms"].items()]
+              "| device | DRAM GB/s | fp16 TFLOP/s | memory bound ms/step | compute bound ms/step | "
+              "roofline ms/step |", "|---|---|---|---|---|---|"]
+    lines += [f"| {k} | {o['bandwidth_gbs'][k]} | {o['fp16_tflops'][k]} | {o['memory_bound_ms'][k]:.3f} | "
+              f"{o['compute_bound_ms'][k]:.3f} | {o['roofline_ms'][k]:.3f} |" for k in o["memory_bound_ms"]]
+    lines += ["", f"Bytes per step {o['bytes_per_step'] / 2**20:.2f} MiB, {o['flops_per_step'] / 1e9:.2f} "
+              f"GFLOP; fp16 peak: {o['fp16_tflops_source']}."]
     return "\n".join(lines) + "\n"
