@@ -1,4 +1,4 @@
-"""torch.library custom ops: torch.ops.bitfuse.linear and torch.ops.bitfuse.dequantize.
+"""torch.library custom ops: torch.ops.bitfuse.linear, .dequantize and .conv2d.
 
 The ops take the PackedWeight tensors (in format.TENSOR_NAMES order, optional ones as None) and
 the host-side geometry as plain ints, so that no backend ever needs a device->host sync to learn
@@ -78,8 +78,40 @@ def _dequantize_fake(*args) -> Tensor:
     return args[0].new_empty((args[_OUT_FEATURES], args[_OUT_FEATURES + 1]), dtype=torch.float32)
 
 
+# conv2d: x (B, C, H, W) -> channels-last (B, Ho, Wo, out_features); Ŵ is the (out, C·kh·kw)
+# linear weight (nn/conv.py). The triton backend runs the implicit GEMM (kernels/conv2d.py); the
+# others run im2col + their linear.
+_CONV = "int[] kernel_size, int[] stride, int[] padding, int[] dilation"
+_N_LINEAR_ARGS = len(TENSOR_NAMES) + 5  # tensors + geometry, as op_args() lays them out
+torch.library.define("bitfuse::conv2d", f"(Tensor x, {_TENSORS}, {_GEOMETRY}, {_CONV}) -> Tensor")
+
+
+def _conv_out(x: Tensor, ks, st, pd, dl):
+    b, _, h, w = x.shape
+    return (b, (h + 2 * pd[0] - dl[0] * (ks[0] - 1) - 1) // st[0] + 1,
+            (w + 2 * pd[1] - dl[1] * (ks[1] - 1) - 1) // st[1] + 1)
+
+
+@torch.library.impl("bitfuse::conv2d", "default")
+def _conv2d(x: Tensor, *args) -> Tensor:
+    lin, (ks, st, pd, dl) = args[:_N_LINEAR_ARGS], args[_N_LINEAR_ARGS:]
+    b, ho, wo = _conv_out(x, ks, st, pd, dl)
+    if select_backend(x.device, linear_op(b * ho * wo)) == "triton":
+        from .kernels.conv_launch import conv2d_implicit
+        return conv2d_implicit(x, _from_args(lin), ks, st, pd, dl)
+    cols = torch.nn.functional.unfold(x, tuple(ks), dilation=tuple(dl), padding=tuple(pd), stride=tuple(st))
+    return torch.ops.bitfuse.linear(cols.transpose(1, 2).reshape(b * ho * wo, -1), *lin).reshape(b, ho, wo, -1)
+
+
+@torch.library.register_fake("bitfuse::conv2d")
+def _conv2d_fake(x: Tensor, *args) -> Tensor:
+    b, ho, wo = _conv_out(x, *args[_N_LINEAR_ARGS:])
+    return x.new_empty((b, ho, wo, args[_OUT_FEATURES]))
+
+
 linear = torch.ops.bitfuse.linear
 dequantize = torch.ops.bitfuse.dequantize
+conv2d = torch.ops.bitfuse.conv2d
 
 
 def op_args(pw: PackedWeight) -> tuple:

@@ -5,8 +5,10 @@ vector (channel-major, then kernel rows, then kernel columns) is exactly the ord
 `weight.reshape(O, -1)`, so the packed format, calibration and kernels are the linear ones.
   * 1×1 convs (stride s, no padding) are a linear over channels of the (strided) pixels: no
     im2col, just a channels-last view.
-  * k×k convs go through im2col (F.unfold) and the same linear op. Implicit GEMM (gathering the
-    patches inside the kernel instead of materialising them) is future kernel work.
+  * k×k convs, per backend (the one the linear op of M = B·Ho·Wo rows would use):
+    - triton: the implicit GEMM (kernels/conv2d.py, op bitfuse::conv2d): patches are gathered
+      inside the kernel from the NCHW or channels-last input, never materialised;
+    - torch (the reference, the oracle) and cuda: im2col (F.unfold) and the linear op.
 Only groups=1 and zero padding are handled; quantize_ leaves other convs as they are and says so.
 """
 
@@ -18,10 +20,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import ops
 from ..calibrate import calibrate
+from ..dispatch import linear_op, select_backend
 from ..config import QuantConfig
 from ..format import PackedWeight
-from .linear import QuantLinear
+from .linear import SUPPORTED_INPUT_DTYPES, QuantLinear
 
 
 def _pair(v) -> Tuple[int, int]:
@@ -94,6 +98,10 @@ class QuantConv2d(QuantLinear):
                 f"QuantConv2d({self.in_channels} -> {self.out_channels}) expects (B, {self.in_channels}, H, W), "
                 f"got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
             )
+        if x.dtype not in SUPPORTED_INPUT_DTYPES:
+            raise TypeError(f"QuantConv2d input must be float32, float16 or bfloat16, got {x.dtype}")
+        if x.device != self.qweight.device:
+            raise ValueError(f"QuantConv2d input is on {x.device} but the layer is on {self.qweight.device}")
         b, _, h, w = x.shape
         kh, kw = self.kernel_size
         (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
@@ -104,6 +112,15 @@ class QuantConv2d(QuantLinear):
         if (kh, kw) == (1, 1) and (ph, pw) == (0, 0):
             xs = x[:, :, ::sh, ::sw] if (sh, sw) != (1, 1) else x
             y = super().forward(xs.permute(0, 2, 3, 1))          # (B, Ho, Wo, O), channels last
+            return y.permute(0, 3, 1, 2)
+        # Under torch.compile the op picks its backend itself (select_backend reads the
+        # environment and bitfuse._C, which dynamo cannot trace; the op is opaque to it). Eagerly,
+        # the torch backend takes im2col below, whose linear uses the cached dense weight.
+        if torch.compiler.is_compiling() or select_backend(x.device, linear_op(b * ho * wo)) == "triton":
+            # The op's (B, Ho, Wo, O) output is returned as NCHW with channels-last strides, as
+            # the 1×1 path does (no transpose copy).
+            y = ops.conv2d(x, *ops.op_args(self.packed), list(self.kernel_size), list(self.stride),
+                           list(self.padding), list(self.dilation))
             return y.permute(0, 3, 1, 2)
         cols = F.unfold(x, (kh, kw), dilation=(dh, dw), padding=(ph, pw), stride=(sh, sw))
         y = super().forward(cols.transpose(1, 2))                # (B, Ho·Wo, O)
