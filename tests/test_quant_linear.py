@@ -172,6 +172,18 @@ def test_torch_compile_traces_the_op():
     assert torch.allclose(compiled(x), q(x), rtol=1e-5, atol=1e-5)
 
 
+def test_torch_compile_with_forced_backend(monkeypatch):
+    # A forced backend used to break fullgraph tracing: the eager dispatch reads bitfuse._C, which
+    # dynamo cannot trace. Under compile the op chooses the backend itself.
+    monkeypatch.setenv("BITFUSE_BACKEND", "triton")  # runs in the interpreter on CPU (conftest)
+    lin = linear_from(heavy_tailed(64, 64))
+    q = QuantLinear.from_linear(lin, QuantConfig(bits=4, group_size=32))
+    x = torch.randn(3, 64)
+    torch._dynamo.reset()
+    compiled = torch.compile(q, backend="aot_eager", fullgraph=True)
+    assert torch.allclose(compiled(x), q(x), rtol=1e-5, atol=1e-5)
+
+
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 

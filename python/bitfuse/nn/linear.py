@@ -113,7 +113,10 @@ class QuantLinear(nn.Module):
             raise ValueError(f"QuantLinear input is on {x.device} but the layer is on {self.qweight.device}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        backend = select_backend(x.device, linear_op(x2.shape[0]))
+        # Under torch.compile the op picks its backend itself: select_backend reads the environment
+        # and bitfuse._C, which dynamo cannot trace, and the op is opaque to dynamo anyway.
+        compiling = torch.compiler.is_compiling()
+        backend = None if compiling else select_backend(x.device, linear_op(x2.shape[0]))
         w = self._cached_weight() if backend == "torch" else None
         if w is not None:
             y = F.linear(x2.float(), w, None if self.bias is None else self.bias.float()).to(x.dtype)
