@@ -7,6 +7,8 @@ correlated activations that have outlier input channels (bitfuse.synthetic), and
 layers of a tiny diffusers UNet fed with its own captured activations. Calibration statistics
 come from one sample of activations; the output error is measured on a held-out sample from the
 same distribution: relative output error ‖(Ŵ−W)x‖² / ‖Wx‖², summed over layers.
+HQQ (hqq.core.quantize.Quantizer, data-free) is added at 2/3/4 bits g64/g128 when the package is
+installed; the script says "HQQ not installed" and runs without it otherwise.
 Writes quality.json, quality.md and quality.png. CPU only; a few minutes.
 """
 
@@ -43,13 +45,42 @@ BITFUSE = [
 ]
 
 
-def hqq_recipes():
-    """HQQ baselines if the package is installed (it is not a dependency)."""
+HQQ_VERSION = "0.2.8.post1"
+
+
+def hqq_quantizer():
+    """HQQ's core quantizer (hqq.core.quantize.Quantizer), or None when the package is absent.
+
+    HQQ is not a bitfuse dependency, and not in the `bench` extra: its sdist pulls accelerate and
+    transformers, and its setup.py shells out to build CUDA kernels unless DISABLE_CUDA=1. Install
+    it by hand: DISABLE_CUDA=1 pip install hqq==0.2.8.post1."""
     try:
-        from hqq.core.quantize import Quantizer  # noqa: F401
-    except Exception:  # noqa: BLE001
+        from hqq.core.quantize import Quantizer
+    except Exception:  # noqa: BLE001 - any import failure means "no HQQ baseline"
         return None
-    return True
+    return Quantizer
+
+
+def hqq_dequantize(quantizer, w: torch.Tensor, bits: int, group_size: int):
+    """HQQ-quantized weight and its effective bpw, counted as bitfuse counts its own.
+
+    HQQ's half-quadratic solver (its default, optimize=True) fits each group's zero point with a
+    proximal L_p (p = 0.7) objective on the weights alone, data-free. Groups run along the input
+    dimension (axis=1), as bitfuse's do. Scale and zero are then rounded to fp16, the precision
+    HQQLinear stores them in, so the dequantized weight is what an fp16 deployment would see.
+    K is padded to a multiple of the group by repeating the row's first columns (padding with
+    zeros would pull the zero-point fit towards 0), and the padded codes are counted, exactly
+    as bitfuse counts its own padding: bpw = (bits·k_pad + 32·k_pad/g) / K (code bits + fp16
+    scale + fp16 zero per group)."""
+    n, k = w.shape
+    kp = -(-k // group_size) * group_size
+    wp = w if kp == k else torch.cat([w, w.repeat(1, -(-kp // k))[:, : kp - k]], dim=1)
+    q, meta = quantizer.quantize(wp.float().contiguous(), nbits=bits, group_size=group_size, axis=1,
+                                 optimize=True, bitpack=False, device="cpu")
+    scale, zero = meta["scale"].half().float(), meta["zero"].half().float()
+    what = ((q.float() - zero) * scale).reshape(n, kp)[:, :k]
+    bpw = (bits * kp + 32 * kp // group_size) / k
+    return what, bpw
 
 
 def synthetic_layers(quick: bool):
@@ -79,22 +110,40 @@ def unet_layers():
             yield f"unet.{n}", m.weight.detach().clone(), calib, held
 
 
-def evaluate(layers, recipes) -> List[dict]:
+def hqq_recipes(quantizer):
+    """HQQ 2/3/4-bit at g64 and g128 (data-free, like RTN), or [] when HQQ is not installed."""
+    if quantizer is None:
+        return []
+    return [(f"HQQ W{b} g{g}", dict(bits=b, group_size=g), HQQ, False) for b in (2, 3, 4) for g in (64, 128)]
+
+
+HQQ = "hqq"  # marks a recipe quantized by HQQ instead of bitfuse.calibrate
+
+
+def evaluate(layers, recipes, quantizer=None) -> List[dict]:
     out = []
     totals = {name: [0.0, 0.0, 0.0, 0.0] for name, *_ in recipes}  # err, ref, bits, weights
     for lname, w, calib, held in layers:
         ref = (held @ w.t()).square().sum()
         for name, cfg, kw, uses_act in recipes:
-            pw = calibrate(w, QuantConfig(**cfg), activations=calib if uses_act else None, **kw)
-            err = (held @ (reference.dequantize(pw) - w).t()).square().sum()
+            if kw == HQQ:
+                what, bpw = hqq_dequantize(quantizer, w, cfg["bits"], cfg["group_size"])
+            else:
+                pw = calibrate(w, QuantConfig(**cfg), activations=calib if uses_act else None, **kw)
+                what, bpw = reference.dequantize(pw), pw.bpw
+            err = (held @ (what - w).t()).square().sum()
             t = totals[name]
             t[0] += float(err)
             t[1] += float(ref)
-            t[2] += pw.bpw * w.numel()
+            t[2] += bpw * w.numel()
             t[3] += w.numel()
     for name, (err, ref, bits, n) in totals.items():
         out.append({"recipe": name, "bpw": bits / n, "output_rel_err": err / ref})
     return out
+
+
+def baseline(name: str) -> bool:
+    return name.startswith(("RTN", "HQQ"))
 
 
 def main(argv=None) -> int:
@@ -102,19 +151,29 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=os.path.join("benchmarks", "results", "cpu"))
     args = p.parse_args(argv)
-    recipes = RTN + BITFUSE
+    quantizer = hqq_quantizer()
+    if quantizer is None:
+        print("HQQ not installed: no HQQ baseline (DISABLE_CUDA=1 pip install hqq==%s)" % HQQ_VERSION)
+        hqq_env = "not installed"
+    else:
+        import importlib.metadata as md
+        hqq_env = f"hqq {md.version('hqq')} (data-free half-quadratic solver, fp16 scale and zero)"
+    recipes = RTN + hqq_recipes(quantizer) + BITFUSE
     t0 = time.perf_counter()
-    suites = {"synthetic": evaluate(list(synthetic_layers(args.quick)), recipes),
-              "tiny-unet": evaluate(list(unet_layers()), recipes)}
+    suites = {"synthetic": evaluate(list(synthetic_layers(args.quick)), recipes, quantizer),
+              "tiny-unet": evaluate(list(unet_layers()), recipes, quantizer)}
     env = {"bitfuse": bitfuse.__version__, "torch": torch.__version__, "python": platform.python_version(),
-           "device": "cpu", "seconds": time.perf_counter() - t0, "hqq": "not installed" if hqq_recipes() is None else "installed (not yet wired)"}
+           "device": "cpu", "seconds": time.perf_counter() - t0, "hqq": hqq_env}
     verdict = {}
     for suite, rows in suites.items():
         rtn4 = next(r for r in rows if r["recipe"] == "RTN W4 g128")
-        best = min((r for r in rows if r["bpw"] <= 3.3 and not r["recipe"].startswith("RTN")),
+        hqq4 = next((r for r in rows if r["recipe"] == "HQQ W4 g128"), None)
+        best = min((r for r in rows if r["bpw"] <= 3.3 and not baseline(r["recipe"])),
                    key=lambda r: r["output_rel_err"], default=None)
-        verdict[suite] = {"rtn_w4g128": rtn4, "best_at_most_3.3bpw": best,
-                          "target_met": bool(best and best["output_rel_err"] <= rtn4["output_rel_err"])}
+        verdict[suite] = {"rtn_w4g128": rtn4, "hqq_w4g128": hqq4, "best_at_most_3.3bpw": best,
+                          "target_met": bool(best and best["output_rel_err"] <= rtn4["output_rel_err"]),
+                          "beats_hqq_w4g128": None if hqq4 is None or best is None
+                          else bool(best["output_rel_err"] <= hqq4["output_rel_err"])}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "quality.json"), "w") as f:
         json.dump({"environment": env, "suites": suites, "target": verdict}, f, indent=1)
@@ -130,7 +189,12 @@ def main(argv=None) -> int:
             lines += ["", f"Target (best bitfuse recipe at ≤ 3.3 bpw has output error ≤ RTN W4 g128): "
                           f"**{'met' if v['target_met'] else 'NOT met'}**: {v['best_at_most_3.3bpw']['recipe']} "
                           f"{v['best_at_most_3.3bpw']['output_rel_err']:.5f} at {v['best_at_most_3.3bpw']['bpw']:.3f} bpw "
-                          f"vs {v['rtn_w4g128']['output_rel_err']:.5f} at {v['rtn_w4g128']['bpw']:.3f} bpw.", ""]
+                          f"vs {v['rtn_w4g128']['output_rel_err']:.5f} at {v['rtn_w4g128']['bpw']:.3f} bpw."]
+            if v["hqq_w4g128"]:
+                h = v["hqq_w4g128"]
+                lines += ["", f"Against HQQ W4 g128 ({h['output_rel_err']:.5f} at {h['bpw']:.3f} bpw): "
+                              f"**{'lower' if v['beats_hqq_w4g128'] else 'NOT lower'}**."]
+            lines += [""]
     with open(os.path.join(args.out, "quality.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     try:
@@ -140,10 +204,18 @@ def main(argv=None) -> int:
 
         fig, axes = plt.subplots(1, len(suites), figsize=(6 * len(suites), 4.5), squeeze=False)
         for ax, (suite, rows) in zip(axes[0], suites.items()):
+            # baselines as curves over bits (one per method and group size), bitfuse recipes as points
+            for method, color in (("RTN", "gray"), ("HQQ", "C3")):
+                for g, style in ((64, "--"), (128, "-")):
+                    pts = sorted((r["bpw"], r["output_rel_err"]) for r in rows
+                                 if r["recipe"].startswith(method) and r["recipe"].endswith(f"g{g}"))
+                    if pts:
+                        ax.plot(*zip(*pts), style, marker="x", color=color, label=f"{method} g{g}")
             for r in rows:
-                rtn = r["recipe"].startswith("RTN")
-                ax.scatter(r["bpw"], r["output_rel_err"], marker="x" if rtn else "o", color="gray" if rtn else "C0")
-                ax.annotate(r["recipe"], (r["bpw"], r["output_rel_err"]), fontsize=6)
+                if not baseline(r["recipe"]):
+                    ax.scatter(r["bpw"], r["output_rel_err"], marker="o", color="C0")
+                    ax.annotate(r["recipe"], (r["bpw"], r["output_rel_err"]), fontsize=6)
+            ax.legend(fontsize=7)
             ax.set_yscale("log")
             ax.set_xlabel("effective bits per weight")
             ax.set_ylabel("relative output error (held-out)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import time
@@ -9,6 +10,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 import torch.nn as nn
 
+from .calibrate import calibrate
 from .calibrate.report import layer_report, write_report
 from .config import QuantConfig
 from .nn import QuantConv2d, QuantLinear, conv_unsupported_reason
@@ -61,8 +63,10 @@ def quantize_(
     calib_data, if given, maps a layer's fully qualified name to its calibration activations
     (a tensor whose last dim is the layer's in_features, or the ActivationStats that
     bitfuse.calibrate.collect() returns). Layers too small to gain are skipped with a log line.
-    calib_options are keyword arguments for calibrate() (method, residual_rounds,
-    lowrank_iters). progress: a tqdm bar over layers (None: only on a terminal). report: a list
+    calib_options are keyword arguments for calibrate(): method ("search" | "rtn"),
+    residual_rounds, lowrank_iters, outlier_rule ("auto" | "magnitude" | "act_norm" |
+    "sensitivity" | "measured") and kurtosis_smoothing (None or SmoothQuant's α; needs
+    activations); docs/CALIBRATION.md says what each was measured to do. progress: a tqdm bar over layers (None: only on a terminal). report: a list
     to append one dict per quantized layer to (bits, bpw, weight/output error, seconds), or a
     path to write them to as JSON. Returns the model.
     """
@@ -71,6 +75,11 @@ def quantize_(
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a bitfuse.QuantConfig, got {type(config).__name__}")
     calib_data = dict(calib_data or {})
+    calib_options = dict(calib_options or {})
+    allowed = [p.name for p in inspect.signature(calibrate).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    bad = sorted(set(calib_options) - set(allowed))
+    if bad:
+        raise ValueError(f"calib_options has unknown keys {bad}; calibrate() takes {allowed}")
     kinds = (nn.Linear, nn.Conv2d) if config.convs else (nn.Linear,)
     layers = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, kinds)]
     unknown = set(calib_data) - {fqn for fqn, _ in layers}
@@ -94,11 +103,11 @@ def quantize_(
                 continue
             start = time.perf_counter()
             q = QuantConv2d.from_conv(layer, config, activations=calib_data.get(fqn),
-                                      **dict(calib_options or {}))
+                                      **calib_options)
         else:
             start = time.perf_counter()
             q = QuantLinear.from_linear(layer, config, activations=calib_data.get(fqn),
-                                        **dict(calib_options or {}))
+                                        **calib_options)
         seconds = time.perf_counter() - start
         if report is not None:
             rows.append(layer_report(layer.weight.detach(), q.packed, calib_data.get(fqn), seconds, fqn))

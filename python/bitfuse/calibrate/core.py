@@ -1,9 +1,11 @@
 """calibrate(): an nn.Linear weight + QuantConfig -> PackedWeight, producing every branch.
 
 Order of the steps, and why:
-  1. outliers are chosen first (by |w| × input-channel RMS when activations are given) and taken
-     out, so they neither stretch the dense ranges nor count in its error;
-  2. every channel is quantized at each width of mixed_bits, its error measured (the output
+  1. outliers are chosen first (with activations: greedily, by the measured drop in the group's
+     activation-weighted error; data-free: by |w|; outliers.py) and taken out, so they neither
+     stretch the dense ranges nor count in its error;
+  2. channels are ranked by kurtosis (optionally of the SmoothQuant-smoothed weight); every
+     channel is quantized at each width of mixed_bits, its error measured (the output
      error tr(E·H·Eᵀ) when activations are given), and the bit-class split with the least error
      under the avg_bits budget is kept (mixed.py); rows are permuted per class;
   3. each group's range is searched (search.py; method="rtn" keeps plain min/max);
@@ -30,8 +32,8 @@ from ..format import PackedWeight
 from ..targets import resolve_target
 from .errors import CalibrationError
 from .lowrank import lowrank_from_error
-from .mixed import choose_split, classes_for_split, kurtosis
-from .outliers import select_outliers
+from .mixed import choose_split, classes_for_split, kurtosis, smooth_for_ranking
+from .outliers import resolve_rule, select_outliers
 from .residual import fit_residual, refit_with_residual, residual_values
 from .rtn import FP16_MAX, group_view
 from .search import quantize
@@ -119,6 +121,8 @@ def calibrate(
     method: str = "search",
     residual_rounds: Optional[int] = None,
     lowrank_iters: int = 1,
+    outlier_rule: str = "auto",
+    kurtosis_smoothing: Optional[float] = None,
 ) -> PackedWeight:
     """Quantize one (out, in) weight into a PackedWeight with every branch `config` asks for.
 
@@ -129,6 +133,13 @@ def calibrate(
         with "search", 0 with "rtn").
     lowrank_iters: 1 = one SVD of the error; more = requantize against W − L and redo the SVD
         (SVDQuant style), keeping the best round.
+    outlier_rule: how config.outliers are chosen (outliers.py): "auto" (default: "measured"
+        with activations, "magnitude" without), "magnitude", "act_norm", "sensitivity",
+        "measured".
+    kurtosis_smoothing: None (rank channels for mixed_bits by the kurtosis of W's rows) or α in
+        [0, 1]: rank them by the kurtosis of the SmoothQuant-smoothed W·diag(s),
+        s_j = max|x_j|^α / max_i|w_ij|^(1−α) (mixed.smooth_for_ranking). Only the ranking
+        changes; it needs activations and is ignored (with a log line) without them.
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a bitfuse.QuantConfig, got {type(config).__name__}")
@@ -140,7 +151,13 @@ def calibrate(
         raise ValueError(f"residual_rounds must be an int >= 0, got {residual_rounds!r}")
     if not isinstance(lowrank_iters, int) or lowrank_iters < 1:
         raise ValueError(f"lowrank_iters must be an int >= 1, got {lowrank_iters!r}")
+    if kurtosis_smoothing is not None and (
+            isinstance(kurtosis_smoothing, bool) or not isinstance(kurtosis_smoothing, (int, float))
+            or not 0.0 <= float(kurtosis_smoothing) <= 1.0):
+        raise ValueError(f"kurtosis_smoothing must be None or a number in [0, 1] (SmoothQuant's α), "
+                         f"got {kurtosis_smoothing!r}")
     w = _check_weight(weight)
+    outlier_rule = resolve_rule(outlier_rule, activations is not None)
     n, k = w.shape
     g = config.group_size
     kp = pack.padded_k(k, g)
@@ -159,7 +176,9 @@ def calibrate(
     )
 
     # 1. outliers out of the dense part.
-    out_mask = select_outliers(w, config.outliers, stats.channel_norm() if stats is not None else None)
+    out_mask = select_outliers(w, config.outliers, stats.channel_norm() if stats is not None else None,
+                               rule=outlier_rule, bits=config.bits, group_size=g, method=method,
+                               col_weight=ctx.col_weight)
     valid = torch.zeros(n, kp, dtype=torch.bool, device=w.device)
     valid[:, :k] = ~out_mask
 
@@ -168,7 +187,12 @@ def calibrate(
     cache = {}
     if config.mixed_bits:
         wp = _pad(w, kp)
-        kurt = kurtosis(wp, valid)
+        if kurtosis_smoothing is not None and stats is not None:
+            kurt = kurtosis(smooth_for_ranking(wp, valid, stats.channel_max(), float(kurtosis_smoothing)), valid)
+        else:
+            if kurtosis_smoothing is not None:
+                log.info("kurtosis_smoothing needs activations; ranking by raw kurtosis")
+            kurt = kurtosis(wp, valid)
         row_err = {}
         for b in config.mixed_bits:
             cache[b] = quantize(wp, valid, b, g, method, ctx.col_weight)

@@ -42,6 +42,27 @@ def kurtosis(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(var > 0, k4 / var.square().clamp_min(1e-30), torch.zeros_like(var))
 
 
+def smooth_for_ranking(w: torch.Tensor, mask: torch.Tensor, x_max: torch.Tensor, alpha: float) -> torch.Tensor:
+    """W·diag(s) with SmoothQuant's per-input-channel scales s_j = max|x_j|^α / max_i|w_ij|^(1−α).
+
+    SmoothQuant moves activation outliers into the weights with these scales; here the smoothed
+    weight is only *looked at*: its row kurtosis ranks the channels, so an output channel whose
+    large weights meet large activations ranks as salient, and one whose spikes sit on input
+    channels that barely move does not. The quantized weight is W itself. α = 0 gives columns
+    normalised by their max |w| (no activation information), α = 1 weighs columns by max|x_j|.
+    w (N, k_pad), mask (N, k_pad) real non-outlier entries, x_max (K,) with K ≤ k_pad.
+    """
+    k = x_max.numel()
+    xm = torch.ones(w.shape[1], device=w.device)
+    xm[:k] = x_max.float().to(w.device)
+    wmax = (w.abs() * mask).amax(dim=0)
+    # Columns with no activation or no weight keep scale 0: they carry nothing to rank by.
+    ok = (xm > 0) & (wmax > 0)
+    s = torch.where(ok, xm.clamp_min(1e-30).pow(alpha) / wmax.clamp_min(1e-30).pow(1.0 - alpha),
+                    torch.zeros_like(xm))
+    return w * s.unsqueeze(0)
+
+
 def side_widths(bits: int, mixed_bits: Tuple[int, ...]) -> Tuple[int, int]:
     """(hi, lo) code widths of the extra classes; 0 where that side does not exist."""
     hi = max(mixed_bits) if max(mixed_bits) > bits else 0

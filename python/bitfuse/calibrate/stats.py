@@ -15,7 +15,7 @@ from .errors import CalibrationError
 
 
 class ActivationStats:
-    """Running XᵀX (optional) and Σx² per input channel of one layer's inputs.
+    """Running XᵀX (optional), Σx² and max |x| per input channel of one layer's inputs.
 
     full=False keeps only the diagonal (K values instead of K²), for very wide layers; the steps
     that need the full matrix (activation-aware SVD, row errors) then fall back to the diagonal.
@@ -27,6 +27,8 @@ class ActivationStats:
         self.in_features = in_features
         self.xtx = torch.zeros(in_features, in_features, dtype=torch.float64, device=device) if full else None
         self.sq_sum = torch.zeros(in_features, dtype=torch.float64, device=device)
+        # per-channel max |x|: SmoothQuant-style smoothing of the mixed-precision ranking uses it
+        self.abs_max = torch.zeros(in_features, dtype=torch.float32, device=device)
         self.count = 0
 
     @torch.no_grad()
@@ -44,6 +46,7 @@ class ActivationStats:
         if self.xtx is not None:
             self.xtx += (a.t() @ a).to(dev, torch.float64)
         self.sq_sum += a.square().sum(dim=0).to(dev, torch.float64)
+        self.abs_max = torch.maximum(self.abs_max, a.abs().amax(dim=0).to(dev))
         self.count += a.shape[0]
         return self
 
@@ -59,6 +62,7 @@ class ActivationStats:
         else:
             self.xtx = None
         self.sq_sum += other.sq_sum.to(self.sq_sum.device)
+        self.abs_max = torch.maximum(self.abs_max, other.abs_max.to(self.abs_max.device))
         self.count += other.count
         return self
 
@@ -77,8 +81,13 @@ class ActivationStats:
         """Per-input-channel RMS (K,) fp32."""
         return self.mean_square().sqrt()
 
+    def channel_max(self) -> torch.Tensor:
+        """Per-input-channel max |x| (K,) fp32."""
+        return self.abs_max.float()
+
     def state_dict(self) -> dict:
-        return {"in_features": self.in_features, "xtx": self.xtx, "sq_sum": self.sq_sum, "count": self.count}
+        return {"in_features": self.in_features, "xtx": self.xtx, "sq_sum": self.sq_sum,
+                "abs_max": self.abs_max, "count": self.count}
 
     def __repr__(self) -> str:
         return (f"ActivationStats(in_features={self.in_features}, rows={self.count}, "
