@@ -1,6 +1,7 @@
 """Layer 5 (GPU machines only, `pytest -m gpu`): the CUDA backend against the torch reference."""
 
 import copy
+import functools
 import itertools
 
 import pytest
@@ -58,7 +59,8 @@ def test_cuda_linear_matches_reference(m, dtype):
     y_ref = reference.linear(x, q.packed)
     y = q.cuda()(x.cuda()).cpu()
     W = q.dequantize().abs()
-    # the CUDA path rounds Ŵ to x's dtype, then cuBLAS multiplies with fp32 accumulation.
+    # the CUDA path rounds Ŵ to x's dtype for the tensor cores (the GEMM, M > 8; the GEMV keeps
+    # it exact), with fp32 accumulation.
     bound = matmul_bound(x.float(), [W], dtype, y_ref=y_ref, operand_dtype=dtype)
     assert_within(y, y_ref, bound, f"cuda linear M={m} {dtype}")
 
@@ -132,3 +134,106 @@ def test_cuda_linear_uses_gemv_for_small_m(monkeypatch):
     for m in (1, 8, 9):
         bc.linear(torch.randn(m, 512, dtype=torch.float16, device="cuda"), q.packed)
     assert calls == [1, 8]
+
+
+# ---- the fused CUDA tensor-core GEMM (csrc/cuda/gemm.cu), M > 8 ----------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _gemm_layer(bits, name, n, k, g):
+    kw = dict(GEMV_CONFIGS[name])
+    if "mixed_bits" in kw and bits != 3:
+        kw["mixed_bits"] = (2, 3) if bits == 2 else (3, 4)
+    lin = linear_from(heavy_tailed(n, k, seed=bits + n + k))
+    lin.bias = torch.nn.Parameter(torch.randn(n) * 0.1)
+    q = QuantLinear.from_linear(lin, QuantConfig(bits=bits, group_size=g, **kw))
+    return q, copy.deepcopy(q).cuda()  # Module.cuda() moves in place: keep q on the CPU
+
+
+def _check_gemm(q, qc, x, what, rows=None):
+    """backend_cuda.gemm on x (CUDA, fp16/bf16) vs the fp32 reference on the CPU, on `rows` of x
+    (rows of a GEMM are independent: a large M is checked on a sample)."""
+    from _tolerance import branch_magnitudes
+    from bitfuse.backend_cuda import gemm
+
+    y = gemm(x, qc.packed).float().cpu()
+    assert bool(torch.isfinite(y).all()), what
+    xs = x.cpu() if rows is None else x.cpu()[rows]
+    ys = y if rows is None else y[rows]
+    y_ref = reference.linear(xs.float(), q.packed)  # fp32, before the cast
+    # Ŵ is the reference's fp32 value rounded once to x's dtype for the tensor cores (operand
+    # bound), products exact, fp32 accumulation in another order, one cast of y.
+    bound = matmul_bound(xs.float(), branch_magnitudes(q), x.dtype, y_ref=y_ref,
+                         operand_dtype=x.dtype, bias=q.packed.bias)
+    assert_within(ys, y_ref, bound, what)
+    return y
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("name", list(GEMV_CONFIGS))
+@pytest.mark.parametrize("n,k,g", [(257, 200, 32), (1088, 1000, 64), (96, 4103, 128), (48, 33, 32)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_gemm_matches_reference(bits, name, n, k, g, dtype):
+    """M in {16, 17, 64, 255, 1024} (small and large tiles, masked M, odd K and N) vs the reference."""
+    _cuda_ready()
+    q, qc = _gemm_layer(bits, name, n, k, g)
+    for m in (16, 17, 64, 255, 1024):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype).cuda()
+        _check_gemm(q, qc, x, f"cuda gemm {bits}b {name} {n}x{k} g{g} M={m} {dtype}")
+
+
+@pytest.mark.parametrize("bits,name", [(4, "all"), (3, "mixed"), (2, "residual")])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_gemm_large_m(bits, name, dtype):
+    """M = 8192 (many M tiles): every row finite, a sample of rows (first, last, random) exact."""
+    _cuda_ready()
+    q, qc = _gemm_layer(bits, name, 1088, 1000, 64)
+    x = torch.randn(8192, 1000, generator=torch.Generator().manual_seed(1)).to(dtype).cuda()
+    rows = torch.cat([torch.arange(70), torch.arange(8192 - 70, 8192),
+                      torch.randperm(8192, generator=torch.Generator().manual_seed(2))[:200]])
+    _check_gemm(q, qc, x, f"cuda gemm M=8192 {bits}b {name} {dtype}", rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_gemm_deterministic_and_unaligned_x(dtype):
+    """Repeated calls are bit-identical (split-K is summed in a fixed order); x views that are not
+    16-byte aligned, and an odd K, go through the padded copy and give the same result."""
+    _cuda_ready()
+    from bitfuse.backend_cuda import gemm
+
+    q, qc = _gemm_layer(4, "all", 512, 1024, 128)
+    buf = torch.randn(40 * 1024 + 1, dtype=dtype, device="cuda")
+    x_aligned = buf[: 40 * 1024].view(40, 1024)
+    x_odd = buf[1:].view(40, 1024)
+    for x in (x_aligned, x_odd):
+        ys = [gemm(x, qc.packed) for _ in range(3)]
+        assert all(torch.equal(ys[0], y) for y in ys[1:]), "the GEMM is not deterministic"
+        _check_gemm(q, qc, x, f"gemm x offset {x.storage_offset()}")
+    assert torch.equal(gemm(x_odd.clone(), qc.packed), gemm(x_odd, qc.packed))
+    q2, qc2 = _gemm_layer(3, "mixed", 130, 1001, 64)  # K % 8 != 0: the padded path
+    _check_gemm(q2, qc2, torch.randn(33, 1001, dtype=dtype, device="cuda"), "gemm odd K")
+
+
+def test_cuda_linear_uses_gemm_above_8(monkeypatch):
+    _cuda_ready()
+    import bitfuse.backend_cuda as bc
+
+    calls = []
+    real = bc.gemm
+    monkeypatch.setattr(bc, "gemm", lambda x, pw: calls.append(x.shape[0]) or real(x, pw))
+    q = QuantLinear.from_linear(linear_from(heavy_tailed(256, 512, seed=5)), QuantConfig(bits=4)).cuda()
+    for m in (8, 9, 16, 300):
+        bc.linear(torch.randn(m, 512, dtype=torch.float16, device="cuda"), q.packed)
+    assert calls == [9, 16, 300]
+
+
+@pytest.mark.parametrize("m,k", [(9, 77), (70, 333), (130, 2051)])
+def test_cuda_gemm_sanitizer_subset(m, k):
+    """A representative subset for `compute-sanitizer --tool memcheck` (scripts/gpu_session.sh):
+    mixed classes, residual, low-rank, sparse, bias; M masked in the small and large tiles, K ends
+    inside a run, fp16 and bf16."""
+    _cuda_ready()
+    q, qc = _gemm_layer(3, "all", 200, k, 64)
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype).cuda()
+        _check_gemm(q, qc, x, f"sanitizer subset m={m} k={k} {dtype}")
+    torch.cuda.synchronize()

@@ -31,10 +31,10 @@ def test_triton_matches_cpu(name, dtype):
     y = khbp.hbp_spmm(arrays, x, h.shape, h.tile_shape[1])
     tol = 1e-3 if dtype == torch.float16 else (1e-5 if dtype == torch.float32 else 1e-12)
     torch.testing.assert_close(y, want, rtol=tol, atol=tol)
-    tickets = int(arrays["_counter"])
+    tickets = int(arrays["_triton_counter"])
     y2 = khbp.hbp_spmm(arrays, x, h.shape, h.tile_shape[1])
     assert torch.equal(y, y2)  # repeated calls identical
-    assert int(arrays["_counter"]) == tickets  # the counter restarts from 0 on every call
+    assert int(arrays["_triton_counter"]) == tickets  # the counter restarts from 0 on every call
     programs = khbp._programs(x.device, h.n_tiles)
     per = int(khbp.FIXED_FRACTION * h.n_tiles) // programs
     assert tickets == h.n_tiles - per * programs + programs  # one failing ticket per program

@@ -104,7 +104,7 @@ def test_nbytes_and_padding_are_honest():
     assert h.nbytes == sum(h.layout[k].nbytes for k in
                            ("tile_coords", "tile_group_ptr", "tile_order", "tile_work",
                             "group_offset", "group_width", "group_rows", "group_slot", "cols",
-                            "values", "multi_rows", "multi_ptr"))
+                            "values", "multi_rows", "multi_ptr", "empty_rows"))
     assert h.stored >= h.nnz and h.stored < 1.5 * h.nnz  # long hub rows are split, not padded
 
 
@@ -143,6 +143,15 @@ def test_x_mismatch_errors():
     y = h @ np.ones(n, np.float32)  # numpy in, numpy out
     assert isinstance(y, np.ndarray) and y.shape == (h.shape[0],)
     assert (h @ torch.zeros(n, 0)).shape == (h.shape[0], 0)
+
+
+def test_cuda_device_without_index_means_the_current_one(monkeypatch):
+    """H built for "cuda" must accept x.device ("cuda:N" always carries its index)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    h = HBPMatrix.from_scipy(SUITE["uniform"], dtype=np.float32, device="cuda", smem_bytes=48 << 10)
+    assert h.device == torch.device("cuda:1")
+    assert h.to("cuda") is h and h.to("cuda:1") is h and h.to("cuda:0") is not h
 
 
 def test_from_csr_bad_input():

@@ -24,6 +24,8 @@ namespace host {
 void register_host_ops(py::module_& m);  // host_ops.cpp
 void register_hbp_ops(py::module_& m);   // hbp_py.cpp (HBP sparse format, docs/HBP.md)
 void register_gemv_host_ops(py::module_& m);  // gemv_host.cpp (GEMV bit math + CPU twin)
+void register_gemm_host_ops(py::module_& m);  // gemm_host.cpp (GEMM CPU twin)
+void register_hbp_kernel_ops(py::module_& m);  // hbp_kernels_py.cpp (HBP/CSR GPU products)
 }
 
 namespace {
@@ -188,6 +190,74 @@ void gemv_cuda(std::uintptr_t x, std::uintptr_t out, std::uintptr_t qweight, std
 #endif
 }
 
+void gemm_cuda(std::uintptr_t x, std::int64_t lda, std::uintptr_t out, std::uintptr_t qweight,
+               std::uintptr_t scales, std::uintptr_t zeros, std::uintptr_t perm,
+               std::uintptr_t res_index, std::uintptr_t res_plane, std::uintptr_t res_alpha, int nr,
+               std::uintptr_t t, std::uintptr_t lr_up, std::uintptr_t extra, std::uintptr_t bias,
+               const std::vector<int>& class_bits, const std::vector<int>& class_rows, int m,
+               int n, int k, int k_pad, int group_size, int r, int dtype, std::uintptr_t stream) {
+#ifndef BITFUSE_WITH_CUDA
+  (void)x, (void)lda, (void)out, (void)qweight, (void)scales, (void)zeros, (void)perm,
+      (void)res_index, (void)res_plane, (void)res_alpha, (void)nr, (void)t, (void)lr_up,
+      (void)extra, (void)bias, (void)class_bits, (void)class_rows, (void)m, (void)n, (void)k,
+      (void)k_pad, (void)group_size, (void)r, (void)dtype, (void)stream;
+  throw std::runtime_error(
+      "bitfuse._C was built without CUDA (BITFUSE_CUDA=0, or no nvcc was found at build time); "
+      "reinstall with nvcc available (BITFUSE_CUDA=1 makes a missing nvcc a build error)");
+#else
+  const char* who = "bitfuse gemm_cuda";
+  const ClassTable table = host::make_class_table(class_bits, class_rows, n, k, k_pad, group_size);
+  if (m < 1) host::fail(std::string(who) + ": m must be >= 1, got " + std::to_string(m));
+  if (dtype != 1 && dtype != 2)
+    host::fail(std::string(who) + ": dtype must be 1 (fp16) or 2 (bf16), got " + std::to_string(dtype));
+  if (lda < k || lda % 8)
+    host::fail(std::string(who) + ": lda (x row stride, elements) must be >= k and a multiple of 8 "
+               "(16-byte rows for cp.async), got lda=" + std::to_string(lda) + " for k=" +
+               std::to_string(k));
+  if (r < 0) host::fail(std::string(who) + ": r must be >= 0, got " + std::to_string(r));
+  auto need = [&](std::uintptr_t p, const char* name, std::uintptr_t align, bool required) {
+    check_ptr(who, p, name, align, required);
+  };
+  // x in 16-byte chunks; the fp16 per-group tensors are read as aligned 32-bit words.
+  need(x, "x_ptr", 16, true);
+  need(out, "out_ptr", 2, true);
+  need(qweight, "qweight_ptr", 4, true);
+  need(scales, "scales_ptr", 4, true);
+  need(zeros, "zeros_ptr", 4, true);
+  need(perm, "perm_ptr", 4, false);
+  const bool residual = res_index != 0;
+  need(res_index, "res_index_ptr", 4, false);
+  need(res_plane, "res_plane_ptr", 4, residual);
+  need(res_alpha, "res_alpha_ptr", 4, residual);
+  if (residual && nr < 1)
+    host::fail(std::string(who) + ": the residual branch needs nr (residual rows) >= 1");
+  const bool lowrank = t != 0 || lr_up != 0;
+  need(t, "t_ptr", 4, lowrank);
+  need(lr_up, "lr_up_ptr", 2, lowrank);
+  if (lowrank && r < 1) host::fail(std::string(who) + ": the low-rank branch needs r >= 1");
+  need(extra, "extra_ptr", 4, false);
+  need(bias, "bias_ptr", 4, false);
+
+  gemm::Args a{};
+  a.classes = table;  // the class plan (tiles, 16-byte copies) is made per tile in gemm.cu
+  a.x = reinterpret_cast<const void*>(x);
+  a.lda = lda;
+  a.out = reinterpret_cast<void*>(out);
+  set_weight_pointers(a, qweight, scales, zeros, perm, residual, res_index, res_plane, res_alpha);
+  a.nr = residual ? nr : 0;
+  if (lowrank) {
+    a.t = reinterpret_cast<const float*>(t);
+    a.lr_up = reinterpret_cast<const uint16_t*>(lr_up);
+    a.r = r;
+  }
+  a.extra = reinterpret_cast<const float*>(extra);
+  a.bias = reinterpret_cast<const float*>(bias);
+  a.m = m, a.n = n, a.k = k, a.k_pad = k_pad, a.group_size = group_size;
+  const std::string err = cuda::gemm(a, dtype, stream);
+  if (!err.empty()) throw std::runtime_error(err);
+#endif
+}
+
 }  // namespace
 }  // namespace bitfuse
 
@@ -226,7 +296,22 @@ PYBIND11_MODULE(_C, m) {
         "(n, r) fp16; extra (m, n) fp32 (sparse branch, original order); bias (n) fp32. "
         "out = x·(Ŵ_b+R̂)ᵀ + t·lr_upᵀ + extra + bias through perm. Asynchronous on `stream`. "
         "RuntimeError when built without CUDA or when CUDA fails; ValueError for bad arguments.");
+  m.def("gemm_cuda", &gemm_cuda, py::arg("x_ptr"), py::arg("lda"), py::arg("out_ptr"),
+        py::arg("qweight_ptr"), py::arg("scales_ptr"), py::arg("zeros_ptr"), py::arg("perm_ptr"),
+        py::arg("res_index_ptr"), py::arg("res_plane_ptr"), py::arg("res_alpha_ptr"), py::arg("nr"),
+        py::arg("t_ptr"), py::arg("lr_up_ptr"), py::arg("extra_ptr"), py::arg("bias_ptr"),
+        py::arg("class_bits"), py::arg("class_rows"), py::arg("m"), py::arg("n"), py::arg("k"),
+        py::arg("k_pad"), py::arg("group_size"), py::arg("r"), py::arg("dtype"),
+        py::arg("stream"),
+        "Fused tensor-core GEMM on the GPU (csrc/cuda/gemm.cu), meant for m > 8 (any m >= 1 "
+        "works). As gemv_cuda, plus: x (m, lda) with lda >= k a multiple of 8 and x_ptr 16-byte "
+        "aligned (columns >= k are never read); scales/zeros/res_alpha 4-byte aligned; nr = rows "
+        "of res_plane. mma.sync m16n8k16 with fp32 accumulation; Ŵ is rounded to x's dtype for "
+        "the tensor cores. Asynchronous on `stream`. RuntimeError when built without CUDA or when "
+        "CUDA fails; ValueError for bad arguments.");
   host::register_host_ops(m);
   host::register_gemv_host_ops(m);
+  host::register_gemm_host_ops(m);
   host::register_hbp_ops(m);
+  host::register_hbp_kernel_ops(m);
 }

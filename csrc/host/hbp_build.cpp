@@ -231,6 +231,8 @@ Layout build(const int64_t* indptr, const Idx* indices, int64_t n_rows, int64_t 
     }
   }
   schedule(L);
+  for (int64_t r = 0; r < n_rows; ++r)
+    if (indptr[r + 1] == indptr[r]) L.empty_rows.push_back(int32_t(r));
   return L;
 }
 

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "bitfuse/hbp.h"
+#include "bitfuse/hbp_kernel.h"
 #include "checks.h"
 
 namespace py = pybind11;
@@ -198,12 +199,13 @@ py::dict build(const py::array& indptr_in, const py::array& indices_in, const py
   d["values"] = vals;
   d["multi_rows"] = to_numpy(L.multi_rows);
   d["multi_ptr"] = to_numpy(L.multi_ptr);
+  d["empty_rows"] = to_numpy(L.empty_rows);
   return d;
 }
 
 // Fetches layout[key] as a C-contiguous array of exactly dtype T and `size` elements.
 template <typename T>
-py::array_t<T> field(const py::dict& d, const char* key, int64_t size) {
+py::array_t<T, py::array::c_style> field(const py::dict& d, const char* key, int64_t size) {
   if (!d.contains(key)) fail(std::string("bitfuse hbp: layout has no '") + key + "'");
   py::array a = py::reinterpret_borrow<py::array>(py::array::ensure(d[key]));
   if (!a || !a.dtype().is(py::dtype::of<T>()))
@@ -215,83 +217,169 @@ py::array_t<T> field(const py::dict& d, const char* key, int64_t size) {
   return py::array_t<T, py::array::c_style>::ensure(a);
 }
 
-template <typename T> const T* ptr(const py::array_t<T, py::array::c_style>& a) { return a.data(); }
+// A layout checked for the products: every index the CPU twin or the CUDA kernel follows stays
+// inside its array (O(stored slots), once per product on the CPU, once per upload for CUDA).
+struct Checked {
+  int64_t n_rows, n_cols, tile_cols, n_tiles, n_groups, n_multi, n_slots, n_empty;
+  py::array_t<int32_t, py::array::c_style> tc, tgp, tord, grows, gslot, mrows, empty;
+  py::array_t<int64_t, py::array::c_style> goff, mptr, twork;
+  py::array_t<uint16_t, py::array::c_style> cols;
+  py::array vals;
 
-template <typename V, typename Acc>
-py::array_t<Acc> run_spmm(hbp::View<V> v, const py::array& x_in) {
-  if (x_in.ndim() != 2 || x_in.shape(0) != v.n_cols)
-    fail("bitfuse hbp: x must have shape (" + num(v.n_cols) + ", m), got ndim=" + num(x_in.ndim()));
+  // The layout part of the kernel arguments, as host pointers (for the CPU twin).
+  hbp::DeviceArgs args() const {
+    hbp::DeviceArgs a;
+    a.tile_order = tord.data(), a.tile_coords = tc.data(), a.tile_group_ptr = tgp.data();
+    a.tile_work = twork.data(), a.group_offset = goff.data(), a.group_rows = grows.data();
+    a.group_slot = gslot.data(), a.cols = cols.data(), a.values = vals.data();
+    a.multi_rows = mrows.data(), a.multi_ptr = mptr.data(), a.empty_rows = empty.data();
+    a.n_rows = n_rows, a.n_cols = n_cols, a.tile_cols = tile_cols, a.n_tiles = n_tiles;
+    a.n_multi = n_multi, a.n_empty = n_empty, a.n_slots = n_slots;
+    a.value_dtype = vals.itemsize() == 2 ? hbp::kF16 : vals.itemsize() == 4 ? hbp::kF32 : hbp::kF64;
+    return a;
+  }
+};
+
+Checked validate(const py::dict& d) {
+  Checked c;
+  c.n_rows = d["n_rows"].cast<int64_t>(), c.n_cols = d["n_cols"].cast<int64_t>();
+  c.tile_cols = d["tile_cols"].cast<int64_t>();
+  check_dims(c.n_rows, c.n_cols);
+  if (c.tile_cols < 1 || c.tile_cols > hbp::kMaxTileCols) fail("bitfuse hbp: bad tile_cols");
+  c.tgp = field<int32_t>(d, "tile_group_ptr", -1);
+  c.n_tiles = c.tgp.size() - 1;
+  if (c.n_tiles < 0) fail("bitfuse hbp: tile_group_ptr is empty");
+  c.tc = field<int32_t>(d, "tile_coords", 2 * c.n_tiles);
+  c.tord = field<int32_t>(d, "tile_order", c.n_tiles);
+  c.twork = field<int64_t>(d, "tile_work", c.n_tiles);
+  c.goff = field<int64_t>(d, "group_offset", -1);
+  c.n_groups = c.goff.size() - 1;
+  if (c.n_groups < 0) fail("bitfuse hbp: group_offset is empty");
+  c.grows = field<int32_t>(d, "group_rows", hbp::kGroup * c.n_groups);
+  c.gslot = field<int32_t>(d, "group_slot", hbp::kGroup * c.n_groups);
+  const int64_t stored = c.goff.data()[c.n_groups];
+  c.cols = field<uint16_t>(d, "cols", stored);
+  c.mrows = field<int32_t>(d, "multi_rows", -1);
+  c.n_multi = c.mrows.size();
+  c.mptr = field<int64_t>(d, "multi_ptr", c.n_multi + 1);
+  c.n_slots = c.mptr.data()[c.n_multi];
+  c.empty = field<int32_t>(d, "empty_rows", -1);
+  c.n_empty = c.empty.size();
+  const int32_t* tgp = c.tgp.data();
+  const int64_t* goff = c.goff.data();
+  std::vector<char> seen(size_t(c.n_tiles), 0);
+  for (int64_t i = 0; i < c.n_tiles; ++i) {
+    const int64_t t = c.tord.data()[i];
+    if (t < 0 || t >= c.n_tiles || seen[size_t(t)]++)
+      fail("bitfuse hbp: corrupt layout (tile_order is not a permutation of the tiles)");
+  }
+  if (goff[0] != 0) fail("bitfuse hbp: corrupt layout (group_offset[0] != 0)");
+  for (int64_t t = 0; t < c.n_tiles; ++t) {
+    const int64_t ct = c.tc.data()[2 * t + 1];
+    if (tgp[t] < 0 || tgp[t + 1] < tgp[t] || tgp[t + 1] > c.n_groups || ct < 0 ||
+        ct * c.tile_cols >= c.n_cols)
+      fail("bitfuse hbp: corrupt layout (tile " + num(t) + ")");
+    const int64_t width = hbp::tile_width(ct * c.tile_cols, c.tile_cols, c.n_cols);
+    for (int64_t g = tgp[t]; g < tgp[t + 1]; ++g) {
+      if (goff[g] < 0 || goff[g + 1] < goff[g] || goff[g] % hbp::kGroup || goff[g + 1] % hbp::kGroup ||
+          goff[g + 1] > stored)
+        fail("bitfuse hbp: corrupt layout (group_offset " + num(g) + ")");
+      for (int64_t e = goff[g]; e < goff[g + 1]; ++e) {
+        const uint16_t col = c.cols.data()[e];
+        if (col != hbp::kPadCol && int64_t(col) >= width)
+          fail("bitfuse hbp: corrupt layout (column " + num(col) + " outside its tile of width " +
+               num(width) + ")");
+      }
+    }
+  }
+  for (int64_t g = 0; g < c.n_groups; ++g) {
+    for (int l = 0; l < hbp::kGroup; ++l) {
+      const int64_t r = c.grows.data()[g * hbp::kGroup + l], s = c.gslot.data()[g * hbp::kGroup + l];
+      if (r < -1 || r >= c.n_rows || s < -1 || s >= c.n_slots)
+        fail("bitfuse hbp: corrupt layout (group " + num(g) + ")");
+    }
+  }
+  for (int64_t i = 0; i < c.n_multi; ++i)
+    if (c.mrows.data()[i] < 0 || c.mrows.data()[i] >= c.n_rows || c.mptr.data()[i] < 0 ||
+        c.mptr.data()[i + 1] < c.mptr.data()[i])
+      fail("bitfuse hbp: corrupt layout (multi row " + num(i) + ")");
+  if (c.mptr.data()[0] != 0) fail("bitfuse hbp: corrupt layout (multi_ptr[0] != 0)");
+  for (int64_t i = 0; i < c.n_empty; ++i)
+    if (c.empty.data()[i] < 0 || c.empty.data()[i] >= c.n_rows)
+      fail("bitfuse hbp: corrupt layout (empty_rows " + num(i) + ")");
+  c.vals = py::reinterpret_borrow<py::array>(py::array::ensure(d["values"]));
+  if (!c.vals || c.vals.size() != stored || c.vals.dtype().kind() != 'f' || c.vals.itemsize() == 16)
+    fail("bitfuse hbp: layout['values'] must be a float16/32/64 array of " + num(stored) + " elements");
+  c.vals = py::array::ensure(c.vals, py::array::c_style);
+  return c;
+}
+
+template <typename Acc>
+py::array_t<Acc> run_spmm(const Checked& c, const py::array& x_in, int64_t programs, int mt) {
+  if (x_in.ndim() != 2 || x_in.shape(0) != c.n_cols)
+    fail("bitfuse hbp: x must have shape (" + num(c.n_cols) + ", m), got ndim=" + num(x_in.ndim()));
   if (!x_in.dtype().is(py::dtype::of<Acc>()))
     throw py::type_error("bitfuse hbp: x must be " + std::string(py::str(py::dtype::of<Acc>())) +
                          " for these values, got " + std::string(py::str(x_in.dtype())));
   const auto x = py::array_t<Acc, py::array::c_style>::ensure(x_in);
   const int64_t m = x.shape(1);
-  py::array_t<Acc> y({py::ssize_t(v.n_rows), py::ssize_t(m)});
-  std::vector<Acc> partial(size_t(v.n_slots * m));
+  py::array_t<Acc> y({py::ssize_t(c.n_rows), py::ssize_t(m)});
   Acc* yp = y.mutable_data();
+  // Poison: the product must write every element itself (empty rows included), as on the GPU.
+  std::fill(yp, yp + c.n_rows * m, std::numeric_limits<Acc>::quiet_NaN());
+  std::vector<Acc> partial(size_t(std::max<int64_t>(1, c.n_slots * m)));
+  hbp::DeviceArgs a = c.args();
+  a.x = x.data(), a.x_stride_c = m, a.x_stride_j = 1;
+  a.y = yp, a.y_stride_r = m, a.y_stride_j = 1;
+  a.partial = partial.data(), a.m = m;
+  a.x_dtype = a.y_dtype = sizeof(Acc) == 8 ? hbp::kF64 : hbp::kF32;  // fp16 values: fp32 x (exact)
+  a.stage_cols = c.tile_cols;  // stage wherever it pays, as the GPU would with enough memory
   py::gil_scoped_release nogil;
-  hbp::spmm_host<V, Acc>(v, x.data(), m, yp, partial.data());
+  hbp::kernel_twin(a, programs, 8, mt);
   return y;
 }
 
-// Structural checks over tiles, groups and partial rows (O(groups), not O(nnz)): after them no
-// index the product follows can leave its array. Columns are checked in the loop.
-py::array spmm(const py::dict& d, const py::array& x) {
-  const int64_t n_rows = d["n_rows"].cast<int64_t>(), n_cols = d["n_cols"].cast<int64_t>();
-  const int64_t tile_cols = d["tile_cols"].cast<int64_t>();
-  check_dims(n_rows, n_cols);
-  if (tile_cols < 1 || tile_cols > hbp::kMaxTileCols) fail("bitfuse hbp: bad tile_cols");
-  const auto tgp = field<int32_t>(d, "tile_group_ptr", -1);
-  const int64_t n_tiles = tgp.size() - 1;
-  if (n_tiles < 0) fail("bitfuse hbp: tile_group_ptr is empty");
-  const auto tc = field<int32_t>(d, "tile_coords", 2 * n_tiles);
-  const auto goff = field<int64_t>(d, "group_offset", -1);
-  const int64_t n_groups = goff.size() - 1;
-  if (n_groups < 0) fail("bitfuse hbp: group_offset is empty");
-  const auto grows = field<int32_t>(d, "group_rows", hbp::kGroup * n_groups);
-  const auto gslot = field<int32_t>(d, "group_slot", hbp::kGroup * n_groups);
-  const int64_t stored = goff.data()[n_groups];
-  const auto cols = field<uint16_t>(d, "cols", stored);
-  const auto mrows = field<int32_t>(d, "multi_rows", -1);
-  const auto mptr = field<int64_t>(d, "multi_ptr", mrows.size() + 1);
-  const int64_t n_slots = mptr.data()[mrows.size()];
-  for (int64_t t = 0; t < n_tiles; ++t) {
-    const int64_t ct = tc.data()[2 * t + 1];
-    if (tgp.data()[t] < 0 || tgp.data()[t + 1] < tgp.data()[t] || tgp.data()[t + 1] > n_groups ||
-        ct < 0 || ct * tile_cols >= n_cols)
-      fail("bitfuse hbp: corrupt layout (tile " + num(t) + ")");
-  }
-  for (int64_t g = 0; g < n_groups; ++g) {
-    if (goff.data()[g] < 0 || goff.data()[g + 1] < goff.data()[g] || goff.data()[g] % hbp::kGroup)
-      fail("bitfuse hbp: corrupt layout (group_offset " + num(g) + ")");
-    for (int l = 0; l < hbp::kGroup; ++l) {
-      const int64_t r = grows.data()[g * hbp::kGroup + l], s = gslot.data()[g * hbp::kGroup + l];
-      if (r < -1 || r >= n_rows || s < -1 || s >= n_slots)
-        fail("bitfuse hbp: corrupt layout (group " + num(g) + ")");
-    }
-  }
-  for (py::ssize_t i = 0; i < mrows.size(); ++i)
-    if (mrows.data()[i] < 0 || mrows.data()[i] >= n_rows || mptr.data()[i] < 0 ||
-        mptr.data()[i + 1] < mptr.data()[i])
-      fail("bitfuse hbp: corrupt layout (multi row " + num(i) + ")");
-  if (mptr.data()[0] != 0) fail("bitfuse hbp: corrupt layout (multi_ptr[0] != 0)");
+py::array spmm(const py::dict& d, const py::array& x, int64_t programs, int mt) {
+  if (programs < 1) fail("bitfuse hbp: programs must be >= 1, got " + num(programs));
+  if (mt != 0 && mt != 1 && mt != 8) fail("bitfuse hbp: mt must be 0 (auto), 1 or 8, got " + num(mt));
+  const Checked c = validate(d);
+  if (mt == 0) mt = x.ndim() == 2 && x.shape(1) == 1 ? 1 : 8;  // as the GPU launcher picks
+  if (c.vals.itemsize() == 8) return run_spmm<double>(c, x, programs, mt);
+  return run_spmm<float>(c, x, programs, mt);
+}
 
-  const py::array vals = py::reinterpret_borrow<py::array>(py::array::ensure(d["values"]));
-  if (!vals || vals.size() != stored || vals.dtype().kind() != 'f')
-    fail("bitfuse hbp: layout['values'] must be a float array of " + num(stored) + " elements");
-  auto view = [&](auto* values) {
-    using V = std::remove_const_t<std::remove_pointer_t<decltype(values)>>;
-    return hbp::View<V>{n_rows, n_cols, tile_cols, n_tiles, n_groups, int64_t(mrows.size()),
-                        n_slots, tc.data(), tgp.data(), goff.data(), grows.data(), gslot.data(),
-                        cols.data(), values, mrows.data(), mptr.data()};
-  };
-  const py::array v = py::array::ensure(vals, py::array::c_style);
-  switch (v.itemsize()) {
-    case 2: return run_spmm<uint16_t, float>(view(static_cast<const uint16_t*>(v.data())), x);
-    case 4: return run_spmm<float, float>(view(static_cast<const float*>(v.data())), x);
-    case 8: return run_spmm<double, double>(view(static_cast<const double*>(v.data())), x);
-  }
-  fail("bitfuse hbp: values must be float16, float32 or float64");
+int code_bytes(int code) { return code == hbp::kF64 ? 8 : code == hbp::kF32 ? 4 : 2; }
+
+// The twin with the GPU's exact arguments: raw x and y buffers (1-D numpy arrays of the dtype
+// codes' item sizes: fp16/bf16 as 2-byte items), element strides, launch choices.
+void spmm_twin(const py::dict& d, const py::array& x, int x_dtype, int64_t x_stride_c,
+               int64_t x_stride_j, py::array y, int y_dtype, int64_t y_stride_r,
+               int64_t y_stride_j, int64_t m, int64_t programs, int warps, int64_t stage_cols,
+               int mt) {
+  const Checked c = validate(d);
+  const char* who = "bitfuse hbp_spmm_twin";
+  if (m < 0 || x_stride_c < 0 || x_stride_j < 0 || y_stride_r < 0 || y_stride_j < 0 || stage_cols < 0)
+    fail(std::string(who) + ": m, strides and stage_cols must be >= 0");
+  if (x_dtype < 0 || x_dtype > 3 || y_dtype < 0 || y_dtype > 3) fail(std::string(who) + ": bad dtype code");
+  if (x.ndim() != 1 || !(x.flags() & py::array::c_style) || x.itemsize() != code_bytes(x_dtype))
+    fail(std::string(who) + ": x must be a contiguous 1-D buffer of " + num(code_bytes(x_dtype)) + "-byte items");
+  if (y.ndim() != 1 || !(y.flags() & py::array::c_style) || !y.writeable() || y.itemsize() != code_bytes(y_dtype))
+    fail(std::string(who) + ": y must be a writeable contiguous 1-D buffer of " + num(code_bytes(y_dtype)) + "-byte items");
+  if (m > 0 && c.n_cols > 0 && (c.n_cols - 1) * x_stride_c + (m - 1) * x_stride_j >= x.size())
+    fail(std::string(who) + ": x is too small for these strides");
+  if (m > 0 && c.n_rows > 0 && (c.n_rows - 1) * y_stride_r + (m - 1) * y_stride_j >= y.size())
+    fail(std::string(who) + ": y is too small for these strides");
+  const int acc = c.vals.itemsize() == 8 ? 8 : 4;
+  std::vector<char> partial(size_t(std::max<int64_t>(1, c.n_slots * m) * acc));
+  hbp::DeviceArgs a = c.args();
+  a.x = x.data(), a.x_stride_c = x_stride_c, a.x_stride_j = x_stride_j, a.x_dtype = x_dtype;
+  a.y = y.mutable_data(), a.y_stride_r = y_stride_r, a.y_stride_j = y_stride_j, a.y_dtype = y_dtype;
+  a.partial = partial.data(), a.m = m, a.stage_cols = stage_cols;
+  if (a.value_dtype == hbp::kF16 ? !(y_dtype == hbp::kF32 || (y_dtype == hbp::kF16 && x_dtype == hbp::kF16))
+                                 : y_dtype != a.value_dtype)
+    fail(std::string(who) + ": y dtype code " + num(y_dtype) + " does not go with these values");
+  py::gil_scoped_release nogil;
+  hbp::kernel_twin(a, programs, warps, mt);
 }
 
 }  // namespace
@@ -312,9 +400,44 @@ void register_hbp_ops(py::module_& m) {
         py::arg("n_rows"), py::arg("n_cols"), py::arg("tile_rows") = 0, py::arg("tile_cols") = 0,
         py::arg("smem_bytes") = 48 * 1024, py::arg("method") = "hash",
         "Build the HBP layout (dict of numpy arrays, docs/HBP.md) from a canonical CSR.");
-  m.def("hbp_spmm", &spmm, py::arg("layout"), py::arg("x"),
+  m.def("hbp_spmm", &spmm, py::arg("layout"), py::arg("x"), py::arg("programs") = 1,
+        py::arg("mt") = 0,
         "y (n_rows, m) = A @ x for x (n_cols, m): float32 x for fp16/fp32 values, float64 for "
-        "fp64. CPU, serial, deterministic.");
+        "fp64. CPU twin of the CUDA kernel (same schedule over `programs` programs, `mt` = 1 or 8 "
+        "right-hand sides per work item, 0 = as the GPU picks: 1 for one column, else 8): serial, deterministic, and "
+        "bit-identical to the GPU result whatever programs and mt.");
+  m.def("hbp_spmm_twin", &spmm_twin, py::arg("layout"), py::arg("x"), py::arg("x_dtype"),
+        py::arg("x_stride_c"), py::arg("x_stride_j"), py::arg("y"), py::arg("y_dtype"),
+        py::arg("y_stride_r"), py::arg("y_stride_j"), py::arg("m"), py::arg("programs"),
+        py::arg("warps"), py::arg("stage_cols"), py::arg("mt"),
+        "The CPU twin of hbp_spmm_cuda with the GPU's arguments: x and y raw 1-D buffers "
+        "(fp16/bf16 as uint16), dtype codes and element strides as there, `programs` blocks of "
+        "`warps` warps, x staged for tiles up to stage_cols wide, mt = 1 or 8 right-hand sides "
+        "per item. Writes y in place.");
+  m.def("hbp_float_to_half",
+        [](const py::array_t<float, py::array::c_style | py::array::forcecast>& f) {
+          py::array_t<uint16_t> out(f.size());
+          for (py::ssize_t i = 0; i < f.size(); ++i) out.mutable_data()[i] = hbp::float_to_half_bits(f.data()[i]);
+          return out;
+        },
+        py::arg("values"), "fp16 bits of float32 values as the kernels' y store rounds them (RNE).");
+  m.def("hbp_validate", [](const py::dict& d) { validate(d); }, py::arg("layout"),
+        "Check that every index of a layout stays inside its array (ValueError naming the "
+        "problem); HBPMatrix runs it before a layout goes to a GPU, where nothing is checked.");
+  m.def("hbp_schedule",
+        [](int64_t n_items, int64_t programs) {
+          if (n_items < 0 || programs < 1) fail("bitfuse hbp: need n_items >= 0 and programs >= 1");
+          const auto s = hbp::make_schedule(n_items, programs);
+          return py::make_tuple(s.per, s.first_dynamic);
+        },
+        py::arg("n_items"), py::arg("programs"),
+        "(static items per program, first item handed out by the counter): the persistent "
+        "schedule of the CUDA kernel and the CPU twin (bitfuse/hbp.h make_schedule).");
+  m.def("hbp_static_item", &hbp::static_item, py::arg("program"), py::arg("k"),
+        py::arg("programs"), "Item taken by `program` at its k-th static step.");
+  m.def("hbp_stage_pays", &hbp::stage_pays, py::arg("tile_slots"), py::arg("width"),
+        py::arg("mt"), py::arg("smem_elems"),
+        "Whether the CUDA kernel stages a tile's x slice in shared memory (bitfuse/hbp.h).");
 }
 
 }  // namespace host

@@ -1,63 +1,71 @@
-// CPU SpMV/SpMM on the HBP layout: the same walk a GPU block does (tile → groups → the 32
-// interleaved lanes), run serially, so the tests exercise the format's index math on CI.
+// The CPU twin of the CUDA HBP kernel (csrc/cuda/hbp.cu): the same Product member functions
+// (bitfuse/hbp_kernel.h) in the kernel's order: every program takes its static items round
+// robin, then the counter's items in ticket order; inside an item, every thread stages its share
+// of x, then every warp runs its groups lane by lane; then the split-row reduction. Serial, so
+// the result is the GPU's bit for bit whatever the grid (each output element has one writer and
+// a fixed order of sums).
 #include <algorithm>
 #include <stdexcept>
-#include <string>
 #include <vector>
 
-#include "bitfuse/hbp.h"
+#include "bitfuse/hbp_kernel.h"
 
 namespace bitfuse {
 namespace hbp {
 namespace {
 
-inline float load(uint16_t h) { return half_to_float(h); }  // fp16 values travel as raw bits
-inline float load(float v) { return v; }
-inline double load(double v) { return v; }
+template <typename V, typename X, int MT>
+void twin(DeviceArgs a, int64_t programs, int warps) {
+  using Acc = typename AccOf<V>::type;
+  if (a.m <= 0 || a.n_rows <= 0) return;
+  a.stage_cols = cap_stage_cols(a.stage_cols, MT, int(sizeof(Acc)));
+  const Product<V, X, MT> P{a};
+  const int threads = 32 * warps;
+  std::vector<Acc> xs(size_t(std::max<int64_t>(1, a.stage_cols * MT)));
+  for (int64_t i = 0; i < a.n_empty * a.m; ++i) P.zero_empty(i);
+  const int64_t n_chunks = P.n_chunks();
+  const int64_t n_items = a.n_tiles * n_chunks;
+  auto run = [&](int64_t it) {
+    const Item w = P.item(it, n_chunks);
+    if (w.stage)
+      for (int tid = 0; tid < threads; ++tid) P.stage(w, xs.data(), tid, threads);
+    for (int warp = 0; warp < warps; ++warp)
+      for (int64_t g = a.tile_group_ptr[w.tile] + warp; g < a.tile_group_ptr[w.tile + 1]; g += warps)
+        for (int lane = 0; lane < kGroup; ++lane) P.group_lane(w, xs.data(), g, lane);
+  };
+  const Schedule s = make_schedule(n_items, programs);
+  for (int64_t p = 0; p < programs; ++p)
+    for (int64_t k = 0; k < s.per; ++k) run(static_item(p, k, programs));
+  for (int64_t it = s.first_dynamic; it < n_items; ++it) run(it);  // the counter's tickets
+  for (int64_t i = 0; i < a.n_multi * a.m; ++i) P.reduce(i);
+}
+
+template <typename V, typename X>
+void twin_mt(const DeviceArgs& a, int64_t programs, int warps, int mt) {
+  if (mt == 1) twin<V, X, 1>(a, programs, warps);
+  else twin<V, X, 8>(a, programs, warps);
+}
 
 }  // namespace
 
-template <typename V, typename Acc>
-void spmm_host(const View<V>& a, const Acc* x, int64_t m, Acc* y, Acc* partial) {
-  std::fill(y, y + a.n_rows * m, Acc(0));  // rows with no nonzero are 0
-  std::vector<Acc> acc(size_t(kGroup * m));
-  for (int64_t t = 0; t < a.n_tiles; ++t) {
-    const int64_t c0 = int64_t(a.tile_coords[2 * t + 1]) * a.tile_cols;
-    const int64_t width = std::min(a.tile_cols, a.n_cols - c0);  // last tile may be narrower
-    for (int64_t g = a.tile_group_ptr[t]; g < a.tile_group_ptr[t + 1]; ++g) {
-      std::fill(acc.begin(), acc.end(), Acc(0));
-      for (int64_t e = a.group_offset[g]; e < a.group_offset[g + 1]; ++e) {
-        const uint16_t c = a.cols[e];
-        if (c == kPadCol) continue;  // padding: never multiplies x (0 · inf would be nan)
-        if (int64_t(c) >= width)
-          throw std::invalid_argument("bitfuse hbp: corrupt layout (column " + std::to_string(c) +
-                                      " outside its tile of width " + std::to_string(width) + ")");
-        const Acc v = Acc(load(a.values[e]));
-        const Acc* xr = x + (c0 + c) * m;
-        Acc* ar = acc.data() + (e % kGroup) * m;  // group offsets are multiples of 32
-        for (int64_t j = 0; j < m; ++j) ar[j] += v * xr[j];
-      }
-      for (int l = 0; l < kGroup; ++l) {
-        const int32_t row = a.group_rows[g * kGroup + l];
-        if (row < 0) continue;
-        const int32_t slot = a.group_slot[g * kGroup + l];
-        Acc* dst = slot < 0 ? y + int64_t(row) * m : partial + int64_t(slot) * m;
-        std::copy(acc.begin() + l * m, acc.begin() + (l + 1) * m, dst);
-      }
-    }
+void kernel_twin(DeviceArgs a, int64_t programs, int warps, int mt) {
+  if (programs < 1 || (warps != 1 && warps != 2 && warps != 4 && warps != 8) || (mt != 1 && mt != 8))
+    throw std::invalid_argument("bitfuse hbp twin: programs >= 1, warps in {1, 2, 4, 8}, mt in {1, 8}");
+  switch (a.value_dtype) {
+    case kF16:
+      if (a.x_dtype == kF16) return twin_mt<Half, Half>(a, programs, warps, mt);
+      if (a.x_dtype == kBF16) return twin_mt<Half, BF16>(a, programs, warps, mt);
+      if (a.x_dtype == kF32) return twin_mt<Half, float>(a, programs, warps, mt);  // host only
+      break;
+    case kF32:
+      if (a.x_dtype == kF32) return twin_mt<float, float>(a, programs, warps, mt);
+      break;
+    case kF64:
+      if (a.x_dtype == kF64) return twin_mt<double, double>(a, programs, warps, mt);
+      break;
   }
-  // Rows spanning several column tiles: sum their partials in column-tile order (fixed order,
-  // hence deterministic, unlike atomics).
-  for (int64_t i = 0; i < a.n_multi; ++i) {
-    Acc* dst = y + int64_t(a.multi_rows[i]) * m;
-    for (int64_t s = a.multi_ptr[i]; s < a.multi_ptr[i + 1]; ++s)
-      for (int64_t j = 0; j < m; ++j) dst[j] += partial[s * m + j];
-  }
+  throw std::invalid_argument("bitfuse hbp twin: unsupported value/x dtype pair");
 }
-
-template void spmm_host<uint16_t, float>(const View<uint16_t>&, const float*, int64_t, float*, float*);
-template void spmm_host<float, float>(const View<float>&, const float*, int64_t, float*, float*);
-template void spmm_host<double, double>(const View<double>&, const double*, int64_t, double*, double*);
 
 }  // namespace hbp
 }  // namespace bitfuse

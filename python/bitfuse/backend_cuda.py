@@ -1,10 +1,11 @@
 """The `cuda` backend: bitfuse._C kernels called with raw pointers (no libtorch link).
 
-Kernels: the dense dequantize (codes + residual, inverse permutation fused into the store) and
-the fused GEMV for M <= 8 (csrc/cuda/gemv.cu: codes of every bit class, residual, low-rank up,
-sparse and bias in one launch, stored through perm). `linear` runs the GEMV for M <= 8 and
-dequantize + cuBLAS (branches in torch) for larger M, until the tensor-core GEMM of issue #4
-lands. Unverified on a GPU: see docs/STATUS.md.
+Kernels: the dense dequantize (codes + residual, inverse permutation fused into the store), the
+fused GEMV for M <= 8 (csrc/cuda/gemv.cu) and the fused tensor-core GEMM for larger M
+(csrc/cuda/gemm.cu, mma.sync m16n8k16 with a cp.async pipeline). Both fused kernels take the codes
+of every bit class, the residual, the low-rank up-projection, the sparse product and the bias in
+one launch and store through perm. `linear` runs the GEMV for M <= 8 and the GEMM otherwise
+(fp16/bf16 x); fp32 x keeps CUDA dequantize + cuBLAS. Unverified on a GPU: see docs/STATUS.md.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from . import reference
 from .dispatch import extension
 from .format import PackedWeight
+from .sparse import outliers
 
 _OUT_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 GEMV_MAX_M = 8       # gemv.h kMaxM
@@ -87,30 +89,11 @@ def gemv(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     where the data is 16-byte aligned; the kernel falls back to narrower loads elsewhere, so any
     contiguous input works.
     """
-    why = gemv_unsupported(x, pw)
-    if why:
-        raise ValueError(f"bitfuse cuda gemv: {why}")
-    if x.device.type != "cuda" or x.device != pw.qweight.device:
-        raise ValueError(f"bitfuse cuda gemv: x is on {x.device}, weights on {pw.qweight.device}; "
-                         "both must be on the same CUDA device")
-    _check(pw, x.device)
+    _check_call("gemv", gemv_unsupported(x, pw), x, pw)
     x = x.contiguous()
     m, k = x.shape
     n = pw.out_features
-    if k != pw.in_features:
-        raise ValueError(f"bitfuse cuda gemv: x has K={k}, the layer {pw.in_features}")
-    x32 = None
-    t = lr_up = extra = None
-    r = 0
-    if pw.lr_down is not None:
-        x32 = x.float()
-        t = ((x32 @ pw.lr_down.float().t()) * pw.lr_scale.float()).contiguous()
-        lr_up = pw.lr_up.to(torch.float16).contiguous()
-        r = t.shape[1]
-    if pw.sp_values is not None:
-        x32 = x.float() if x32 is None else x32
-        extra = reference.sparse_apply(x32, pw).contiguous()
-    bias = None if pw.bias is None else pw.bias.float().contiguous()
+    t, lr_up, extra, bias, r = _side_branches(x, pw)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     extension().gemv_cuda(
         _ptr(x), _ptr(out), _ptr(pw.qweight), _ptr(pw.scales), _ptr(pw.zeros), _ptr(pw.perm),
@@ -121,19 +104,92 @@ def gemv(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     return out
 
 
+def _check_call(kernel: str, why, x: torch.Tensor, pw: PackedWeight) -> None:
+    """The checks both fused kernels make before a launch, with errors naming the kernel."""
+    if why:
+        raise ValueError(f"bitfuse cuda {kernel}: {why}")
+    if x.device.type != "cuda" or x.device != pw.qweight.device:
+        raise ValueError(f"bitfuse cuda {kernel}: x is on {x.device}, weights on {pw.qweight.device}; "
+                         "both must be on the same CUDA device")
+    _check(pw, x.device)
+    if x.shape[1] != pw.in_features:
+        raise ValueError(f"bitfuse cuda {kernel}: x has K={x.shape[1]}, the layer {pw.in_features}")
+
+
+def _side_branches(x: torch.Tensor, pw: PackedWeight):
+    """(t, lr_up, extra, bias, r) that the fused kernels add in their epilogue: t = x·L_downᵀ·
+    diag(lr_scale) (M, r) fp32, lr_up fp16, the sparse product (M, N) fp32, bias fp32; None when
+    the layer has no such branch."""
+    t = lr_up = extra = None
+    r = 0
+    if pw.lr_down is not None:
+        t = ((x.float() @ pw.lr_down.float().t()) * pw.lr_scale.float()).contiguous()
+        lr_up = pw.lr_up.to(torch.float16).contiguous()
+        r = t.shape[1]
+    if pw.sp_values is not None:
+        extra = outliers.apply(pw, x).contiguous()
+    bias = None if pw.bias is None else pw.bias.float().contiguous()
+    return t, lr_up, extra, bias, r
+
+
+def gemm_unsupported(x: torch.Tensor, pw: PackedWeight):
+    """None if the fused GEMM can run (x, pw) as they are, else the reason it cannot."""
+    if x.dim() != 2:
+        return f"x must be 2-D (M, K), got shape {tuple(x.shape)}"
+    if x.shape[0] < 1:
+        return "x has no rows"
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"the GEMM takes fp16 or bf16 activations, got {x.dtype}"
+    return None
+
+
+def gemm(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
+    """The fused layer for any M (meant for M > 8) of fp16/bf16 x in one CUDA launch
+    (csrc/cuda/gemm.cu): tensor cores (mma.sync m16n8k16, fp32 accumulation) on x and Ŵ rounded
+    to x's dtype, every bit class, residual, low-rank up, sparse and bias in the epilogue, stored
+    through perm. The kernel streams x in 16-byte rows: x is copied into a zero-padded buffer
+    whose rows are a multiple of 8 elements when K is not, or when x is not 16-byte aligned.
+    """
+    _check_call("gemm", gemm_unsupported(x, pw), x, pw)
+    m, k = x.shape
+    n = pw.out_features
+    x = x.contiguous()
+    lda = -(-k // 8) * 8
+    if lda != k:
+        x = torch.nn.functional.pad(x, (0, lda - k))  # a fresh (hence aligned) (m, lda) copy
+    elif x.data_ptr() % 16:
+        x = x.clone()
+    t, lr_up, extra, bias, r = _side_branches(x[:, :k], pw)
+    nr = 0 if pw.res_plane is None else pw.res_plane.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    with torch.cuda.device(x.device):  # the launch goes to the current device: make it x's
+        extension().gemm_cuda(
+            _ptr(x), lda, _ptr(out), _ptr(pw.qweight), _ptr(pw.scales), _ptr(pw.zeros),
+            _ptr(pw.perm), _ptr(pw.res_index), _ptr(pw.res_plane), _ptr(pw.res_alpha), nr, _ptr(t),
+            _ptr(lr_up), _ptr(extra), _ptr(bias), list(pw.class_bits), list(pw.class_rows), m, n,
+            k, pw.k_pad, pw.group_size, r, _OUT_DTYPES[x.dtype],
+            torch.cuda.current_stream(x.device).cuda_stream,
+        )
+    return out
+
+
 def linear(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
-    """GEMV for M <= 8 (fp16/bf16 x), else CUDA dequantize + cuBLAS with the branches in torch."""
+    """fp16/bf16 x: the fused GEMV for M <= 8 (when its 16-row class alignment holds), else the
+    fused tensor-core GEMM (which masks M, so 9..15 and unaligned classes run there too).
+    fp32 x: CUDA dequantize + cuBLAS with the branches in torch."""
     if x.device != pw.qweight.device:
         raise ValueError(f"bitfuse cuda backend: x is on {x.device}, weights on {pw.qweight.device}")
     if gemv_unsupported(x, pw) is None:
         return gemv(x, pw)
+    if gemm_unsupported(x, pw) is None:
+        return gemm(x, pw)
     w = dequantize_dense(pw, x.dtype)
     y = (x @ w.t()).float()
     x32 = x.float()
     if pw.lr_down is not None:
         y = y + reference.lowrank_apply(x32, pw)
     if pw.sp_values is not None:
-        y = y + reference.sparse_apply(x32, pw)
+        y = y + outliers.apply(pw, x)
     if pw.bias is not None:
         y = y + pw.bias
     return y.to(x.dtype)

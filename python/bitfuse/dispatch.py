@@ -69,12 +69,18 @@ def _triton_status() -> Tuple[bool, str]:
 # The ops each backend implements, and the automatic order on a GPU (ARCHITECTURE.md §4: cuda >
 # triton > torch), per op. `linear` is split by M: "gemv" (M <= 8) and "gemm" (M > 8).
 #   gemv: the fused CUDA GEMV (csrc/cuda/gemv.cu), then Triton's GEMV path.
-#   gemm: Triton's fused tl.dot GEMM first, because the cuda "gemm" is still CUDA dequantize +
-#         cuBLAS (it materialises the dense weight every call) until issue #4's tensor-core GEMM.
-# Both orders are unmeasured defaults (docs/STATUS.md); BITFUSE_BACKEND forces a backend.
-NATIVE_OPS = {"cuda": ("dequantize", "gemv", "gemm"), "triton": ("gemv", "gemm"),
+#   gemm: the fused CUDA tensor-core GEMM (csrc/cuda/gemm.cu), then Triton's tl.dot GEMM.
+#   conv: k×k convs. Triton's implicit GEMM (kernels/conv2d.py) gathers patches in the kernel; no
+#         backend has it natively otherwise, so the rest is im2col + the linear op (which then
+#         dispatches gemv/gemm itself: the CUDA GEMM on a GPU without Triton). Implicit first
+#         because im2col writes kh·kw times the input before the GEMM reads it again.
+# Both orders follow §4 and are unmeasured (no GPU run yet, docs/STATUS.md): the first GPU
+# session's `bitfuse bench kernels` decides whether cuda really beats triton per shape.
+# BITFUSE_BACKEND forces a backend.
+NATIVE_OPS = {"cuda": ("dequantize", "gemv", "gemm"), "triton": ("gemv", "gemm", "conv"),
               "torch": ("gemv", "gemm", "dequantize")}
-AUTO_ORDER = {"gemv": ("cuda", "triton"), "gemm": ("triton", "cuda"), "dequantize": ("cuda",)}
+AUTO_ORDER = {"gemv": ("cuda", "triton"), "gemm": ("cuda", "triton"), "conv": ("triton",),
+              "dequantize": ("cuda",)}
 GEMV_MAX_M = 8
 
 
@@ -98,8 +104,9 @@ def forced_backend() -> str:
 
 
 def select_backend(device: torch.device, op: str = "gemv") -> str:
-    """The backend that runs `op` ("gemv", "gemm" or "dequantize"; see linear_op) on tensors
-    living on `device`."""
+    """The backend that runs `op` ("gemv", "gemm", "conv" or "dequantize"; see linear_op) on
+    tensors living on `device`. "torch" for an op means: built from torch ops (for "conv":
+    im2col + the linear op, which dispatches again)."""
     forced = forced_backend()
     if forced:
         if forced == "torch":

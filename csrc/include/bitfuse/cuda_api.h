@@ -6,6 +6,7 @@
 #include <string>
 
 #include "bitfuse/format.h"
+#include "bitfuse/gemm.h"
 #include "bitfuse/gemv.h"
 
 namespace bitfuse {
@@ -25,6 +26,12 @@ std::string dequantize(const DequantArgs& args, void* out, int out_dtype, std::u
 // (bf16) for x and out. Arguments are validated by the caller (bindings.cpp). Returns "" on
 // success, else the CUDA error; asynchronous on `stream`.
 std::string gemv(const gemv::Args& args, int dtype, std::uintptr_t stream);
+
+// Launch the tensor-core GEMM (csrc/cuda/gemm.cu) for any args.m >= 1 (meant for m > 8), dtype
+// 1 (fp16) or 2 (bf16). The tile comes from bitfuse/gemm_config.h by the device's compute
+// capability and m; args' class plan (class_tile, class_vec, ...) is filled here. Arguments are
+// validated by the caller (bindings.cpp). Returns "" on success, else why; asynchronous.
+std::string gemm(const gemm::Args& args, int dtype, std::uintptr_t stream);
 
 }  // namespace cuda
 }  // namespace bitfuse

@@ -1,4 +1,4 @@
-// bitfuse packed format, version 1: the index math of docs/FORMAT.md for C++ and CUDA.
+// bitfuse packed format, version 2: the index math of docs/FORMAT.md for C++ and CUDA.
 //
 // docs/FORMAT.md is the definition and python/bitfuse/pack.py the reference implementation;
 // every function here mirrors one rule of that document and is tested against pack.py through

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "bitfuse/dequant_tricks.h"
+#include "bitfuse/epilogue.h"
 #include "bitfuse/format.h"
 
 namespace bitfuse {
@@ -66,19 +67,7 @@ BF_HD inline int class_vec_ok(uint64_t qweight_addr, int64_t class_word, int bit
 // The fused epilogue for one output (packed row `row`, x row `mi`): acc + low-rank up + extra +
 // bias, in that order (ARCHITECTURE.md §4). Returns y in fp32; *col is the output column.
 BF_HD inline float epilogue(const Args& a, float acc, int row, int mi, int* col) {
-  const int c = a.perm ? a.perm[row] : row;
-  float y = acc;
-  if (a.t) {
-    float lr = 0.0f;
-    const float* tm = a.t + int64_t(mi) * a.r;
-    const uint16_t* up = a.lr_up + int64_t(row) * a.r;
-    for (int j = 0; j < a.r; ++j) lr = fmaf(tm[j], half_to_float(up[j]), lr);
-    y += lr;
-  }
-  if (a.extra) y += a.extra[int64_t(mi) * a.n + c];
-  if (a.bias) y += a.bias[c];
-  *col = c;
-  return y;
+  return fused_epilogue(a, acc, row, mi, col);
 }
 
 }  // namespace gemv

@@ -97,7 +97,10 @@ def hbp_spmm(arrays: dict, x: torch.Tensor, shape, tile_cols: int) -> torch.Tens
         # Read once (a device->host copy on GPU) and cached, so later calls never sync and can
         # be captured in a CUDA graph.
         n_slots = arrays["_n_slots"] = int(arrays["multi_ptr"][-1])
-    counter = arrays.setdefault("_counter", torch.zeros(1, dtype=torch.int32, device=x.device))
+    # Its own counter: the CUDA kernel's (arrays["_counter"]) must stay zero between its launches.
+    counter = arrays.get("_triton_counter")
+    if counter is None:  # made once (not setdefault: its argument would allocate on every call)
+        counter = arrays["_triton_counter"] = torch.zeros(1, dtype=torch.int32, device=x.device)
     counter.zero_()  # reset on device, in stream order, every call: no host sync
     programs = _programs(x.device, n_tiles)
     per = int(FIXED_FRACTION * n_tiles) // programs

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from .. import pack
 from ..format import PackedWeight
-from ..reference import sparse_apply
+from ..sparse import outliers
 from ..targets import PROFILES
 from . import tuning
 from .fused_linear import fused_linear_kernel, lowrank_down_kernel, splitk_epilogue_kernel
@@ -143,7 +143,7 @@ def _launch(x, pw, out, cfg: KernelConfig, bits, row1, row2, word1, word2, inter
             x, pw.lr_down, pw.lr_scale, t, m, k, r, x.stride(0), t.stride(0),
             BLOCK_M=bm_down, BLOCK_K=64 if use_dot else 32, R_PAD=r_pad, USE_DOT=use_dot,
         )
-    extra = sparse_apply(x.float(), pw) if pw.sp_values is not None else None
+    extra = outliers.apply(pw, x) if pw.sp_values is not None else None
     part = torch.empty(cfg.split_k, m, n, dtype=torch.float32, device=x.device) if cfg.split_k > 1 else None
     flags = dict(HAS_PERM=pw.perm is not None, HAS_LR=bool(r), R_PAD=r_pad,
                  HAS_EXTRA=extra is not None, HAS_BIAS=pw.bias is not None)

@@ -5,11 +5,14 @@
     H = bs.HBPMatrix.from_scipy(A)         # the build runs in C++ (bitfuse._C)
     y = H @ x                              # x: (cols,) or (cols, m) torch tensor, same dtype
 
-docs/HBP.md describes the layout; generate.py makes the test matrices.
+docs/HBP.md describes the layout and the kernels; generate.py makes the test matrices;
+csr_spmv runs the CUDA CSR baselines; outliers.apply is QuantLinear's sparse branch on HBP.
 """
 
 from .hbp import HBPMatrix, reorder
 from .mtx import MatrixMarketError, load_mtx
-from . import generate
+from .csr import csr_spmm, csr_spmv
+from . import generate, outliers
 
-__all__ = ["HBPMatrix", "reorder", "load_mtx", "MatrixMarketError", "generate"]
+__all__ = ["HBPMatrix", "reorder", "load_mtx", "MatrixMarketError", "generate", "csr_spmv",
+           "csr_spmm", "outliers"]

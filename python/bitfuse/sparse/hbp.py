@@ -1,5 +1,7 @@
 """HBPMatrix: the Python face of the HBP format (docs/HBP.md). The build and the CPU product run
-in C++ (bitfuse._C.hbp_build / hbp_spmm); on CUDA the Triton kernel in bitfuse.kernels.hbp runs.
+in C++ (bitfuse._C.hbp_build / hbp_spmm); on CUDA tensors the CUDA kernel (csrc/cuda/hbp.cu,
+bitfuse._C.hbp_spmm_cuda) runs when bitfuse._C was built with CUDA, else the Triton kernel in
+bitfuse.kernels.hbp.
 
 Input conventions (docs/HBP.md §4): columns are sorted and duplicates summed (in float64, then
 rounded once to the value dtype); NaN/inf values are stored as given and propagate through the
@@ -8,6 +10,7 @@ product as IEEE arithmetic says (like scipy); x must have the matrix's dtype and
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import numpy as np
@@ -24,7 +27,11 @@ METHODS = ("hash", "sort", "dp")
 FIXED_FRACTION = 0.5
 # Arrays that make up the format (what .nbytes counts and what moves to a device).
 ARRAYS = ("tile_coords", "tile_group_ptr", "tile_order", "tile_work", "group_offset",
-          "group_width", "group_rows", "group_slot", "cols", "values", "multi_rows", "multi_ptr")
+          "group_width", "group_rows", "group_slot", "cols", "values", "multi_rows", "multi_ptr",
+          "empty_rows")
+KERNELS = ("auto", "cuda", "triton")
+# Element dtype codes of the bitfuse._C CUDA entry points (bitfuse/hbp.h DType).
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
 
 def default_smem_bytes(device: torch.device) -> int:
@@ -65,13 +72,22 @@ def _index(a, name: str) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.int64)
 
 
+def _canonical_device(device) -> torch.device:
+    """torch.device with the index filled in for CUDA: a CUDA tensor's .device always carries
+    one, and torch.device("cuda") != torch.device("cuda:0")."""
+    d = torch.device(device if device is not None else "cpu")
+    if d.type == "cuda" and d.index is None and torch.cuda.is_available():
+        d = torch.device("cuda", torch.cuda.current_device())
+    return d
+
+
 class HBPMatrix:
     """A sparse matrix in HBP layout. Build it with from_csr / from_scipy / from_torch or
     reorder(); multiply with `H @ x`. Immutable; `.to(device)` gives a view on another device."""
 
     def __init__(self, layout: dict, device=None, method: str = "hash"):
         self.layout = layout  # numpy arrays on the host (docs/HBP.md §2)
-        self.device = torch.device(device if device is not None else "cpu")
+        self.device = _canonical_device(device)
         self.method = method
         self._device_arrays = None
 
@@ -139,7 +155,7 @@ class HBPMatrix:
                             vals.numpy(), tuple(t.shape), **kw)
 
     def to(self, device) -> "HBPMatrix":
-        device = torch.device(device)
+        device = _canonical_device(device)
         return self if device == self.device else HBPMatrix(self.layout, device, self.method)
 
     # ---------------------------------------------------------------- properties
@@ -216,6 +232,14 @@ class HBPMatrix:
             return (self @ torch.from_numpy(x)).numpy()
         if not isinstance(x, torch.Tensor):
             return NotImplemented
+        return self.matmul(x)
+
+    def matmul(self, x: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
+        """y = A @ x for x (n_cols,) or (n_cols, m) of the matrix's dtype and device. On CUDA,
+        kernel='auto' takes the CUDA kernel when bitfuse._C has CUDA, else Triton; 'cuda' and
+        'triton' force one (an unavailable one is an error). CPU tensors use the C++ product."""
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         n_rows, n_cols = self.shape
         if x.dim() not in (1, 2) or x.shape[0] != n_cols:
             raise ValueError(f"HBPMatrix {self.shape} @ x: x must be ({n_cols},) or ({n_cols}, m), "
@@ -231,21 +255,81 @@ class HBPMatrix:
             acc = torch.float64 if self.dtype == torch.float64 else torch.float32
             y = torch.from_numpy(_C.hbp_spmm(self.layout, x2.to(acc).contiguous().numpy()))
             y = y.to(self.dtype)
+        elif kernel == "cuda" or (kernel == "auto" and _C.cuda_built()):
+            y = torch.empty(n_rows, x2.shape[1], dtype=self.dtype, device=x.device)
+            self.cuda_product(x2, x2.stride(0), x2.stride(1), y, y.stride(0), y.stride(1))
         else:
             from ..kernels.hbp import hbp_spmm
 
             y = hbp_spmm(self.device_arrays(), x2, self.shape, self.tile_shape[1])
         return y.reshape(n_rows) if x.dim() == 1 else y
 
+    def cuda_product(self, x: torch.Tensor, x_stride_c: int, x_stride_j: int, y: torch.Tensor,
+                     y_stride_r: int, y_stride_j: int, m: Optional[int] = None) -> None:
+        """The CUDA kernel, writing every element of y: y[r, j] = Σ_c A[r, c] · x[c, j], with
+        x[c, j] at x's storage offset c·x_stride_c + j·x_stride_j (elements) and y likewise.
+        m defaults to x.shape[1]. fp16 matrices take fp16 or bf16 x and write fp16 or fp32 y
+        (accumulating in fp32); fp32/fp64 take and write their own dtype. No host sync and no
+        allocation beyond the (host-sized) partial-sum buffer: CUDA-graph safe once
+        device_arrays() exists. The competitive counter is per matrix, so one matrix must not
+        run on two streams at once."""
+        if not _C.cuda_built():
+            raise RuntimeError("HBPMatrix: bitfuse._C was built without CUDA; use kernel='triton' "
+                               "or reinstall with nvcc available")
+        if x.device.type != "cuda" or y.device != x.device or self.device != x.device:
+            raise ValueError(f"HBPMatrix.cuda_product: the matrix ({self.device}), x ({x.device}) "
+                             f"and y ({y.device}) must be on one CUDA device")
+        m = x.shape[1] if m is None else int(m)
+        if self.n_tiles == 0 or m == 0:  # no nonzero (or nothing to compute): y is all zeros
+            y.zero_()
+            return
+        arr = self.device_arrays()
+        acc = torch.float64 if self.dtype == torch.float64 else torch.float32
+        n_slots = arr["_n_slots"]
+        partial = torch.empty(n_slots * m, dtype=acc, device=x.device) if n_slots and m else None
+        with torch.cuda.device(x.device):
+            _C.hbp_spmm_cuda(
+                arr["_ptrs"], x.data_ptr(), y.data_ptr(), 0 if partial is None else partial.data_ptr(),
+                arr["_counter"].data_ptr(), self.shape[0], self.shape[1], self.tile_shape[1],
+                self.n_tiles, int(self.layout["multi_rows"].shape[0]),
+                int(self.layout["empty_rows"].shape[0]), n_slots, m, x_stride_c, x_stride_j,
+                y_stride_r, y_stride_j, DTYPE_CODES[self.dtype], DTYPE_CODES[x.dtype],
+                DTYPE_CODES[y.dtype], arr["_stage_cols"], arr["_warps"],
+                torch.cuda.current_stream(x.device).cuda_stream)
+
+    def launch_params(self) -> Tuple[int, int]:
+        """(stage_cols, warps) of the CUDA launch: the widest tile worth staging x for (hbp.h
+        stage_pays; 0 with BITFUSE_HBP_STAGE=never) and warps per block (the mean groups per
+        tile, rounded up to a power of two in [2, 8])."""
+        L = self.layout
+        stage = 0
+        if self.n_tiles and os.environ.get("BITFUSE_HBP_STAGE", "auto") != "never":
+            tc = int(L["tile_cols"])
+            c0 = L["tile_coords"][:, 1].astype(np.int64) * tc
+            width = np.minimum(tc, self.shape[1] - c0)
+            pays = L["tile_work"] >= width
+            stage = int(width[pays].max()) if pays.any() else 0
+        mean = self.n_groups / max(1, self.n_tiles)
+        warps = 2
+        while warps < 8 and warps < mean:
+            warps *= 2
+        return stage, warps
+
     def device_arrays(self) -> dict:
-        """The format arrays as torch tensors on self.device (made once, then cached)."""
+        """The format arrays as torch tensors on self.device (made once, then cached; the layout
+        is validated first, since nothing checks indices on the GPU)."""
         if self._device_arrays is None:
+            _C.hbp_validate(self.layout)
             arr = {k: torch.from_numpy(np.ascontiguousarray(self.layout[k])).to(self.device)
                    for k in ARRAYS if k != "cols"}
             # uint16 columns travel as int16 bits (torch has limited uint16 support); kernels mask.
             arr["cols"] = torch.from_numpy(self.layout["cols"].view(np.int16)).to(self.device)
             # Host-known size of the partial-sum buffer: the kernel never reads it from the device.
             arr["_n_slots"] = int(self.layout["multi_ptr"][-1]) if len(self.layout["multi_ptr"]) else 0
+            # CUDA kernel state: [next ticket, blocks done], zero between launches (hbp.cu).
+            arr["_counter"] = torch.zeros(2, dtype=torch.int32, device=self.device)
+            arr["_stage_cols"], arr["_warps"] = self.launch_params()
+            arr["_ptrs"] = {k: (arr[k].data_ptr() if arr[k].numel() else 0) for k in ARRAYS}
             self._device_arrays = arr
         return self._device_arrays
 

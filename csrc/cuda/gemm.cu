@@ -1,0 +1,378 @@
+// Fused low-bit tensor-core GEMM for M >= 16 rows of x (issue #4; also takes M = 9..15 by
+// masking): one launch computes
+//   y = x·(Ŵ_b + R̂)ᵀ + t·L_upᵀ + extra + bias   stored through perm, in x's dtype,
+// for every bit class of the layer (2/3/4-bit, mixed), reading the packed words of FORMAT.md as
+// they are. Index math, the copy plan, the B-fragment decode and the epilogue live in
+// bitfuse/gemm.h and bitfuse/mma_tile.h, where the CPU twin (`_C.gemm_host`) runs the same code;
+// the tile table is bitfuse/gemm_config.h. What only this file does: the PTX (cp.async, ldmatrix,
+// mma), the thread -> work mapping and the pipeline.
+//
+// Design, in the order the data flows:
+//  * Grid: blockIdx.x = N tile (numbered class by class, so a block's rows share one bit width and
+//    the block switches once into a BITS-specialised body), blockIdx.y = M tile. N is the fast
+//    index: the blocks resident at one time share x's M tiles, which stay in L2, while each block
+//    streams its own weights once.
+//  * Pipeline: STAGES shared-memory stages filled by cp.async (commit_group per k tile,
+//    wait_group<STAGES-2> before use): the x tile (16-byte copies, zero-fill past M and K), the
+//    raw weight words, the per-group scale/offset (and α) windows and the residual sign words.
+//    One __syncthreads per k tile both publishes stage kt and retires stage kt-1, which is the
+//    one refilled next, so loads for k tile kt+STAGES-1 overlap the mma of k tile kt.
+//  * A operand: ldmatrix.x4 from the XOR-swizzled x tile (conflict-free, mma_tile.h).
+//  * B operand: never staged dequantized. Each lane reads its own slots of the run (FORMAT.md
+//    §3.1 slot order: one 4-bit word, a 2-bit / 3-bit-low half word, plane bytes), unpacks them
+//    with the fp16 magic number, dequantizes in fp32 (Ŵ = q·s + m, ± α: bit-identical to the
+//    reference) and rounds once to fp16/bf16 for the mma. A decoded fragment serves all of the
+//    warp's m16 tiles (4 in every tile of the table).
+//  * mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}, fp32 accumulators in registers.
+//  * Split-K inside the block (WK > 1, small-M tiles): warp-k w takes runs w, w+WK, ... of every
+//    k tile; at the end the partials go through shared memory and warp-k 0 adds them in the
+//    order 1, 2, ..: deterministic, no atomics.
+//  * Epilogue per accumulator (mma_tile.h c_row/c_col say which (x row, packed row) it is):
+//    + t·L_upᵀ + extra + bias, cast, store to out[m, perm[row]] (the inverse permutation, fused).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <string>
+
+#include "bitfuse/cuda_api.h"
+#include "bitfuse/gemm_config.h"
+#include "bitfuse/mma_tile.h"
+#include "cuda_check.cuh"
+
+namespace bitfuse {
+namespace {
+
+using gemm::Args;
+using gemm::BlockTile;
+using gemm::WarpPos;
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// cp.async with zero-fill: `bytes` (<= size) bytes are read, the rest of the size-byte
+// destination is written with zeros; bytes = 0 reads nothing. 16-byte copies bypass L1 (.cg:
+// every byte is used once per block); 4-byte copies can only be .ca.
+struct CpAsync {
+  uint32_t base;  // shared address of the stage
+  __host__ __device__ void operator()(int size, int smem, const void* src, int bytes) const {
+#if defined(__CUDA_ARCH__)
+    if (size == 16)
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(base + smem), "l"(src),
+                   "r"(bytes)
+                   : "memory");
+    else
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(base + smem), "l"(src),
+                   "r"(bytes)
+                   : "memory");
+#else
+    (void)size, (void)smem, (void)src, (void)bytes;
+#endif
+  }
+};
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// The A fragment of one m16k16 tile: lane gives the address of one row (mma_tile.h ldsm_row/col).
+// The "memory" clobber keeps it after the __syncthreads that publishes the stage.
+__device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t a[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+               : "r"(addr)
+               : "memory");
+}
+
+template <int DT>
+__device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+  if constexpr (DT == mma::kDtypeBF16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+template <int DT>
+__device__ __forceinline__ uint16_t to_act(float v) {
+  return DT == mma::kDtypeBF16 ? mma::f32_to_bf16_bits(v) : mma::f32_to_f16_bits(v);
+}
+
+// One block: rows [bt.row0, bt.row_end) of one class (width BITS) × x rows [bt.m0, bt.m0 + BM).
+template <class T, int BITS, int DT>
+__device__ __forceinline__ void gemm_block(const Args& a, const BlockTile& bt, char* smem) {
+  const int tid = threadIdx.x, lane = tid & 31;
+  const WarpPos w = gemm::warp_pos<T>(tid >> 5);
+  const bool res = a.res_index != nullptr;
+  const bool vec = a.class_vec[bt.cls] != 0;
+  int* s_ri = reinterpret_cast<int*>(smem + T::RI_OFF);
+  for (int i = tid; i < T::BN; i += T::THREADS)
+    s_ri[i] = (res && bt.row0 + i < bt.row_end) ? a.res_index[bt.row0 + i] : -1;
+  __syncthreads();
+
+  const int ktiles = (a.k + T::BK - 1) / T::BK;
+  const int mtiles = gemm::warp_m_tiles<T>(a, bt, w.wm);
+  float acc[T::MT][T::NT][4];
+#pragma unroll
+  for (int i = 0; i < T::MT; ++i)
+#pragma unroll
+    for (int j = 0; j < T::NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+
+  // Iteration it issues the copies of k tile it (one commit group per iteration, empty past the
+  // end so that the wait_group counts stay uniform) and computes k tile kt = it - (STAGES - 1):
+  // the first STAGES - 1 iterations are the prologue. Before computing kt, wait_group leaves at
+  // most STAGES - 2 younger groups in flight, so this thread's copies of kt have landed, and the
+  // barrier makes everyone's visible and retires k tile kt - 1, whose stage the copies of this
+  // iteration (k tile kt + STAGES - 1) overwrite. One copy site and one compute site keep the
+  // code (and the build) small.
+#pragma unroll 1
+  for (int it = 0; it < ktiles + T::STAGES - 1; ++it) {
+    const int kt = it - (T::STAGES - 1);
+    if (kt >= 0) {
+      cp_async_wait<T::STAGES - 2>();
+      __syncthreads();
+    }
+    if (it < ktiles) {
+      CpAsync cp{smem_addr(smem + (it % T::STAGES) * T::STAGE_BYTES)};
+      gemm::stage_copies<T, BITS>(a, bt, it, s_ri, vec, res, tid, T::THREADS, cp);
+    }
+    cp_async_commit();
+    if (kt < 0) continue;
+
+    const char* stage = smem + (kt % T::STAGES) * T::STAGE_BYTES;
+    const uint32_t stage_addr = smem_addr(stage);
+#pragma unroll 1
+    for (int jr = 0; jr < T::RUNS_PER_WARP; ++jr) {
+      const int rho = gemm::warp_run<T>(w.wk, jr);
+      if (kt * T::BK + 32 * rho >= a.k) break;  // runs past K hold only padding (x = 0)
+      uint32_t b[T::NT][4];
+      gemm::decode_b<T, BITS, DT>(a, bt, kt, stage, s_ri, w, lane, rho, res, b);
+#pragma unroll
+      for (int s = 0; s < 2; ++s) {
+#pragma unroll
+        for (int i = 0; i < T::MT; ++i) {
+          if (i >= mtiles) break;  // m16 tiles wholly past M: nothing to compute
+          uint32_t af[4];
+          ldsm_x4(stage_addr + gemm::a_ldsm_offset<T>(w, i, rho, s, lane), af);
+#pragma unroll
+          for (int j = 0; j < T::NT; ++j) mma16816<DT>(acc[i][j], af, b[j][2 * s], b[j][2 * s + 1]);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();  // only empty groups remain; the stages are reused below
+  __syncthreads();
+
+  if constexpr (T::WK > 1) {
+    float* red = reinterpret_cast<float*>(smem);
+    if (w.wk > 0) {
+#pragma unroll
+      for (int i = 0; i < T::MT; ++i)
+#pragma unroll
+        for (int j = 0; j < T::NT; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            red[gemm::red_index<T>(w.wk, w.wmn, (i * T::NT + j) * 4 + e, lane)] = acc[i][j][e];
+    }
+    __syncthreads();
+    if (w.wk > 0) return;
+#pragma unroll 1
+    for (int p = 1; p < T::WK; ++p)  // fixed order: deterministic
+#pragma unroll
+      for (int i = 0; i < T::MT; ++i)
+#pragma unroll
+        for (int j = 0; j < T::NT; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            acc[i][j][e] += red[gemm::red_index<T>(p, w.wmn, (i * T::NT + j) * 4 + e, lane)];
+  }
+
+  // Epilogue, one m16 tile at a time through the warp's staging tile in shared memory: one
+  // compact loop instead of an unrolled copy per accumulator (that copy made the build 4x
+  // slower), and stores that walk consecutive packed rows.
+  float* epi = reinterpret_cast<float*>(smem + T::EPI_OFF) + w.wmn * T::EPI_FLOATS;
+  uint16_t* out = static_cast<uint16_t*>(a.out);
+#pragma unroll 1
+  for (int i = 0; i < mtiles; ++i) {
+#pragma unroll
+    for (int j = 0; j < T::NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; e += 2) {  // (c0, c1) and (c2, c3) are column pairs: one float2
+        float2 v = make_float2(acc[0][j][e], acc[0][j][e + 1]);
+#pragma unroll
+        for (int ii = 1; ii < T::MT; ++ii)  // acc[i] with a runtime i: selects, no local memory
+          if (ii == i) v = make_float2(acc[ii][j][e], acc[ii][j][e + 1]);
+        *reinterpret_cast<float2*>(epi + gemm::epi_slot<T>(j, lane, e)) = v;
+      }
+    __syncwarp();
+#pragma unroll 1
+    for (int o = lane; o < 16 * T::WTN; o += 32) {
+      const int mi = bt.m0 + gemm::epi_x_row<T>(w, i, o);
+      const int row = bt.row0 + gemm::epi_packed_row<T>(w, o);
+      if (mi >= a.m || row >= bt.row_end) continue;
+      int col;
+      const float y = gemm::epilogue(a, epi[gemm::epi_src<T>(o)], row, mi, &col);
+      out[int64_t(mi) * a.n + col] = to_act<DT>(y);  // the inverse permutation, fused
+    }
+    __syncwarp();  // the staging tile is rewritten by the next m16 tile
+  }
+}
+
+// One kernel per (tile, dtype); the bit width is a per-block switch. Device code for an
+// architecture contains only the tiles its row of gemm_config.h uses (the rest compile empty).
+template <int ID, int DT>
+__global__ void __launch_bounds__(gemm::tile_threads(ID)) gemm_kernel(const Args a) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (__CUDA_ARCH__ >= 800 && gemm::tile_built_for(ID, __CUDA_ARCH__ / 10)) {
+    using T = typename gemm::TileOf<ID>::type;
+    extern __shared__ __align__(16) char smem[];
+    const BlockTile bt = gemm::block_tile(a, T::BN, T::BM, blockIdx.x, blockIdx.y);
+    switch (a.classes.bits[bt.cls]) {  // uniform per block
+      case 2: gemm_block<T, 2, DT>(a, bt, smem); break;
+      case 3: gemm_block<T, 3, DT>(a, bt, smem); break;
+      default: gemm_block<T, 4, DT>(a, bt, smem); break;
+    }
+  }
+#endif
+}
+
+// Compute capability, opt-in shared memory per block and the architecture of the GEMM device code
+// the driver loaded for the current device, cached per device.
+//
+// code_cc is what the tile must be chosen by, not cc: each architecture's device code contains
+// only its own row's tiles (tile_built_for(ID, __CUDA_ARCH__ / 10)) and the others compile to an
+// empty body, so a tile picked by the device's cc is an empty kernel whenever the loaded code was
+// built for another architecture: sm_86 SASS running on an sm_87 Orin (rows 0 vs 1), sm_80 SASS
+// on an sm_86 GPU, or the compute_86/89 PTX of a BITFUSE_CUDA_ARCHS=86 / 89 build JIT-compiled
+// on an H100 (__CUDA_ARCH__ stays 860/890; row 0 vs 3). That launch "succeeds" and leaves `out`
+// as torch.empty left it. cudaFuncAttributes::ptxVersion is the virtual architecture the loaded
+// code was compiled from, i.e. __CUDA_ARCH__ / 10 (what CUB's PtxVersion relies on too).
+struct DeviceInfo {
+  int device = 0, cc = 0, smem_optin = 0, code_cc = 0;
+};
+std::string device_info(DeviceInfo* info) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cc_cache[kMaxDevices];
+  static std::atomic<int> smem_cache[kMaxDevices];
+  static std::atomic<int> code_cache[kMaxDevices];
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return cuda_check::error_text("bitfuse gemm_cuda: cudaGetDevice failed", e);
+  info->device = dev;
+  if (dev < kMaxDevices && cc_cache[dev].load() > 0) {
+    info->cc = cc_cache[dev].load();
+    info->smem_optin = smem_cache[dev].load();
+    info->code_cc = code_cache[dev].load();
+    return "";
+  }
+  int major = 0, minor = 0, optin = 0;
+  e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (e != cudaSuccess) return cuda_check::error_text("bitfuse gemm_cuda: device query failed", e);
+  info->cc = 10 * major + minor;
+  info->smem_optin = optin;
+  // Every gemm_kernel instantiation comes from the same fatbinary, so one stands for all.
+  cudaFuncAttributes fa{};
+  e = cudaFuncGetAttributes(&fa, gemm_kernel<0, mma::kDtypeF16>);
+  if (e != cudaSuccess) {
+    cudaGetLastError();  // not sticky; do not let it surface at a later call
+    return cuda_check::error_text("bitfuse gemm_cuda: no GEMM device code loads on this sm_" +
+                                      std::to_string(info->cc) + " GPU (see bitfuse._C.cuda_archs())",
+                                  e);
+  }
+  info->code_cc = fa.ptxVersion;
+  if (dev < kMaxDevices) {
+    smem_cache[dev].store(optin);
+    code_cache[dev].store(info->code_cc);
+    cc_cache[dev].store(info->cc);  // last: a nonzero cc marks the entry complete
+  }
+  return "";
+}
+
+struct Launcher {
+  Args a;
+  int dtype;
+  cudaStream_t stream;
+  int device, smem_optin;
+  std::string err;
+
+  template <int ID>
+  void run() {
+    using T = typename gemm::TileOf<ID>::type;
+    gemm::plan_classes<T>(a, reinterpret_cast<uint64_t>(a.qweight));
+    const int n_tiles = a.class_tile[a.classes.count];
+    const int m_tiles = (a.m + T::BM - 1) / T::BM;
+    if (m_tiles > 65535) {
+      err = "bitfuse gemm_cuda: m=" + std::to_string(a.m) + " needs more than 65535 blocks of " +
+            std::to_string(T::BM) + " rows; split x";
+      return;
+    }
+    if (T::SMEM_BYTES > smem_optin) {
+      err = "bitfuse gemm_cuda: the tile needs " + std::to_string(T::SMEM_BYTES) +
+            " bytes of shared memory per block, this GPU allows " + std::to_string(smem_optin);
+      return;
+    }
+    const bool bf16 = dtype == mma::kDtypeBF16;
+    auto kernel = bf16 ? gemm_kernel<ID, mma::kDtypeBF16> : gemm_kernel<ID, mma::kDtypeF16>;
+    // More than 48 KB of dynamic shared memory needs an opt-in, once per kernel and device.
+    static std::atomic<uint64_t> opted[2];
+    const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
+    cudaError_t e = cudaSuccess;
+    if (!bit || !(opted[bf16].load() & bit)) {
+      e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::SMEM_BYTES);
+      if (e != cudaSuccess) {
+        err = cuda_check::error_text("bitfuse gemm_cuda: cudaFuncSetAttribute failed", e);
+        return;
+      }
+      opted[bf16].fetch_or(bit);
+    }
+    kernel<<<dim3(unsigned(n_tiles), unsigned(m_tiles)), T::THREADS, T::SMEM_BYTES, stream>>>(a);
+    e = cudaGetLastError();
+    if (e != cudaSuccess) err = cuda_check::error_text("bitfuse gemm_cuda: kernel launch failed", e);
+  }
+};
+
+}  // namespace
+
+namespace cuda {
+
+std::string gemm(const gemm::Args& args, int dtype, std::uintptr_t stream) {
+  const char* who = "bitfuse gemm_cuda";
+  std::string err = cuda_check::device_pointer(args.qweight, "qweight_ptr", who);
+  if (err.empty()) err = cuda_check::device_pointer(args.x, "x_ptr", who);
+  if (err.empty()) err = cuda_check::device_pointer(args.out, "out_ptr", who);
+  if (!err.empty()) return err;
+  if (dtype != mma::kDtypeF16 && dtype != mma::kDtypeBF16)
+    return "bitfuse gemm_cuda: dtype must be 1 (fp16) or 2 (bf16)";
+  if (args.n == 0 || args.m == 0) return "";
+  DeviceInfo info;
+  err = device_info(&info);
+  if (!err.empty()) return err;
+  // By the loaded code's architecture (see DeviceInfo), which is the device's own in the usual
+  // build; the shared-memory check in Launcher::run still uses the device's real limit.
+  const int id = gemm::select_tile(info.code_cc, args.m);
+  if (id < 0)
+    return "bitfuse gemm_cuda: needs an sm_80 or newer GPU (cp.async, bf16 mma) and device code "
+           "built for sm_80 or newer; this GPU is sm_" + std::to_string(info.cc) +
+           ", the loaded GEMM code sm_" + std::to_string(info.code_cc);
+  Launcher l{args, dtype, reinterpret_cast<cudaStream_t>(stream), info.device, info.smem_optin, ""};
+  gemm::with_tile(id, l);
+  return l.err;
+}
+
+}  // namespace cuda
+}  // namespace bitfuse

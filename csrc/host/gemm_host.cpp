@@ -1,0 +1,564 @@
+// CPU twin of the tensor-core GEMM (csrc/cuda/gemm.cu): `_C.gemm_host` runs the kernel's
+// algorithm block by block, warp by warp and lane by lane through the same header functions
+// (bitfuse/gemm.h, bitfuse/mma_tile.h, bitfuse/gemm_config.h): the same tile table, class plan and
+// copy plan (cp.async emulated with its zero-fill, into an emulated shared memory with the same
+// byte layout and swizzle), the same per-lane B-fragment decode, ldmatrix emulated from the lanes'
+// row addresses, mma.m16n8k16 emulated from the PTX ISA fragment layouts (fp16/bf16 operands,
+// fp32 accumulation), the same split-K scratch and epilogue staging. It also checks what the
+// hardware would fault on or slow down for: cp.async alignment and bounds, ldmatrix bank
+// conflicts, and that every output is written exactly once.
+//
+// Not emulated: timing (the pipeline's overlap; stages are filled and consumed in order, in the
+// same stage slots), the tensor core's internal summation order (fp32 fma in k order here), and
+// the sharing of one shared memory by concurrently running warps.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "bitfuse/gemm_config.h"
+#include "bitfuse/mma_tile.h"
+#include "checks.h"
+
+namespace py = pybind11;
+
+namespace bitfuse {
+namespace host {
+namespace {
+
+const char* kWho = "bitfuse gemm_host";
+
+std::string shape_str(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+// An exact-dtype array of the given shape (-1: any), copied into a 64-byte aligned buffer so that
+// the alignment the kernel relies on (16-byte cp.async sources) is checked for real here.
+struct Buf {
+  std::vector<uint32_t> words;
+  size_t offset = 0;  // in uint32 units, to a 64-byte boundary
+  const void* data() const { return words.data() + offset; }
+  void* data() { return words.data() + offset; }
+};
+Buf take(const py::array& a, const std::string& name, char kind, int size,
+         std::vector<py::ssize_t> shape) {
+  const auto dt = a.dtype();
+  const bool int32ish = kind == 'i' && size == 4 && (dt.kind() == 'i' || dt.kind() == 'u');
+  if (!(dt.kind() == kind || int32ish) || dt.itemsize() != size)
+    fail(std::string(kWho) + ": " + name + " has dtype " + std::string(py::str(a.dtype())) +
+         ", expected " + (kind == 'i' ? "int32" : size == 2 ? "float16" : "float32"));
+  bool ok = a.ndim() == py::ssize_t(shape.size());
+  for (size_t i = 0; ok && i < shape.size(); ++i) ok = shape[i] < 0 || a.shape(i) == shape[i];
+  if (!ok) fail(std::string(kWho) + ": " + name + " has shape " + shape_str(a));
+  const auto c = py::array::ensure(a, py::array::c_style);
+  const size_t bytes = size_t(c.nbytes());
+  Buf b;
+  b.words.assign(bytes / 4 + 1 + 16, 0u);
+  const uintptr_t p = reinterpret_cast<uintptr_t>(b.words.data());
+  b.offset = ((64 - p % 64) % 64) / 4;
+  if (bytes) std::memcpy(b.data(), c.data(), bytes);
+  return b;
+}
+
+struct Stats {
+  int64_t copies = 0, copy_bytes = 0, ldsm = 0, ldsm_conflicts = 0, mma = 0;
+};
+
+// The source tensors' byte ranges: every copy must read inside one of them (what
+// compute-sanitizer would check on the GPU).
+using Ranges = std::vector<std::pair<const char*, const char*>>;
+
+// cp.async, emulated: `bytes` from src, zeros up to `size`; what the PTX ISA requires is checked.
+struct EmuCopy {
+  char* stage;
+  int stage_bytes;
+  Stats* st;
+  const Ranges* ranges;
+  void operator()(int size, int smem, const void* src, int bytes) const {
+    if ((size != 4 && size != 16) || smem < 0 || smem % size || smem + size > stage_bytes)
+      fail(std::string(kWho) + ": copy plan writes " + std::to_string(size) + " bytes at stage offset " +
+           std::to_string(smem) + " (stage is " + std::to_string(stage_bytes) + " bytes)");
+    if (bytes < 0 || bytes > size) fail(std::string(kWho) + ": copy plan reads a bad byte count");
+    if (bytes && reinterpret_cast<uintptr_t>(src) % size)
+      fail(std::string(kWho) + ": a " + std::to_string(size) + "-byte cp.async source is misaligned");
+    const char* p = static_cast<const char*>(src);
+    bool inside = bytes == 0;
+    for (const auto& r : *ranges) inside = inside || (p >= r.first && p + bytes <= r.second);
+    if (!inside) fail(std::string(kWho) + ": the copy plan reads outside its source tensor");
+    if (bytes) std::memcpy(stage + smem, src, size_t(bytes));
+    std::memset(stage + smem + bytes, 0, size_t(size - bytes));
+    ++st->copies;
+    st->copy_bytes += bytes;
+  }
+};
+
+uint16_t ld16(const char* p) {
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16, emulated from the 32 lanes' row offsets.
+void emu_ldsm(const char* stage, int stage_bytes, const int off[32], uint32_t out[32][4], Stats& st) {
+  for (int l = 0; l < 32; ++l)
+    if (off[l] % 16 || off[l] < 0 || off[l] + 16 > stage_bytes)
+      fail(std::string(kWho) + ": an ldmatrix row address is misaligned or outside the stage");
+  // One phase per 8x8 matrix: its 8 rows are conflict-free iff they sit in 8 different 16-byte
+  // bank groups of a 128-byte line.
+  for (int j = 0; j < 4; ++j) {
+    int seen = 0;
+    for (int r = 0; r < 8; ++r) seen |= 1 << ((off[8 * j + r] / 16) % 8);
+    ++st.ldsm;
+    if (seen != 0xFF) ++st.ldsm_conflicts;
+  }
+  for (int l = 0; l < 32; ++l)
+    for (int j = 0; j < 4; ++j) {
+      const char* p = stage + off[mma::ldsm_src_lane(l, j)] + 2 * mma::ldsm_src_elem(l);
+      out[l][j] = uint32_t(ld16(p)) | (uint32_t(ld16(p + 2)) << 16);
+    }
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}, emulated from the ISA fragment layouts:
+// c[lane][0..3] += A·B with A from a[lane][0..3], B from (b0, b1)[lane].
+void emu_mma(int dtype, float* const c[32], const uint32_t a[32][4], const uint32_t b0[32],
+             const uint32_t b1[32]) {
+  float A[16][16], B[16][8], D[16][8];
+  for (int l = 0; l < 32; ++l) {
+    for (int i = 0; i < 8; ++i) {
+      const uint32_t r = a[l][i >> 1];
+      A[mma::a_row(l, i)][mma::a_col(l, i)] = mma::act_to_f32(uint16_t(i & 1 ? r >> 16 : r), dtype);
+    }
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t r = i < 2 ? b0[l] : b1[l];
+      B[mma::b_row(l, i)][mma::b_col(l, i)] = mma::act_to_f32(uint16_t(i & 1 ? r >> 16 : r), dtype);
+    }
+    for (int i = 0; i < 4; ++i) D[mma::c_row(l, i)][mma::c_col(l, i)] = c[l][i];
+  }
+  // The products of two fp16/bf16 values are exact; the hardware's order and width of the sum
+  // are unspecified, so the emulation sums in double and rounds once to fp32 per mma (the tests'
+  // bound allows any fp32 accumulation order).
+  for (int r = 0; r < 16; ++r)
+    for (int n = 0; n < 8; ++n) {
+      double d = D[r][n];
+      for (int k = 0; k < 16; ++k) d += double(A[r][k]) * double(B[k][n]);
+      D[r][n] = float(d);
+    }
+  for (int l = 0; l < 32; ++l)
+    for (int i = 0; i < 4; ++i) c[l][i] = D[mma::c_row(l, i)][mma::c_col(l, i)];
+}
+
+struct Twin {
+  gemm::Args a;
+  int dtype;
+  uint64_t qweight_addr;  // what plan_classes sees (an odd value forces 4-byte weight copies)
+  std::vector<float>* y;
+  std::vector<int>* written;
+  Ranges ranges;
+  Stats st;
+
+  template <int ID>
+  void run() {
+    using T = typename gemm::TileOf<ID>::type;
+    gemm::plan_classes<T>(a, qweight_addr);
+    std::vector<uint32_t> smem(T::SMEM_BYTES / 4 + 1);
+    const int n_tiles = a.class_tile[a.classes.count];
+    const int m_tiles = (a.m + T::BM - 1) / T::BM;
+    for (int tm = 0; tm < m_tiles; ++tm)
+      for (int tn = 0; tn < n_tiles; ++tn) {
+        const gemm::BlockTile bt = gemm::block_tile(a, T::BN, T::BM, tn, tm);
+        char* sm = reinterpret_cast<char*>(smem.data());
+        switch (a.classes.bits[bt.cls]) {
+          case 2: block_dt<T, 2>(bt, sm); break;
+          case 3: block_dt<T, 3>(bt, sm); break;
+          default: block_dt<T, 4>(bt, sm); break;
+        }
+      }
+  }
+
+  template <class T, int BITS>
+  void block_dt(const gemm::BlockTile& bt, char* sm) {
+    if (dtype == mma::kDtypeBF16) block<T, BITS, mma::kDtypeBF16>(bt, sm);
+    else block<T, BITS, mma::kDtypeF16>(bt, sm);
+  }
+
+  // One block of the kernel (gemm_block in gemm.cu), its warps and lanes run one after another.
+  template <class T, int BITS, int DT>
+  void block(const gemm::BlockTile& bt, char* sm) {
+    const bool res = a.res_index != nullptr;
+    const bool vec = a.class_vec[bt.cls] != 0;
+    int* s_ri = reinterpret_cast<int*>(sm + T::RI_OFF);
+    for (int i = 0; i < T::BN; ++i)
+      s_ri[i] = (res && bt.row0 + i < bt.row_end) ? a.res_index[bt.row0 + i] : -1;
+    const int ktiles = (a.k + T::BK - 1) / T::BK;
+    std::vector<float> acc(size_t(T::WARPS) * 32 * T::ACC, 0.0f);  // [warp][lane][i][j][e]
+    auto accp = [&](int warp, int lane, int i, int j) {
+      return &acc[(size_t(warp) * 32 + lane) * T::ACC + (i * T::NT + j) * 4];
+    };
+    uint32_t bfrag[32][T::NT][4];
+    for (int kt = 0; kt < ktiles; ++kt) {
+      char* stage = sm + (kt % T::STAGES) * T::STAGE_BYTES;
+      EmuCopy cp{stage, T::STAGE_BYTES, &st, &ranges};
+      gemm::stage_copies<T, BITS>(a, bt, kt, s_ri, vec, res, 0, 1, cp);
+      for (int warp = 0; warp < T::WARPS; ++warp) {
+        const gemm::WarpPos w = gemm::warp_pos<T>(warp);
+        const int mtiles = gemm::warp_m_tiles<T>(a, bt, w.wm);
+        for (int jr = 0; jr < T::RUNS_PER_WARP; ++jr) {
+          const int rho = gemm::warp_run<T>(w.wk, jr);
+          if (kt * T::BK + 32 * rho >= a.k) break;
+          for (int lane = 0; lane < 32; ++lane)
+            gemm::decode_b<T, BITS, DT>(a, bt, kt, stage, s_ri, w, lane, rho, res, bfrag[lane]);
+          for (int s = 0; s < 2; ++s)
+            for (int i = 0; i < mtiles; ++i) {
+              int off[32];
+              uint32_t af[32][4];
+              for (int lane = 0; lane < 32; ++lane)
+                off[lane] = gemm::a_ldsm_offset<T>(w, i, rho, s, lane);
+              emu_ldsm(stage, T::STAGE_BYTES, off, af, st);
+              for (int j = 0; j < T::NT; ++j) {
+                float* c[32];
+                uint32_t b0[32], b1[32];
+                for (int lane = 0; lane < 32; ++lane) {
+                  c[lane] = accp(warp, lane, i, j);
+                  b0[lane] = bfrag[lane][j][2 * s];
+                  b1[lane] = bfrag[lane][j][2 * s + 1];
+                }
+                emu_mma(DT, c, af, b0, b1);
+                ++st.mma;
+              }
+            }
+        }
+      }
+    }
+    // Split-K partials through the (reused) stage memory, summed by warp-k 0 in order 1, 2, ...
+    if (T::WK > 1) {
+      float* red = reinterpret_cast<float*>(sm);
+      for (int warp = 0; warp < T::WARPS; ++warp) {
+        const gemm::WarpPos w = gemm::warp_pos<T>(warp);
+        if (w.wk == 0) continue;
+        for (int lane = 0; lane < 32; ++lane)
+          for (int q = 0; q < T::ACC; ++q)
+            red[gemm::red_index<T>(w.wk, w.wmn, q, lane)] = acc[(size_t(warp) * 32 + lane) * T::ACC + q];
+      }
+      for (int warp = 0; warp < T::WARPS; ++warp) {
+        const gemm::WarpPos w = gemm::warp_pos<T>(warp);
+        if (w.wk != 0) continue;
+        for (int p = 1; p < T::WK; ++p)
+          for (int lane = 0; lane < 32; ++lane)
+            for (int q = 0; q < T::ACC; ++q)
+              acc[(size_t(warp) * 32 + lane) * T::ACC + q] += red[gemm::red_index<T>(p, w.wmn, q, lane)];
+      }
+    }
+    // Epilogue through each output warp's staging tile.
+    for (int warp = 0; warp < T::WARPS; ++warp) {
+      const gemm::WarpPos w = gemm::warp_pos<T>(warp);
+      if (w.wk != 0) continue;
+      float* epi = reinterpret_cast<float*>(sm + T::EPI_OFF) + w.wmn * T::EPI_FLOATS;
+      const int mtiles = gemm::warp_m_tiles<T>(a, bt, w.wm);
+      for (int i = 0; i < mtiles; ++i) {
+        for (int lane = 0; lane < 32; ++lane)
+          for (int j = 0; j < T::NT; ++j)
+            for (int e = 0; e < 4; ++e) epi[gemm::epi_slot<T>(j, lane, e)] = accp(warp, lane, i, j)[e];
+        for (int o = 0; o < 16 * T::WTN; ++o) {
+          const int mi = bt.m0 + gemm::epi_x_row<T>(w, i, o);
+          const int row = bt.row0 + gemm::epi_packed_row<T>(w, o);
+          if (mi >= a.m || row >= bt.row_end) continue;
+          int col;
+          const float v = gemm::epilogue(a, epi[gemm::epi_src<T>(o)], row, mi, &col);
+          (*y)[size_t(mi) * a.n + col] = v;
+          ++(*written)[size_t(mi) * a.n + col];
+        }
+      }
+    }
+  }
+};
+
+py::tuple gemm_host(const py::array& x_in, int dtype, int cc, const py::array& qweight_in,
+                    const py::array& scales_in, const py::array& zeros_in,
+                    std::optional<py::array> perm_in, std::optional<py::array> res_index_in,
+                    std::optional<py::array> res_plane_in, std::optional<py::array> res_alpha_in,
+                    std::optional<py::array> t_in, std::optional<py::array> lr_up_in,
+                    std::optional<py::array> extra_in, std::optional<py::array> bias_in,
+                    const std::vector<int>& class_bits, const std::vector<int>& class_rows, int n,
+                    int k, int k_pad, int group_size, int tile, bool misaligned_weights) {
+  const ClassTable table = make_class_table(class_bits, class_rows, n, k, k_pad, group_size);
+  if (dtype != mma::kDtypeF16 && dtype != mma::kDtypeBF16)
+    fail(std::string(kWho) + ": dtype must be 1 (fp16) or 2 (bf16), got " + std::to_string(dtype));
+  if (x_in.ndim() != 2 || x_in.shape(1) != k)
+    fail(std::string(kWho) + ": x must be (m, " + std::to_string(k) + "), got " + shape_str(x_in));
+  const int m = int(x_in.shape(0));
+  if (m < 1) fail(std::string(kWho) + ": m must be >= 1");
+  if (tile < 0) tile = gemm::select_tile(cc, m);
+  if (tile < 0 || tile >= gemm::kTileCount)
+    fail(std::string(kWho) + ": no tile for cc=" + std::to_string(cc) + " (sm_80 or newer), tile=" +
+         std::to_string(tile));
+  const py::ssize_t G = k_pad / group_size;
+  const int64_t total = class_word_offset(table.bits, table.rows, table.count, k_pad);
+
+  // x: the activations as their fp16/bf16 bits in an (m, lda) buffer, lda = k rounded up to 8
+  // (what backend_cuda hands the kernel), padding never read.
+  const auto xf = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(x_in);
+  if (!xf || py::array(x_in).dtype().kind() != 'f')
+    fail(std::string(kWho) + ": x must be a float32 array");
+  const int64_t lda = (int64_t(k) + 7) / 8 * 8;
+  Buf xb;
+  xb.words.assign(size_t(m) * lda / 2 + 32, 0u);
+  xb.offset = ((64 - reinterpret_cast<uintptr_t>(xb.words.data()) % 64) % 64) / 4;
+  uint16_t* xh = static_cast<uint16_t*>(xb.data());
+  const float* xs = xf.data();
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t c = 0; c < k; ++c) {
+      const float v = xs[i * k + c];
+      const uint16_t h = dtype == mma::kDtypeBF16 ? mma::f32_to_bf16_bits(v) : mma::f32_to_f16_bits(v);
+      if (!(mma::act_to_f32(h, dtype) == v || (std::isnan(v) && std::isnan(mma::act_to_f32(h, dtype)))))
+        fail(std::string(kWho) + ": x must hold values of the activation dtype exactly");
+      xh[i * lda + c] = h;
+    }
+
+  gemm::Args a{};
+  a.classes = table;
+  const Buf qweight = take(qweight_in, "qweight", 'i', 4, {py::ssize_t(total)});
+  const Buf scales = take(scales_in, "scales", 'f', 2, {n, G});
+  const Buf zeros = take(zeros_in, "zeros", 'f', 2, {n, G});
+  a.x = xb.data();
+  a.lda = lda;
+  a.qweight = static_cast<const uint32_t*>(qweight.data());
+  a.scales = static_cast<const uint16_t*>(scales.data());
+  a.zeros = static_cast<const uint16_t*>(zeros.data());
+  Buf perm, res_index, res_plane, res_alpha, t, lr_up, extra, bias;
+  if (perm_in) {
+    perm = take(*perm_in, "perm", 'i', 4, {n});
+    a.perm = static_cast<const int32_t*>(perm.data());
+    std::vector<bool> seen(size_t(n), false);
+    for (int i = 0; i < n; ++i) {
+      const int p = a.perm[i];
+      if (p < 0 || p >= n || seen[size_t(p)])
+        fail(std::string(kWho) + ": perm must be a permutation of range(" + std::to_string(n) + ")");
+      seen[size_t(p)] = true;
+    }
+  }
+  if (bool(res_index_in) != bool(res_plane_in) || bool(res_index_in) != bool(res_alpha_in))
+    fail(std::string(kWho) + ": res_index, res_plane and res_alpha are given together or not at all");
+  if (res_index_in) {
+    if (res_plane_in->ndim() != 2) fail(std::string(kWho) + ": res_plane must be 2-D");
+    const py::ssize_t nr = res_plane_in->shape(0);
+    res_index = take(*res_index_in, "res_index", 'i', 4, {n});
+    res_plane = take(*res_plane_in, "res_plane", 'i', 4, {nr, k_pad / 32});
+    res_alpha = take(*res_alpha_in, "res_alpha", 'f', 2, {nr, G});
+    a.res_index = static_cast<const int32_t*>(res_index.data());
+    for (int i = 0; i < n; ++i)
+      if (a.res_index[i] < -1 || a.res_index[i] >= nr)
+        fail(std::string(kWho) + ": res_index values must be -1 or in [0, " + std::to_string(nr) + ")");
+    a.res_plane = static_cast<const uint32_t*>(res_plane.data());
+    a.res_alpha = static_cast<const uint16_t*>(res_alpha.data());
+    a.nr = int(nr);
+  }
+  if (bool(t_in) != bool(lr_up_in)) fail(std::string(kWho) + ": t and lr_up are given together");
+  if (t_in) {
+    if (t_in->ndim() != 2) fail(std::string(kWho) + ": t must be (m, r)");
+    a.r = int(t_in->shape(1));
+    t = take(*t_in, "t", 'f', 4, {m, a.r});
+    lr_up = take(*lr_up_in, "lr_up", 'f', 2, {n, a.r});
+    a.t = static_cast<const float*>(t.data());
+    a.lr_up = static_cast<const uint16_t*>(lr_up.data());
+  }
+  if (extra_in) {
+    extra = take(*extra_in, "extra", 'f', 4, {m, n});
+    a.extra = static_cast<const float*>(extra.data());
+  }
+  if (bias_in) {
+    bias = take(*bias_in, "bias", 'f', 4, {n});
+    a.bias = static_cast<const float*>(bias.data());
+  }
+  a.m = m, a.n = n, a.k = k, a.k_pad = k_pad, a.group_size = group_size;
+
+  std::vector<float> y(size_t(m) * n, 0.0f);
+  std::vector<int> written(size_t(m) * n, 0);
+  auto range = [](const void* p, int64_t bytes) {
+    return std::make_pair(static_cast<const char*>(p), static_cast<const char*>(p) + bytes);
+  };
+  Ranges ranges = {range(a.x, int64_t(m) * lda * 2), range(a.qweight, total * 4),
+                   range(a.scales, int64_t(n) * G * 2), range(a.zeros, int64_t(n) * G * 2)};
+  if (a.res_index) {
+    ranges.push_back(range(a.res_plane, int64_t(a.nr) * (k_pad / 32) * 4));
+    ranges.push_back(range(a.res_alpha, int64_t(a.nr) * G * 2));
+  }
+  Twin tw{a, dtype, reinterpret_cast<uint64_t>(a.qweight) + (misaligned_weights ? 4 : 0), &y,
+          &written, ranges, Stats{}};
+  gemm::with_tile(tile, tw);
+  for (size_t i = 0; i < written.size(); ++i)
+    if (written[i] != 1)
+      fail(std::string(kWho) + ": output (" + std::to_string(i / size_t(n)) + ", " +
+           std::to_string(i % size_t(n)) + ") was written " + std::to_string(written[i]) + " times");
+
+  py::array_t<float> out({py::ssize_t(m), py::ssize_t(n)});
+  std::memcpy(out.mutable_data(), y.data(), y.size() * sizeof(float));
+  py::dict info;
+  info["tile"] = tile;
+  info["copies"] = tw.st.copies;
+  info["copy_bytes"] = tw.st.copy_bytes;
+  info["ldsm"] = tw.st.ldsm;
+  info["ldsm_conflicts"] = tw.st.ldsm_conflicts;
+  info["mma"] = tw.st.mma;
+  int vec = 0;
+  for (int c = 0; c < table.count; ++c) vec += tw.a.class_vec[c];
+  info["vec_classes"] = vec;
+  return py::make_tuple(out, info);
+}
+
+// ---- small hooks for the tests ------------------------------------------------------------------
+
+struct TileInfo {
+  py::dict d;
+  template <int ID>
+  void run() {
+    using T = typename gemm::TileOf<ID>::type;
+    d["id"] = ID, d["bm"] = T::BM, d["bn"] = T::BN, d["bk"] = T::BK, d["wm"] = T::WM;
+    d["wn"] = T::WN, d["wk"] = T::WK, d["stages"] = T::STAGES, d["threads"] = T::THREADS;
+    d["smem"] = T::SMEM_BYTES;
+  }
+};
+
+py::list gemm_tile_table() {
+  py::list rows;
+  for (int r = 0; r < gemm::kArchRows; ++r) {
+    const gemm::ArchConfig c = gemm::arch_config(r);
+    TileInfo s, l;
+    gemm::with_tile(c.small_tile, s);
+    gemm::with_tile(c.large_tile, l);
+    py::dict d;
+    d["cc"] = c.cc, d["sms"] = c.sms, d["smem_per_sm_kb"] = c.smem_per_sm_kb;
+    d["small"] = s.d, d["large"] = l.d, d["small_max_m"] = gemm::kSmallMaxM;
+    rows.append(d);
+  }
+  return rows;
+}
+
+// Fills an x tile whose element (r, c) is 256·r + c and reads one m16k16 fragment back through
+// the emulated ldmatrix (mma_layout_test).
+struct LayoutFill {
+  int i, rho, s;
+  py::array_t<int32_t>* L;
+  Stats st;
+  template <int ID>
+  void run() {
+    using T = typename gemm::TileOf<ID>::type;
+    if (i < 0 || i >= T::MT || rho < 0 || rho >= T::RUNS || s < 0 || s > 1)
+      fail(std::string(kWho) + ": m16 tile / run / step outside the tile");
+    std::vector<uint32_t> stage(T::STAGE_BYTES / 4, 0u);
+    char* st8 = reinterpret_cast<char*>(stage.data());
+    for (int r = 0; r < T::BM; ++r)  // the x tile, written as the copy plan places it
+      for (int c = 0; c < T::BK; ++c) {
+        const uint16_t v = uint16_t(256 * r + c);
+        std::memcpy(st8 + T::A_OFF + mma::a_tile_offset(r, c - c % 8, T::BK) + 2 * (c % 8), &v, 2);
+      }
+    const gemm::WarpPos w = gemm::warp_pos<T>(0);
+    int off[32];
+    uint32_t af[32][4];
+    for (int l = 0; l < 32; ++l) off[l] = gemm::a_ldsm_offset<T>(w, i, rho, s, l);
+    emu_ldsm(st8, T::STAGE_BYTES, off, af, st);
+    for (int l = 0; l < 32; ++l)
+      for (int e = 0; e < 8; ++e) L->mutable_at(l, e) = int32_t(uint16_t(af[l][e >> 1] >> (16 * (e & 1))));
+  }
+};
+
+// The fragment layouts and the ldmatrix path of tile `tile`'s x tile, for tests that re-derive them
+// from the PTX ISA: for each lane, (row, col) of A elements 0..7, B elements 0..3 (k, n), C 0..3;
+// and `ldsm`: the 8 values lane receives from an emulated x tile whose element (r, c) holds
+// 256·r + c, loaded through the tile's swizzle and the kernel's ldmatrix addresses (m16 tile i,
+// run rho, step s of warp 0).
+py::dict mma_layout_test(int tile, int i, int rho, int s) {
+  if (tile < 0 || tile >= gemm::kTileCount) fail(std::string(kWho) + ": no such tile");
+  py::array_t<int32_t> A({32, 8, 2}), B({32, 4, 2}), C({32, 4, 2}), L({32, 8});
+  for (int l = 0; l < 32; ++l) {
+    for (int e = 0; e < 8; ++e) A.mutable_at(l, e, 0) = mma::a_row(l, e), A.mutable_at(l, e, 1) = mma::a_col(l, e);
+    for (int e = 0; e < 4; ++e) {
+      B.mutable_at(l, e, 0) = mma::b_row(l, e), B.mutable_at(l, e, 1) = mma::b_col(l, e);
+      C.mutable_at(l, e, 0) = mma::c_row(l, e), C.mutable_at(l, e, 1) = mma::c_col(l, e);
+    }
+  }
+  LayoutFill f{i, rho, s, &L, Stats{}};
+  gemm::with_tile(tile, f);
+  py::dict d;
+  d["a"] = A, d["b"] = B, d["c"] = C, d["ldsm"] = L, d["ldsm_conflicts"] = f.st.ldsm_conflicts;
+  return d;
+}
+
+// One lane's B fragment of one run (mma_tile.h b_values / b_fragment), fp16 arguments as bits.
+py::tuple b_fragment_test(const py::array& words_in, int bits, int t, uint16_t scale, uint16_t zero,
+                          bool res, uint32_t sign_byte, uint16_t alpha, int dtype) {
+  check_bits(bits);
+  if (t < 0 || t > 3) fail(std::string(kWho) + ": t is a quad thread, 0..3");
+  if (dtype != mma::kDtypeF16 && dtype != mma::kDtypeBF16) fail(std::string(kWho) + ": dtype 1 or 2");
+  const auto words = py::array::ensure(words_in, py::array::c_style);
+  if (words.dtype().itemsize() != 4 || words.ndim() != 1 || words.shape(0) != bits)
+    fail(std::string(kWho) + ": one run is " + std::to_string(bits) + " int32 words");
+  const uint32_t* w = static_cast<const uint32_t*>(words.data());
+  const float s = half_to_float(scale), z = half_to_float(zero), al = half_to_float(alpha);
+  float v[8];
+  uint32_t b[4];
+  if (bits == 4) mma::b_values<4>(w, t, s, z, res, sign_byte, al, v);
+  else if (bits == 3) mma::b_values<3>(w, t, s, z, res, sign_byte, al, v);
+  else mma::b_values<2>(w, t, s, z, res, sign_byte, al, v);
+  auto frag = [&](auto dt) {
+    constexpr int DT = decltype(dt)::value;
+    if (bits == 4) mma::b_fragment<4, DT>(w, t, s, z, res, sign_byte, al, b);
+    else if (bits == 3) mma::b_fragment<3, DT>(w, t, s, z, res, sign_byte, al, b);
+    else mma::b_fragment<2, DT>(w, t, s, z, res, sign_byte, al, b);
+  };
+  if (dtype == mma::kDtypeBF16) frag(std::integral_constant<int, mma::kDtypeBF16>{});
+  else frag(std::integral_constant<int, mma::kDtypeF16>{});
+  py::array_t<float> vals(8);
+  py::array_t<uint32_t> regs(4);
+  py::array_t<int32_t> cols(8);
+  for (int i = 0; i < 8; ++i) vals.mutable_at(i) = v[i], cols.mutable_at(i) = mma::b_run_col(t, i);
+  for (int i = 0; i < 4; ++i) regs.mutable_at(i) = b[i];
+  return py::make_tuple(vals, regs, cols);
+}
+
+// fp32 -> fp16 / bf16 bits as the kernel rounds B (mma_tile.h f32_to_*_bits, host path).
+py::array_t<uint16_t> round_to_act_test(const py::array_t<float, py::array::c_style | py::array::forcecast>& v,
+                                        int dtype) {
+  py::array_t<uint16_t> out(v.size());
+  const float* p = v.data();
+  for (py::ssize_t i = 0; i < v.size(); ++i)
+    out.mutable_at(i) = dtype == mma::kDtypeBF16 ? mma::f32_to_bf16_bits(p[i]) : mma::f32_to_f16_bits(p[i]);
+  return out;
+}
+
+}  // namespace
+
+void register_gemm_host_ops(py::module_& m) {
+  m.def("gemm_host", &gemm_host, py::arg("x"), py::arg("dtype"), py::arg("cc"), py::arg("qweight"),
+        py::arg("scales"), py::arg("zeros"), py::arg("perm"), py::arg("res_index"),
+        py::arg("res_plane"), py::arg("res_alpha"), py::arg("t"), py::arg("lr_up"),
+        py::arg("extra"), py::arg("bias"), py::arg("class_bits"), py::arg("class_rows"),
+        py::arg("n"), py::arg("k"), py::arg("k_pad"), py::arg("group_size"),
+        py::arg("tile") = -1, py::arg("misaligned_weights") = false,
+        "CPU twin of gemm_cuda (same header code, emulated cp.async / ldmatrix / mma): x (m, k) "
+        "float32 holding fp16 (dtype 1) or bf16 (dtype 2) values; the tile is the one the kernel "
+        "picks on compute capability cc (e.g. 86, 87, 89, 90) for m, or `tile` (an id of "
+        "gemm_tile_table). misaligned_weights: plan as if qweight were not 16-byte aligned "
+        "(4-byte weight copies). Returns (y (m, n) float32 before the cast, info dict).");
+  m.def("gemm_tile_table", &gemm_tile_table,
+        "The GEMM's per-architecture tile table (bitfuse/gemm_config.h) as a list of dicts.");
+  m.def("mma_layout_test", &mma_layout_test, py::arg("tile"), py::arg("i") = 0, py::arg("rho") = 0,
+        py::arg("s") = 0, "mma_tile.h fragment layouts and the emulated ldmatrix path (tests).");
+  m.def("b_fragment_test", &b_fragment_test, py::arg("words"), py::arg("bits"), py::arg("t"),
+        py::arg("scale_bits"), py::arg("zero_bits"), py::arg("res"), py::arg("sign_byte"),
+        py::arg("alpha_bits"), py::arg("dtype"),
+        "mma_tile.h b_values / b_fragment for quad thread t of one run: (8 fp32 weights, 4 packed "
+        "B registers, the run column of each weight).");
+  m.def("round_to_act_test", &round_to_act_test, py::arg("values"), py::arg("dtype"),
+        "fp32 -> fp16 (dtype 1) / bf16 (dtype 2) bits, rounded as the GEMM rounds its B operand.");
+}
+
+}  // namespace host
+}  // namespace bitfuse

@@ -1,0 +1,377 @@
+// The tensor-core GEMM (M >= 16) of csrc/cuda/gemm.cu: its arguments, tile geometry, shared-memory
+// layout, the copy plan of one pipeline stage, class/group index math and the epilogue. All of it
+// is __host__ __device__ and shared with the CPU twin `_C.gemm_host` (csrc/host/gemm_host.cpp),
+// which runs these functions over an emulated shared memory; tests/test_cuda_gemm_host.py checks
+// the twin against the torch reference. Semantics are the GEMV's (gemv.h):
+//   y = x·(Ŵ_b + R̂)ᵀ + t·L_upᵀ + extra + bias,  fp32 accumulation, cast to x's dtype, stored
+//   through perm (out[:, perm[i]] = packed row i); t and extra are computed by the caller.
+//
+// Layout decisions (why):
+//  * Block tile BM × BN × BK, warps WM × WN × WK. A warp owns a WTM × WTN output tile of
+//    (WTM/16) × (WTN/8) mma tiles and, when WK > 1, every WK-th 32-column run of each k tile
+//    (split-K inside the block, summed through shared memory in warp order at the end: fixed
+//    order, no atomics). The small-M tiles use WM = 1 so every weight is decoded by exactly one
+//    warp; the large-M tiles split M across 2 warps to halve the A (ldmatrix) traffic per mma.
+//  * Block N tiles never straddle a bit class: the grid's N tiles are numbered class by class
+//    (class_tile), each class's last tile is partial. The bit width is then uniform per block and
+//    the block switches once into a BITS-specialised body; class boundaries need no alignment at
+//    all (FORMAT.md §4 makes them multiples of 16 or 64, which only saves partial tiles).
+//  * x tile: BM × BK activations, cp.async 16-byte chunks, zero-filled past M and K (so padding
+//    columns of Ŵ meet x = 0), XOR-swizzled for conflict-free ldmatrix (mma_tile.h).
+//  * Weight tile: BN rows × BK codes as raw words (BK·b/32 words a row), 16-byte cp.async when
+//    the class's rows allow it, else 4-byte; row stride padded by 4 words when the row length is
+//    a multiple of 8 words so the 8 rows of one fragment (lanes g = 0..7) hit distinct banks.
+//    Zero-filled past the row's end (k_pad) and past the class's last row: Ŵ = 0·0 + 0 there.
+//  * scales / zeros / α: fp16 (n, G) rows are only 2-byte aligned, so each row's window of the
+//    groups a k tile needs is staged as the covering aligned 32-bit words (SW of them), read back
+//    with the window's parity (window_index). Residual planes: BK/32 words a row.
+//  * Rows without a residual, and layers without one, read α = 0 and sign 0: Ŵ + (−0) = Ŵ.
+#pragma once
+
+#include <cstdint>
+
+#include "bitfuse/epilogue.h"
+#include "bitfuse/format.h"
+#include "bitfuse/mma_tile.h"
+
+namespace bitfuse {
+namespace gemm {
+
+constexpr int kSmallMaxM = 64;  // M <= 64 runs the arch's small-M tile (gemm_config.h)
+
+BF_HD constexpr int imax(int a, int b) { return a > b ? a : b; }
+
+template <int BM_, int BN_, int BK_, int WM_, int WN_, int WK_, int STAGES_>
+struct Tile {
+  static constexpr int BM = BM_, BN = BN_, BK = BK_;
+  static constexpr int WM = WM_, WN = WN_, WK = WK_, STAGES = STAGES_;
+  static constexpr int WARPS = WM * WN * WK, THREADS = 32 * WARPS;
+  static constexpr int WTM = BM / WM, WTN = BN / WN;  // one warp's output tile
+  static constexpr int MT = WTM / 16, NT = WTN / 8;   // its m16 and n8 mma tiles
+  static constexpr int ACC = MT * NT * 4;             // fp32 accumulators a lane holds
+  static constexpr int RUNS = BK / 32;                // 32-column runs in a k tile
+  static constexpr int RUNS_PER_WARP = RUNS / WK;
+  static constexpr int A_CHUNKS = BM * BK / 8;        // 16-byte chunks of the x tile
+
+  // Weight words a row per k tile, and their shared-memory row stride (+4 words when the row is
+  // a multiple of 8 words: the 8 rows g of a fragment then start 4 banks apart instead of 0 / 16).
+  BF_HD static constexpr int b_words(int bits) { return BK * bits / 32; }
+  BF_HD static constexpr int b_stride(int bits) {
+    return b_words(bits) % 8 == 0 ? b_words(bits) + 4 : b_words(bits);
+  }
+  static constexpr int B_STRIDE_MAX = imax(b_stride(4), imax(b_stride(3), b_stride(2)));
+  // Words of a per-group window: the parity half + up to RUNS groups (g = 32) -> RUNS + 1 halves.
+  static constexpr int SW = (RUNS + 2) / 2;
+
+  // One pipeline stage, byte offsets (every region a multiple of 16 bytes).
+  static constexpr int A_OFF = 0;
+  static constexpr int B_OFF = A_OFF + BM * BK * 2;
+  static constexpr int S_OFF = B_OFF + BN * B_STRIDE_MAX * 4;
+  static constexpr int Z_OFF = S_OFF + BN * SW * 4;
+  static constexpr int AL_OFF = Z_OFF + BN * SW * 4;
+  static constexpr int P_OFF = AL_OFF + BN * SW * 4;
+  static constexpr int STAGE_BYTES = P_OFF + BN * RUNS * 4;
+  // After the stages: res_index of the block's BN rows.
+  static constexpr int RI_OFF = STAGES * STAGE_BYTES;
+  static constexpr int SMEM_BYTES = RI_OFF + BN * 4;
+  // After the main loop the stages are reused: the split-K partials of warps wk >= 1, then one
+  // 16 × WTN fp32 staging tile per output warp for the epilogue (rows padded by 8 floats so the
+  // float2 writes of a half-warp hit distinct banks).
+  static constexpr int RED_FLOATS = (WK - 1) * WM * WN * ACC * 32;
+  static constexpr int EPI_LD = WTN + 8;
+  static constexpr int EPI_OFF = RED_FLOATS * 4;
+  static constexpr int EPI_FLOATS = 16 * EPI_LD;  // per output warp
+
+  static_assert(BM % (16 * WM) == 0 && BN % (8 * WN) == 0, "warp tiles are whole mma tiles");
+  static_assert(BK % 32 == 0 && RUNS % WK == 0, "k tiles are whole runs, shared evenly by WK");
+  static_assert(BK == 32 || BK % 64 == 0, "the x swizzle handles 4 or a multiple of 8 chunks a row");
+  static_assert(STAGES >= 2, "a pipeline has at least two stages");
+  static_assert(STAGE_BYTES % 16 == 0, "stages stay 16-byte aligned");
+  static_assert(EPI_OFF + WM * WN * EPI_FLOATS * 4 <= RI_OFF,
+                "split-K partials and epilogue tiles fit in the stage buffers");
+};
+
+struct Args {
+  const void* x;              // (m, lda) fp16 / bf16; columns >= k are never read
+  void* out;                  // (m, n) same dtype, original output order
+  const uint32_t* qweight;    // FORMAT.md §3
+  const uint16_t* scales;     // (n, G) fp16 bits, 4-byte aligned buffer
+  const uint16_t* zeros;      // (n, G) fp16 bits, 4-byte aligned buffer
+  const int32_t* perm;        // (n) or null
+  const int32_t* res_index;   // (n) or null (no residual branch)
+  const uint32_t* res_plane;  // (nr, k_pad/32)
+  const uint16_t* res_alpha;  // (nr, G) fp16 bits, 4-byte aligned buffer
+  const float* t;             // (m, r) fp32 or null
+  const uint16_t* lr_up;      // (n, r) fp16 bits, packed row order; with t
+  const float* extra;         // (m, n) fp32, original order, or null
+  const float* bias;          // (n) fp32, original order, or null
+  ClassTable classes;
+  int64_t class_word[kMaxClasses];  // first word of each class in qweight
+  int class_first[kMaxClasses];     // first packed row of each class
+  int class_tile[kMaxClasses + 1];  // first block N tile of each class; [count] = all N tiles
+  int class_vec[kMaxClasses];       // 1: the class's weight rows are copied in 16-byte chunks
+  int64_t lda;                      // x row stride in elements: >= k, a multiple of 8
+  int m, n, k, k_pad, group_size, r, nr;
+};
+
+// Class geometry of a launch with tile T: first row / word / N tile of every class and whether
+// its rows can be copied with 16-byte cp.async (the buffer, the class start, the row length and
+// the per-k-tile span all multiples of 16 bytes). qweight_addr: the device address (0 on the host).
+template <class T>
+inline void plan_classes(Args& a, uint64_t qweight_addr) {
+  int first = 0, tiles = 0;
+  for (int c = 0; c < a.classes.count; ++c) {
+    const int bits = a.classes.bits[c], rows = a.classes.rows[c];
+    a.class_first[c] = first;
+    a.class_word[c] = class_word_offset(a.classes.bits, a.classes.rows, c, a.k_pad);
+    a.class_tile[c] = tiles;
+    a.class_vec[c] = qweight_addr % 16 == 0 && a.class_word[c] % 4 == 0 &&
+                     words_per_row(bits, a.k_pad) % 4 == 0 && T::b_words(bits) % 4 == 0;
+    tiles += (rows + T::BN - 1) / T::BN;
+    first += rows;
+  }
+  a.class_tile[a.classes.count] = tiles;
+}
+
+// The block's place: its class, packed rows [row0, row_end) and first x row m0.
+struct BlockTile {
+  int cls, row0, row_end, m0;
+};
+BF_HD inline BlockTile block_tile(const Args& a, int bn, int bm, int tile_n, int tile_m) {
+  int c = 0;
+  while (c + 1 < a.classes.count && tile_n >= a.class_tile[c + 1]) ++c;  // skips empty classes
+  BlockTile b;
+  b.cls = c;
+  b.row0 = a.class_first[c] + (tile_n - a.class_tile[c]) * bn;
+  b.row_end = a.class_first[c] + a.classes.rows[c];
+  b.m0 = tile_m * bm;
+  return b;
+}
+
+// A warp's place in the block: warps [wk][wm][wn], wn fastest.
+struct WarpPos {
+  int wm, wn, wk, wmn;
+};
+template <class T>
+BF_HD inline WarpPos warp_pos(int warp) {
+  WarpPos p;
+  p.wk = warp / (T::WM * T::WN);
+  p.wmn = warp % (T::WM * T::WN);
+  p.wm = p.wmn / T::WN;
+  p.wn = p.wmn % T::WN;
+  return p;
+}
+// Run (0..RUNS-1) of a k tile that warp-k index wk takes as its j-th.
+template <class T>
+BF_HD constexpr int warp_run(int wk, int j) { return wk + T::WK * j; }
+// m16 tiles of warp row wm that hold at least one x row < m: the others skip ldmatrix and mma.
+template <class T>
+BF_HD inline int warp_m_tiles(const Args& a, const BlockTile& bt, int wm) {
+  const int left = a.m - bt.m0 - wm * T::WTM;
+  return left <= 0 ? 0 : left >= T::WTM ? T::MT : (left + 15) / 16;
+}
+// Tile-local row of the B fragment of n8 tile j for `lane`, and of accumulator element e.
+template <class T>
+BF_HD constexpr int b_tile_row(const WarpPos& w, int j, int lane) {
+  return w.wn * T::WTN + 8 * j + mma::group_id(lane);
+}
+// The epilogue goes one m16 tile i at a time through the warp's staging tile (16 × WTN fp32):
+// accumulator e of n8 tile j of lane is element (c_row, 8j + c_col) there (mma_tile.h: the ISA's
+// C layout); then output o = lane, lane + 32, .. of the staging tile is x row
+// bt.m0 + w.wm·WTM + 16i + o / WTN and packed row bt.row0 + w.wn·WTN + o % WTN, so a warp's 32
+// stores go to 32 consecutive packed rows of one x row (coalesced when perm is the identity).
+template <class T>
+BF_HD constexpr int epi_slot(int j, int lane, int e) {
+  return mma::c_row(lane, e) * T::EPI_LD + 8 * j + mma::c_col(lane, e);
+}
+template <class T>
+BF_HD constexpr int epi_x_row(const WarpPos& w, int i, int o) {  // x row in the block tile
+  return w.wm * T::WTM + 16 * i + o / T::WTN;
+}
+template <class T>
+BF_HD constexpr int epi_packed_row(const WarpPos& w, int o) {  // packed row in the block tile
+  return w.wn * T::WTN + o % T::WTN;
+}
+template <class T>
+BF_HD constexpr int epi_src(int o) {  // where output o sits in the staging tile
+  return (o / T::WTN) * T::EPI_LD + o % T::WTN;
+}
+// Stage byte offset of the address lane gives to the ldmatrix.x4 of m16 tile i, k16 step s of run
+// rho: row (tile) w.wm·WTM + 16i + (lane & 15), column 32·rho + 16·s + 8·(lane >> 4).
+template <class T>
+BF_HD constexpr int a_ldsm_offset(const WarpPos& w, int i, int rho, int s, int lane) {
+  return T::A_OFF + mma::a_tile_offset(w.wm * T::WTM + 16 * i + mma::ldsm_row(lane),
+                                       32 * rho + 16 * s + mma::ldsm_col(lane), T::BK);
+}
+// Float index of accumulator acc_i of lane in the split-K scratch of warp-k index wk >= 1:
+// lane-contiguous, so the writes and the summing reads are conflict-free.
+template <class T>
+BF_HD constexpr int red_index(int wk, int wmn, int acc_i, int lane) {
+  return (((wk - 1) * T::WM * T::WN + wmn) * T::ACC + acc_i) * 32 + lane;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The copy plan of one stage (k tile kt). Every copy is one cp.async: `bytes` leading bytes come
+// from `src` (an element index: activations for x, 32-bit words for everything else), the rest of
+// the 16- or 4-byte destination is zero-filled; bytes == 0 reads nothing (src is then 0).
+// ---------------------------------------------------------------------------------------------
+struct Copy {
+  int smem;     // byte offset inside the stage
+  int64_t src;  // element / word index into the source tensor
+  int bytes;    // 0..16 (x, 16-byte weight chunks) or 0..4 (4-byte words)
+};
+
+// x chunk q (0..A_CHUNKS-1): row q / (BK/8), columns 8·(q % (BK/8)) .. +8 of the k tile.
+template <class T>
+BF_HD inline Copy a_copy(const Args& a, const BlockTile& bt, int kt, int q) {
+  const int r = q / (T::BK / 8), c8 = 8 * (q % (T::BK / 8));
+  const int m = bt.m0 + r, col = kt * T::BK + c8;
+  Copy cp;
+  cp.smem = T::A_OFF + mma::a_tile_offset(r, c8, T::BK);
+  const int left = a.k - col;  // real columns from col on
+  cp.bytes = (m < a.m && left > 0) ? (left >= 8 ? 16 : 2 * left) : 0;
+  cp.src = cp.bytes ? int64_t(m) * a.lda + col : 0;
+  return cp;
+}
+
+// Weight copies of a stage: BN rows × (W/4 16-byte chunks, or W 4-byte words).
+template <class T, int BITS>
+BF_HD constexpr int b_copies(bool vec) {
+  return T::BN * (vec ? T::b_words(BITS) / 4 : T::b_words(BITS));
+}
+template <class T, int BITS>
+BF_HD inline Copy b_copy(const Args& a, const BlockTile& bt, int kt, int q, bool vec) {
+  constexpr int W = T::b_words(BITS);
+  const int unit = vec ? 4 : 1, per = W / unit;  // words a copy, copies a row
+  const int rr = q / per, u = q % per;
+  const int row = bt.row0 + rr;
+  const int wpr = words_per_row(BITS, a.k_pad);
+  const int wi = kt * W + u * unit;  // word inside the packed row
+  Copy cp;
+  cp.smem = T::B_OFF + (rr * T::b_stride(BITS) + u * unit) * 4;
+  const int left = wpr - wi;
+  cp.bytes = (row < bt.row_end && left > 0) ? 4 * (left < unit ? left : unit) : 0;
+  cp.src = cp.bytes ? a.class_word[bt.cls] + int64_t(row - a.class_first[bt.cls]) * wpr + wi : 0;
+  return cp;
+}
+
+// First group a k tile touches.
+BF_HD inline int tile_group(const Args& a, int kt, int bk) { return kt * bk / a.group_size; }
+
+// Word u (0..SW-1) of the window of tensor row trow (packed row for scales/zeros, residual row for
+// α; -1 = none: zero-filled) that k tile kt needs, into region `off` at tile row rr. The tensor
+// holds total_halves fp16 values and is read as 32-bit words; the last word may be half outside.
+template <class T>
+BF_HD inline Copy group_copy(const Args& a, int off, int rr, int u, int trow,
+                             int64_t total_halves, int kt) {
+  Copy cp;
+  cp.smem = off + (rr * T::SW + u) * 4;
+  cp.bytes = 0;
+  cp.src = 0;
+  if (trow < 0) return cp;
+  const int G = a.k_pad / a.group_size;
+  const int64_t word = ((int64_t(trow) * G + tile_group(a, kt, T::BK)) >> 1) + u;
+  const int64_t left = 2 * total_halves - 4 * word;  // bytes of the tensor from this word on
+  cp.bytes = left <= 0 ? 0 : left >= 4 ? 4 : int(left);
+  cp.src = cp.bytes ? word : 0;
+  return cp;
+}
+// Half index, inside that window, of the group of column k (k inside k tile kt).
+BF_HD inline int window_index(const Args& a, int trow, int kt, int bk, int k) {
+  const int G = a.k_pad / a.group_size, gf = tile_group(a, kt, bk);
+  return int((int64_t(trow) * G + gf) & 1) + (k / a.group_size - gf);
+}
+// Residual plane word u (0..RUNS-1) of residual row ri (-1: zero-filled) for k tile kt.
+template <class T>
+BF_HD inline Copy plane_copy(const Args& a, int rr, int u, int ri, int kt) {
+  const int w = kt * T::RUNS + u, kw = a.k_pad / 32;
+  Copy cp;
+  cp.smem = T::P_OFF + (rr * T::RUNS + u) * 4;
+  cp.bytes = (ri >= 0 && w < kw) ? 4 : 0;
+  cp.src = cp.bytes ? int64_t(ri) * kw + w : 0;
+  return cp;
+}
+
+// Every copy of stage kt, the ones with index q = q0, q0 + step, ... of each kind: the kernel
+// passes (threadIdx.x, THREADS) and issues cp.async in `copy`, the CPU twin passes (0, 1) and
+// emulates it. copy(size, smem_offset, src_pointer, bytes) with size 16 or 4 bytes. s_ri: the
+// residual rows of the block's BN rows (-1: none); res: the layer has a residual branch (else the
+// α and plane regions are neither written nor read).
+template <class T, int BITS, class F>
+BF_HD inline void stage_copies(const Args& a, const BlockTile& bt, int kt, const int* s_ri, bool vec,
+                               bool res, int q0, int step, F& copy) {
+  const uint16_t* x = static_cast<const uint16_t*>(a.x);
+  for (int q = q0; q < T::A_CHUNKS; q += step) {
+    const Copy c = a_copy<T>(a, bt, kt, q);
+    copy(16, c.smem, x + c.src, c.bytes);
+  }
+  const int nb = b_copies<T, BITS>(vec);
+  for (int q = q0; q < nb; q += step) {
+    const Copy c = b_copy<T, BITS>(a, bt, kt, q, vec);
+    copy(vec ? 16 : 4, c.smem, a.qweight + c.src, c.bytes);
+  }
+  const int64_t G = a.k_pad / a.group_size;
+  const uint32_t* sc = reinterpret_cast<const uint32_t*>(a.scales);
+  const uint32_t* zr = reinterpret_cast<const uint32_t*>(a.zeros);
+  const uint32_t* al = reinterpret_cast<const uint32_t*>(a.res_alpha);
+  for (int q = q0; q < T::BN * T::SW; q += step) {
+    const int rr = q / T::SW, u = q % T::SW;
+    const int row = bt.row0 + rr < bt.row_end ? bt.row0 + rr : -1;
+    Copy c = group_copy<T>(a, T::S_OFF, rr, u, row, a.n * G, kt);
+    copy(4, c.smem, sc + c.src, c.bytes);
+    c = group_copy<T>(a, T::Z_OFF, rr, u, row, a.n * G, kt);
+    copy(4, c.smem, zr + c.src, c.bytes);
+    if (res) {
+      c = group_copy<T>(a, T::AL_OFF, rr, u, s_ri[rr], a.nr * G, kt);
+      copy(4, c.smem, al + c.src, c.bytes);
+    }
+  }
+  if (res) {
+    for (int q = q0; q < T::BN * T::RUNS; q += step) {
+      const int rr = q / T::RUNS, u = q % T::RUNS;
+      const Copy c = plane_copy<T>(a, rr, u, s_ri[rr], kt);
+      copy(4, c.smem, a.res_plane + c.src, c.bytes);
+    }
+  }
+}
+
+// The B registers of lane for run rho of stage kt, for each of the warp's NT n8 tiles:
+// b[j][0..1] = (b0, b1) of the run's first k16 step, b[j][2..3] of the second. `stage` is the
+// stage's shared memory (the kernel) or its emulation (the twin); s_ri as in stage_copies.
+template <class T, int BITS, int DT>
+BF_HD inline void decode_b(const Args& a, const BlockTile& bt, int kt, const char* stage,
+                           const int* s_ri, const WarpPos& w, int lane, int rho, bool res,
+                           uint32_t (&b)[T::NT][4]) {
+  const uint32_t* sB = reinterpret_cast<const uint32_t*>(stage + T::B_OFF);
+  const uint32_t* sS = reinterpret_cast<const uint32_t*>(stage + T::S_OFF);
+  const uint32_t* sZ = reinterpret_cast<const uint32_t*>(stage + T::Z_OFF);
+  const uint32_t* sA = reinterpret_cast<const uint32_t*>(stage + T::AL_OFF);
+  const uint32_t* sP = reinterpret_cast<const uint32_t*>(stage + T::P_OFF);
+  const int t = mma::thread_in_group(lane);
+  const int k_run = kt * T::BK + 32 * rho;
+  BF_UNROLL for (int j = 0; j < T::NT; ++j) {
+    const int rr = b_tile_row<T>(w, j, lane);
+    const int row = bt.row0 + rr;
+    const int wi = window_index(a, row, kt, T::BK, k_run);
+    const float scale = half_to_float(mma::window_half(sS + rr * T::SW, wi));
+    const float zero = half_to_float(mma::window_half(sZ + rr * T::SW, wi));
+    uint32_t sign = 0;
+    float alpha = 0.0f;
+    if (res) {
+      sign = (sP[rr * T::RUNS + rho] >> (8 * t)) & 0xFFu;  // byte t: the lane's slots 8t..8t+7
+      alpha = half_to_float(
+          mma::window_half(sA + rr * T::SW, window_index(a, s_ri[rr], kt, T::BK, k_run)));
+    }
+    mma::b_fragment<BITS, DT>(sB + rr * T::b_stride(BITS) + rho * BITS, t, scale, zero, res, sign,
+                              alpha, b[j]);
+  }
+}
+
+// The fused epilogue of one output (packed row `row`, x row mi): acc + low-rank up + extra + bias
+// (ARCHITECTURE.md §4 order), fp32. *col is the output column perm[row]. Same as gemv::epilogue.
+BF_HD inline float epilogue(const Args& a, float acc, int row, int mi, int* col) {
+  return fused_epilogue(a, acc, row, mi, col);
+}
+
+}  // namespace gemm
+}  // namespace bitfuse

@@ -1,0 +1,283 @@
+"""The CUDA tensor-core GEMM on the CPU (layer 3): csrc/include/bitfuse/mma_tile.h, gemm.h and
+gemm_config.h through bitfuse._C, against the PTX ISA's fragment layouts, bitfuse.pack and the
+torch reference.
+
+`_C.gemm_host` runs csrc/cuda/gemm.cu's algorithm block by block, warp by warp and lane by lane
+with the kernel's own header functions: tile table, class plan, copy plan into an emulated shared
+memory (cp.async zero-fill, swizzle), per-lane B decode, ldmatrix from the lanes' row addresses,
+mma.m16n8k16 emulated from the ISA layouts, split-K scratch, epilogue staging. What only a GPU
+can check (the PTX itself, the pipeline's timing, real bank behaviour, speed) is in
+tests/test_gpu.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from _cuda_probe import assert_fails_cleanly_without_gpu
+from _tolerance import assert_within, branch_magnitudes, matmul_bound
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_cuda_host import _f16_bits, _layer, _np
+
+from bitfuse import _C, pack, reference, targets
+
+DTYPES = {1: torch.float16, 2: torch.bfloat16}
+ARCHS = (86, 87, 89, 90)
+
+
+# ---- fragment layouts, written out from the PTX ISA ("Matrix Fragments for mma.m16n8k16 with
+# floating point type", "ldmatrix") independently of mma_tile.h ----------------------------------
+
+def _ptx_a(lane, i):
+    g, t = lane >> 2, lane % 4
+    row = g if (i < 2 or 4 <= i < 6) else g + 8
+    col = t * 2 + (i & 1) + (8 if i >= 4 else 0)
+    return row, col
+
+
+def _ptx_b(lane, i):  # (k, n)
+    g, t = lane >> 2, lane % 4
+    return t * 2 + (i & 1) + (8 if i >= 2 else 0), g
+
+
+def _ptx_c(lane, i):
+    g, t = lane >> 2, lane % 4
+    return (g if i < 2 else g + 8), t * 2 + (i & 1)
+
+
+def _tiles():
+    return sorted({r[s]["id"] for r in _C.gemm_tile_table() for s in ("small", "large")})
+
+
+def test_fragment_layouts_are_the_ptx_isa():
+    d = _C.mma_layout_test(0)
+    for lane in range(32):
+        assert [tuple(d["a"][lane, i]) for i in range(8)] == [_ptx_a(lane, i) for i in range(8)]
+        assert [tuple(d["b"][lane, i]) for i in range(4)] == [_ptx_b(lane, i) for i in range(4)]
+        assert [tuple(d["c"][lane, i]) for i in range(4)] == [_ptx_c(lane, i) for i in range(4)]
+    # each layout covers its matrix exactly once
+    assert len({tuple(d["a"][lane, i]) for lane in range(32) for i in range(8)}) == 256
+    assert len({tuple(d["b"][lane, i]) for lane in range(32) for i in range(4)}) == 128
+    assert len({tuple(d["c"][lane, i]) for lane in range(32) for i in range(4)}) == 128
+
+
+@pytest.mark.parametrize("tile", _tiles())
+def test_ldmatrix_through_the_swizzle_yields_the_a_fragment(tile):
+    """The x tile written through the swizzle, read back by the kernel's ldmatrix addresses,
+    gives every lane exactly its A elements of the ISA layout, without bank conflicts."""
+    info = next(r[s] for r in _C.gemm_tile_table() for s in ("small", "large") if r[s]["id"] == tile)
+    mt = info["bm"] // info["wm"] // 16
+    for i in sorted({0, mt - 1}):
+        for rho in sorted({0, info["bk"] // 32 - 1}):
+            for s in (0, 1):
+                d = _C.mma_layout_test(tile, i, rho, s)
+                assert d["ldsm_conflicts"] == 0
+                for lane in range(32):
+                    want = [256 * (16 * i + r) + 32 * rho + 16 * s + c
+                            for r, c in (_ptx_a(lane, e) for e in range(8))]
+                    assert d["ldsm"][lane].tolist() == want, (tile, i, rho, s, lane)
+
+
+def test_round_to_act_is_round_to_nearest_even():
+    gen = torch.Generator().manual_seed(0)
+    v = torch.cat([torch.randn(4000, generator=gen) * 10 ** torch.randint(-9, 6, (4000,), generator=gen),
+                   torch.tensor([0.0, -0.0, 65504.0, 65519.0, 65520.0, 1e6, -1e6, 2.0**-24, 2.0**-25,
+                                 3 * 2.0**-26, 2.0**-14 - 2.0**-25, 1 + 2.0**-11, 1 + 3 * 2.0**-11,
+                                 float("inf"), float("-inf"), 1e-45, 3.0e38])])
+    for code, dt in DTYPES.items():
+        got = _C.round_to_act_test(v.numpy(), code).astype(np.int64)
+        want = v.to(dt).view(torch.int16).numpy().astype(np.int64) & 0xFFFF
+        np.testing.assert_array_equal(got, want)
+    nan = _C.round_to_act_test(np.array([np.nan], dtype=np.float32), 1)[0]
+    assert (nan & 0x7C00) == 0x7C00 and (nan & 0x3FF)
+
+
+@settings(max_examples=80, deadline=None)
+@given(bits=st.sampled_from((2, 3, 4)), t=st.integers(0, 3), data=st.data(), res=st.booleans(),
+       sign=st.integers(0, 255), scale=st.floats(0, 2.0, width=16),
+       zero=st.floats(-2.0, 2.0, width=16), alpha=st.floats(0, 0.5, width=16),
+       dtype=st.sampled_from((1, 2)))
+def test_b_fragment_is_the_lanes_slots(bits, t, data, res, sign, scale, zero, alpha, dtype):
+    """Quad thread t's 8 weights of a run are the reference's Ŵ at the columns the ISA puts in its
+    B registers (k = 2t + {0, 1, 8, 9} of both k16 steps), bit for bit, and its registers are
+    them rounded to the activation dtype, low column in the low half."""
+    words = np.array(data.draw(st.lists(st.integers(0, 2**32 - 1), min_size=bits, max_size=bits)),
+                     dtype=np.uint32).view(np.int32)
+    vals, regs, cols = _C.b_fragment_test(words, bits, t, _f16_bits(scale), _f16_bits(zero), res,
+                                          sign, _f16_bits(alpha), dtype)
+    q = pack.unpack_codes(torch.from_numpy(words).reshape(1, -1), bits, 32).float()[0]
+    w = q * torch.tensor(scale, dtype=torch.float16).float() + torch.tensor(zero, dtype=torch.float16).float()
+    if res:
+        # the lane's sign byte: bit j is slot 8t + j (FORMAT.md §6), placed as a full plane word
+        plane = torch.tensor([np.uint32(sign << (8 * t)).view(np.int32)], dtype=torch.int32)
+        s = pack.unpack_signs(plane.reshape(1, 1), 32).float()[0] * 2 - 1
+        w = w + torch.tensor(alpha, dtype=torch.float16).float() * s
+    for v in range(8):
+        pair, half = v >> 1, v & 1
+        step, reg = pair >> 1, pair & 1
+        k, _ = _ptx_b(t, 2 * reg + half)  # lane t of group 0 holds element 2·reg + half
+        assert cols[v] == 16 * step + k
+    np.testing.assert_array_equal(vals, w[cols].numpy())
+    halves = _C.round_to_act_test(vals, dtype).astype(np.uint32)
+    np.testing.assert_array_equal(regs, halves[0::2] | (halves[1::2] << 16))
+
+
+# ---- the whole GEMM's CPU twin vs the torch reference ---------------------------------------------
+
+BRANCHES = {  # name -> (residual, rank, sparse, bias)
+    "plain": (False, 0, False, False),
+    "bias": (False, 0, False, True),
+    "residual": (True, 0, False, False),
+    "lowrank": (False, 4, False, False),
+    "sparse": (False, 0, True, False),
+    "all": (True, 4, True, True),
+}
+
+
+def _gemm_host(x, pw, dtype=1, cc=90, tile=-1, misaligned=False):
+    """What backend_cuda.gemm hands the kernel, through the CPU twin; x fp32 holding dtype values."""
+    t = lr_up = extra = None
+    if pw.lr_down is not None:
+        t = (x @ pw.lr_down.float().t()) * pw.lr_scale.float()
+        lr_up = pw.lr_up.half()
+    if pw.sp_values is not None:
+        extra = reference.sparse_apply(x, pw)
+    y, info = _C.gemm_host(
+        x.numpy(), dtype, cc, _np(pw.qweight), _np(pw.scales), _np(pw.zeros), _np(pw.perm),
+        _np(pw.res_index), _np(pw.res_plane), _np(pw.res_alpha), _np(t), _np(lr_up), _np(extra),
+        _np(pw.bias), pw.class_bits, pw.class_rows, pw.out_features, pw.in_features, pw.k_pad,
+        pw.group_size, tile=tile, misaligned_weights=misaligned)
+    return torch.from_numpy(y), info
+
+
+def _check(pw, m, dtype=1, cc=90, tile=-1, misaligned=False, seed=0, what=""):
+    x = torch.randn(m, pw.in_features, generator=torch.Generator().manual_seed(seed)).to(DTYPES[dtype]).float()
+    y, info = _gemm_host(x, pw, dtype, cc, tile, misaligned)
+
+    class _Q:  # branch_magnitudes wants an object with .packed
+        packed = pw
+
+    # Ŵ is the reference's fp32 value bit for bit, rounded once to the activation dtype for the
+    # tensor core (operand_dtype), products exact, fp32 accumulation in another order.
+    bound = matmul_bound(x, branch_magnitudes(_Q), torch.float32, operand_dtype=DTYPES[dtype],
+                         bias=pw.bias)
+    assert_within(y, reference.linear(x, pw), bound, what)
+    assert info["ldsm_conflicts"] == 0, info
+    return info
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("g,k", [(32, 71), (64, 200), (128, 257)])
+@pytest.mark.parametrize("branches", list(BRANCHES))
+def test_gemm_host_matches_reference(bits, g, k, branches):
+    """Every width × group × branch, small-M tile (M = 17: one m16 tile and a masked one)."""
+    res, rank, sparse, bias = BRANCHES[branches]
+    pw = _layer([bits], [37], k, g, res, rank, sparse, bias, seed=bits * 7 + k)
+    _check(pw, 17, cc=ARCHS[(bits + k) % 4], what=f"{bits}b g{g} k{k} {branches}")
+
+
+MIXED = [([2, 3, 4], [16, 32, 5]), ([4, 2], [7, 9]), ([3, 4, 2], [64, 0, 21]), ([4, 3], [1, 130])]
+
+
+@pytest.mark.parametrize("m", [9, 16, 17, 40, 64, 65, 130])
+@pytest.mark.parametrize("dtype", [1, 2])
+def test_gemm_host_mixed_classes_all_branches(m, dtype):
+    """Mixed classes (boundaries not multiples of 16, an empty class, a 1-row class) with every
+    branch, over M across the small/large switch, fp16 and bf16, each architecture's tiles."""
+    for i in ((m + dtype) % 4, (m + dtype + 2) % 4):  # every layout twice over the M × dtype grid
+        cb, cr = MIXED[i]
+        pw = _layer(cb, cr, 133 + 2 * i, [32, 64, 128, 64][i], True, 3, True, True, seed=m + i)
+        cc = ARCHS[(m + i) % 4]
+        info = _check(pw, m, dtype, cc, seed=i, what=f"{cb} {cr} m={m} dt={dtype} sm_{cc}")
+        row = next(r for r in _C.gemm_tile_table() if r["cc"] == cc)
+        assert info["tile"] == row["small" if m <= row["small_max_m"] else "large"]["id"]
+
+
+@pytest.mark.parametrize("tile", _tiles())
+@pytest.mark.parametrize("misaligned", [False, True])
+def test_gemm_host_every_tile_and_copy_width(tile, misaligned):
+    """Each tile of the table, with 16-byte weight copies where the rows allow them and with
+    4-byte ones only; K spans several k tiles of every tile and ends inside a run."""
+    pw = _layer([4, 2, 3], [80, 16, 19], 389, 64, True, 2, False, True, seed=tile)
+    info = _check(pw, 70, 2 if tile % 2 else 1, tile=tile, misaligned=misaligned,
+                  what=f"tile {tile} misaligned={misaligned}")
+    if misaligned:
+        assert info["vec_classes"] == 0
+    else:
+        assert info["vec_classes"] >= 1  # the 4-bit class at word 0 is 16-byte copyable
+
+
+def test_gemm_host_check_can_fail():
+    """The comparison is sharp: one flipped code word is far outside the bound."""
+    pw = _layer([4], [24], 96, 32, False, 0, False, False, seed=1)
+    x = torch.randn(16, 96, generator=torch.Generator().manual_seed(0)).half().float()
+    y, _ = _gemm_host(x, pw)
+    pw.tensors["qweight"] = pw.qweight.clone()
+    pw.qweight[5] ^= 0x0F0F0F0F
+    with pytest.raises(AssertionError, match="bound"):
+        bound = matmul_bound(x, [reference.dense_weight(pw).abs()], torch.float32,
+                             operand_dtype=torch.float16)
+        assert_within(y, reference.linear(x, pw), bound, "flipped word")
+
+
+def test_gemm_host_rejects_bad_arguments():
+    pw = _layer([4], [16], 64, 32, False, 0, False, False, seed=0)
+    x = torch.randn(16, 64).half().float()
+    with pytest.raises(ValueError, match="dtype"):
+        _gemm_host(x, pw, dtype=3)
+    with pytest.raises(ValueError, match="sm_80"):
+        _gemm_host(x, pw, cc=75)
+    with pytest.raises(ValueError, match="exactly"):
+        _gemm_host(torch.randn(16, 64) / 3, pw)  # not fp16 values
+    with pytest.raises(ValueError, match="x must be"):
+        _gemm_host(torch.randn(16, 65).half().float(), pw)
+
+
+def test_tile_table_matches_target_profiles():
+    """One row per CUDA target profile, with its SM count and shared memory (targets.py), tiles
+    that fit one SM's shared memory, and a small-M tile that covers every small M in one block row."""
+    rows = _C.gemm_tile_table()
+    assert sorted(r["cc"] for r in rows) == sorted(10 * a + b for a, b in targets._BY_CAPABILITY)
+    for r in rows:
+        prof = targets.PROFILES[targets._BY_CAPABILITY[divmod(r["cc"], 10)]]
+        assert (r["sms"], r["smem_per_sm_kb"]) == (prof.sms, prof.smem_per_sm_kb)
+        for size in ("small", "large"):
+            t = r[size]
+            assert t["smem"] <= (prof.smem_per_sm_kb - 1) * 1024, (r["cc"], size, t)
+            assert t["threads"] == 32 * t["wm"] * t["wn"] * t["wk"]
+        assert r["small"]["bm"] >= r["small_max_m"] and r["small"]["wm"] == 1
+
+
+# ---- the CUDA entry point without a GPU -----------------------------------------------------------
+
+def _gemm_call(**over):
+    args = dict(x_ptr=256, lda=32, out_ptr=256, qweight_ptr=256, scales_ptr=256, zeros_ptr=256,
+                perm_ptr=0, res_index_ptr=0, res_plane_ptr=0, res_alpha_ptr=0, nr=0, t_ptr=0,
+                lr_up_ptr=0, extra_ptr=0, bias_ptr=0, class_bits=[4], class_rows=[16], m=16, n=16,
+                k=32, k_pad=32, group_size=32, r=0, dtype=1, stream=0)
+    args.update(over)
+    return args
+
+
+def test_gemm_cuda_fails_cleanly_without_gpu():
+    assert_fails_cleanly_without_gpu(
+        "_C.gemm_cuda(256, 32, 256, 256, 256, 256, 0, 0, 0, 0, 0, 0, 0, 0, 0, [4], [16], 16, 16, "
+        "32, 32, 32, 0, 1, 0)", "tests/test_gpu.py covers gemm_cuda")
+
+
+def test_gemm_cuda_validates_arguments():
+    if not _C.cuda_built():
+        with pytest.raises(RuntimeError, match="built without CUDA"):
+            _C.gemm_cuda(**_gemm_call())
+        return
+    for over, msg in [(dict(m=0), "m must be"), (dict(dtype=0), "dtype"),
+                      (dict(class_bits=[5]), "2, 3 or 4 bits"), (dict(class_rows=[15]), "sum to"),
+                      (dict(lda=31), "lda"), (dict(lda=36), "lda"), (dict(x_ptr=264), "x_ptr"),
+                      (dict(scales_ptr=258), "scales_ptr"), (dict(res_index_ptr=256), "res_plane_ptr"),
+                      (dict(res_index_ptr=256, res_plane_ptr=256, res_alpha_ptr=256), "nr"),
+                      (dict(t_ptr=256), "lr_up_ptr"), (dict(t_ptr=256, lr_up_ptr=256), "r >= 1"),
+                      (dict(extra_ptr=258), "aligned"), (dict(k_pad=64), "k_pad")]:
+        with pytest.raises(ValueError, match=msg):
+            _C.gemm_cuda(**_gemm_call(**over))
