@@ -9,6 +9,7 @@ import torch
 
 import bitfuse
 from bitfuse import QuantConfig, QuantLinear
+from bitfuse import dispatch
 from bitfuse.dispatch import BackendUnavailableError, select_backend
 
 
@@ -47,6 +48,21 @@ def test_forced_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert select_backend(torch.device("cpu")) == "triton"
     assert select_backend(torch.device("cpu"), "dequantize") == "torch"
+
+
+@pytest.mark.parametrize("up", [("cuda", "triton"), ("cuda",), ("triton",), ()])
+def test_automatic_order_per_op_on_a_gpu(monkeypatch, up):
+    """ARCHITECTURE §4 per op, with the backends that are up pretended: cuda > triton for the
+    linear's gemv/gemm, Triton's implicit GEMM for k×k convs (else im2col + the linear: "torch"),
+    CUDA dequantize; nothing up → torch ops."""
+    monkeypatch.delenv("BITFUSE_BACKEND", raising=False)
+    monkeypatch.setattr(dispatch, "backends_status", lambda name: (name in up or name == "torch", "pretend"))
+    gpu = torch.device("cuda")
+    first = up[0] if up else "torch"
+    assert select_backend(gpu, "gemv") == first and select_backend(gpu, "gemm") == first
+    assert select_backend(gpu, "conv") == ("triton" if "triton" in up else "torch")
+    assert select_backend(gpu, "dequantize") == ("cuda" if "cuda" in up else "torch")
+    assert select_backend(torch.device("cpu"), "conv") == "torch"
 
 
 def test_unknown_backend_name(monkeypatch):

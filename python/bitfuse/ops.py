@@ -96,7 +96,7 @@ def _conv_out(x: Tensor, ks, st, pd, dl):
 def _conv2d(x: Tensor, *args) -> Tensor:
     lin, (ks, st, pd, dl) = args[:_N_LINEAR_ARGS], args[_N_LINEAR_ARGS:]
     b, ho, wo = _conv_out(x, ks, st, pd, dl)
-    if select_backend(x.device, linear_op(b * ho * wo)) == "triton":
+    if select_backend(x.device, "conv") == "triton":
         from .kernels.conv_launch import conv2d_implicit
         return conv2d_implicit(x, _from_args(lin), ks, st, pd, dl)
     cols = torch.nn.functional.unfold(x, tuple(ks), dilation=tuple(dl), padding=tuple(pd), stride=tuple(st))

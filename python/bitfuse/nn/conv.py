@@ -5,10 +5,11 @@ vector (channel-major, then kernel rows, then kernel columns) is exactly the ord
 `weight.reshape(O, -1)`, so the packed format, calibration and kernels are the linear ones.
   * 1×1 convs (stride s, no padding) are a linear over channels of the (strided) pixels: no
     im2col, just a channels-last view.
-  * k×k convs, per backend (the one the linear op of M = B·Ho·Wo rows would use):
+  * k×k convs, by the backend of the "conv" op (dispatch.AUTO_ORDER; Triton first on a GPU):
     - triton: the implicit GEMM (kernels/conv2d.py, op bitfuse::conv2d): patches are gathered
       inside the kernel from the NCHW or channels-last input, never materialised;
-    - torch (the reference, the oracle) and cuda: im2col (F.unfold) and the linear op.
+    - otherwise (the torch reference, the oracle; the CUDA backend): im2col (F.unfold) and the
+      linear op, whose GEMM is then the CUDA or torch one.
 Only groups=1 and zero padding are handled; quantize_ leaves other convs as they are and says so.
 """
 
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..calibrate import calibrate
-from ..dispatch import linear_op, select_backend
+from ..dispatch import select_backend
 from ..config import QuantConfig
 from ..format import PackedWeight
 from .linear import SUPPORTED_INPUT_DTYPES, QuantLinear
@@ -116,7 +117,7 @@ class QuantConv2d(QuantLinear):
         # Under torch.compile the op picks its backend itself (select_backend reads the
         # environment and bitfuse._C, which dynamo cannot trace; the op is opaque to it). Eagerly,
         # the torch backend takes im2col below, whose linear uses the cached dense weight.
-        if torch.compiler.is_compiling() or select_backend(x.device, linear_op(b * ho * wo)) == "triton":
+        if torch.compiler.is_compiling() or select_backend(x.device, "conv") == "triton":
             # The op's (B, Ho, Wo, O) output is returned as NCHW with channels-last strides, as
             # the 1×1 path does (no transpose copy).
             y = ops.conv2d(x, *ops.op_args(self.packed), list(self.kernel_size), list(self.stride),
