@@ -16,4 +16,10 @@ def test_bench_kernels_cpu_smoke(tmp_path):
     data = json.loads((tmp_path / "kernels.json").read_text())
     assert data["environment"]["device"] == "cpu" and data["environment"]["torch"]
     assert data["results"][0]["m"] == 2
-    assert "| square-smoke | 64 | 128 | 2 |" in (tmp_path / "kernels.md").read_text()
+    md = (tmp_path / "kernels.md").read_text()
+    assert "| square-smoke | 64 | 128 | 2 |" in md
+    # the conv case goes through its own table (implicit GEMM vs im2col + the fused linear)
+    assert [row["case"] for row in data["results"]] == ["square-smoke", "conv-smoke"]
+    conv = data["results"][1]
+    assert conv["kind"] == "conv2d" and conv["w4g128_us"] > 0 and conv["w4g128_im2col_us"] > 0
+    assert "conv-smoke" in md

@@ -1,4 +1,6 @@
-"""Kernel microbenchmarks: bitfuse's fused linear vs fp16 cuBLAS, dequant-then-matmul, tinygemm.
+"""Kernel microbenchmarks: bitfuse's fused linear (Triton and CUDA backends) vs fp16 cuBLAS,
+dequant-then-matmul, torch's int4 tinygemm and gemlite's A16W4 (when installed);
+and its implicit-GEMM conv vs fp16 cuDNN and im2col + the fused linear (SD1.5 3×3 convs).
 
     bitfuse bench kernels                 # full sweep on the visible GPU (= python benchmarks/bench_kernels.py)
     bitfuse bench kernels --quick         # a few shapes
@@ -36,6 +38,14 @@ DIFFUSION = [
     ("dit.mlp.out", 1152, 4608), ("dit.adaln", 6912, 1152),
 ]
 DIFFUSION_MS = [256, 1024, 4096]
+# (name, Cin, Cout, H = W, stride): SD1.5 UNet 3×3 convs (padding 1) at 512² (64×64 latents), batch
+# CONV_BATCH (classifier-free guidance): resnet convs per width, a downsample, an up-block conv.
+CONV_SD15 = [
+    ("sd15.conv320@64", 320, 320, 64, 1), ("sd15.down320@64/2", 320, 320, 64, 2),
+    ("sd15.conv640@32", 640, 640, 32, 1), ("sd15.conv1280@16", 1280, 1280, 16, 1),
+    ("sd15.conv1280@8", 1280, 1280, 8, 1), ("sd15.up960->320@64", 960, 320, 64, 1),
+]
+CONV_BATCH = 2
 RECIPES = {
     "w4g128": dict(bits=4, group_size=128),
     "w3g128": dict(bits=3, group_size=128),
@@ -128,6 +138,30 @@ def tinygemm(w16: torch.Tensor, group: int = 128):
         return None
 
 
+def gemlite_w4(w16: torch.Tensor, group: int = 128):
+    """gemlite's A16W4 Triton GEMV/GEMM (mobiusml/gemlite), if it is installed: returns
+    (callable x -> y, its dequantized weight) or (None, reason). Its quantization: asymmetric
+    per group, W = (q − zero)·scale, fp16 scales and zeros (what A16Wn.from_weights takes)."""
+    try:
+        from gemlite.helper import A16Wn
+    except Exception as e:  # noqa: BLE001 - not installed, or needs a newer triton
+        return None, f"gemlite unavailable: {type(e).__name__}: {str(e)[:120]}"
+    try:
+        n, k = w16.shape
+        wg = w16.float().reshape(n, k // group, group)
+        lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+        scale = ((hi - lo) / 15).clamp_min(1e-8)
+        zero = -lo / scale
+        q = torch.clamp(torch.round(wg / scale + zero), 0, 15)
+        w_deq = ((q - zero) * scale).reshape(n, k).to(w16.dtype)
+        layer = A16Wn(device=str(w16.device)).from_weights(
+            q.reshape(n, k).to(torch.uint8), scale.squeeze(-1).to(w16.dtype),
+            zero.squeeze(-1).to(w16.dtype), 4, group)
+        return layer, w_deq
+    except Exception as e:  # noqa: BLE001 - its API moves between releases
+        return None, f"gemlite from_weights failed: {type(e).__name__}: {str(e)[:120]}"
+
+
 def bench_case(name: str, n: int, k: int, ms: List[int], recipes: List[str], bw: float,
                results: list, dtype=torch.float16) -> None:
     import bitfuse
@@ -140,6 +174,10 @@ def bench_case(name: str, n: int, k: int, ms: List[int], recipes: List[str], bw:
     w16 = lin.weight.detach().to(dtype)
     layers = {r: QuantLinear.from_linear(lin, QuantConfig(target="auto", **RECIPES[r])) for r in recipes}
     tg = tinygemm(w16.to(torch.bfloat16)) if dtype == torch.float16 else None
+    gl, gl_w = gemlite_w4(w16)
+    cuda_ok = bitfuse.backends()["cuda"]["available"]
+    if cuda_ok:
+        from bitfuse.backend_cuda import linear as cuda_linear
     for m in ms:
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         base = gpu_time_us(lambda: torch.nn.functional.linear(x, w16))
@@ -155,6 +193,11 @@ def bench_case(name: str, n: int, k: int, ms: List[int], recipes: List[str], bw:
             row[f"{r}_speedup"] = base["us"] / t["us"]
             row[f"{r}_bw_frac"] = nbytes / (t["us"] * 1e-6) / 1e9 / bw
             row[f"{r}_timing"] = t["method"]
+            if cuda_ok:  # the cuda backend's linear: the CUDA GEMV for M <= 8, the GEMM above
+                tc = gpu_time_us(lambda: cuda_linear(x, pw))
+                row[f"{r}_cuda_us"] = tc["us"]
+                row[f"{r}_cuda_speedup"] = base["us"] / tc["us"]
+                row[f"{r}_cuda_bw_frac"] = nbytes / (tc["us"] * 1e-6) / 1e9 / bw
         q4 = layers.get("w4g128")
         if q4 is not None:
             pw = q4.packed
@@ -170,8 +213,77 @@ def bench_case(name: str, n: int, k: int, ms: List[int], recipes: List[str], bw:
                 row["tinygemm_us"] = gpu_time_us(lambda: tg(xb))["us"]
             except Exception as e:  # noqa: BLE001
                 row["tinygemm_error"] = str(e)[:200]
+        if gl is not None:
+            try:  # checked against its own dequantized weight before it is timed
+                ref = torch.nn.functional.linear(x.float(), gl_w.float())
+                err = float((gl(x).float() - ref).norm() / ref.norm().clamp_min(1e-30))
+                row["gemlite_rel_err"] = err
+                row["gemlite_us"] = gpu_time_us(lambda: gl(x))["us"]
+            except Exception as e:  # noqa: BLE001
+                row["gemlite_error"] = str(e)[:200]
+        elif m == ms[0]:
+            row["gemlite_error"] = gl_w
         results.append(row)
         print(json.dumps({k_: (round(v, 3) if isinstance(v, float) else v) for k_, v in row.items()}), flush=True)
+
+
+def bench_conv_case(name: str, cin: int, cout: int, hw: int, stride: int, recipes: List[str], bw: float,
+                    results: list, dtype=torch.float16, batch: int = CONV_BATCH) -> None:
+    """One 3×3 conv: cuDNN fp16 (NCHW and channels-last) vs the implicit GEMM (both input layouts)
+    and vs im2col (F.unfold) + the fused linear, per recipe."""
+    import torch.nn.functional as F
+
+    from bitfuse import QuantConfig
+    from bitfuse.kernels import fused_linear
+    from bitfuse.kernels.conv_launch import conv2d_implicit
+    from bitfuse.nn import QuantConv2d
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False, device="cuda")
+    w16 = conv.weight.detach().to(dtype)
+    w16_cl = w16.to(memory_format=torch.channels_last)
+    x = torch.randn(batch, cin, hw, hw, device="cuda", dtype=dtype)
+    x_cl = x.to(memory_format=torch.channels_last)
+    ho = (hw - 1) // stride + 1
+    m, k = batch * ho * ho, cin * 9
+    base = gpu_time_us(lambda: F.conv2d(x, w16, None, stride, 1))
+    row = {"case": name, "kind": "conv2d", "n": cout, "k": k, "m": m, "cin": cin, "hw": hw,
+           "stride": stride, "batch": batch, "dtype": str(dtype).replace("torch.", ""),
+           "fp16_us": base["us"], "timing": base["method"],
+           "cudnn_channels_last_us": gpu_time_us(lambda: F.conv2d(x_cl, w16_cl, None, stride, 1))["us"]}
+    for r in recipes:
+        pw = QuantConv2d.from_conv(conv, QuantConfig(target="auto", **RECIPES[r])).packed
+        t = gpu_time_us(lambda: conv2d_implicit(x, pw, 3, stride, 1, 1))
+        row[f"{r}_us"] = t["us"]
+        row[f"{r}_speedup"] = base["us"] / t["us"]
+        row[f"{r}_bw_frac"] = (pw.nbytes() + 2 * (x.numel() + m * cout)) / (t["us"] * 1e-6) / 1e9 / bw
+        row[f"{r}_timing"] = t["method"]
+        row[f"{r}_channels_last_us"] = gpu_time_us(lambda: conv2d_implicit(x_cl, pw, 3, stride, 1, 1))["us"]
+        row[f"{r}_im2col_us"] = gpu_time_us(lambda: fused_linear(
+            F.unfold(x, 3, padding=1, stride=stride).transpose(1, 2).reshape(m, k), pw))["us"]
+    results.append(row)
+    print(json.dumps({k_: (round(v, 3) if isinstance(v, float) else v) for k_, v in row.items()}), flush=True)
+
+
+def conv_table(results: list) -> List[str]:
+    """Markdown lines for the conv rows (none if there are none)."""
+    rows = [r for r in results if r.get("kind") == "conv2d"]
+    recipes = [r for r in RECIPES if any(f"{r}_us" in row for row in rows)]
+    if not rows:
+        return []
+    lines = ["", "## 3×3 convs: implicit GEMM vs cuDNN fp16 and im2col + fused linear", "",
+             "Times in µs. `x` = speedup over cuDNN fp16 on NCHW input; per recipe: implicit GEMM on "
+             "NCHW input (x, bw) / on channels-last input / im2col (F.unfold) + fused linear.", "",
+             "| case | Cin→Cout | M | K | cuDNN µs (NCHW / CL) | "
+             + " | ".join(f"{r}: implicit (x, bw) / CL / im2col" for r in recipes) + " |",
+             "|---|---|---|---|---|" + "---|" * len(recipes)]
+    for row in rows:
+        cells = [f"{row[f'{r}_us']:.1f} ({row[f'{r}_speedup']:.2f}x, {row[f'{r}_bw_frac']:.2f}) / "
+                 f"{row[f'{r}_channels_last_us']:.1f} / {row[f'{r}_im2col_us']:.1f}"
+                 if f"{r}_us" in row else "-" for r in recipes]
+        lines.append(f"| {row['case']} | {row['cin']}→{row['n']} | {row['m']} | {row['k']} | "
+                     f"{row['fp16_us']:.1f} / {row['cudnn_channels_last_us']:.1f} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_outputs(results: list, env: dict, out_dir: str, bw: float) -> None:
@@ -179,19 +291,26 @@ def write_outputs(results: list, env: dict, out_dir: str, bw: float) -> None:
     with open(os.path.join(out_dir, "kernels.json"), "w") as f:
         json.dump({"environment": env, "copy_bandwidth_gbs": bw, "results": results}, f, indent=1)
     recipes = [r for r in RECIPES if any(f"{r}_us" in row for row in results)]
+    cuda_recipes = [r for r in RECIPES if any(f"{r}_cuda_us" in row for row in results)]
     lines = [f"# Kernel microbenchmarks on {env['device']}", "",
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, bitfuse {env['bitfuse']}, "
              f"{env['time']}. Measured copy bandwidth: {bw:.0f} GB/s. Times in µs (CUDA-graph replays, "
-             "median); `x` = speedup over fp16 cuBLAS; `bw` = fraction of the measured copy bandwidth.", "",
+             "median); `x` = speedup over fp16 cuBLAS; `bw` = fraction of the measured copy bandwidth. "
+             "Plain recipe columns: the Triton fused linear; `cuda` columns: the cuda backend (CUDA "
+             "GEMV for M <= 8, tensor-core GEMM above).", "",
              "| case | N | K | M | fp16 µs | " + " | ".join(f"{r} µs (x, bw)" for r in recipes)
-             + " | dequant+mm µs | tinygemm µs |",
-             "|---|---|---|---|---|" + "---|" * len(recipes) + "---|---|"]
-    for row in results:
+             + "".join(f" | cuda {r} µs (x)" for r in cuda_recipes) + " | dequant+mm µs | tinygemm µs | gemlite W4 µs |",
+             "|---|---|---|---|---|" + "---|" * (len(recipes) + len(cuda_recipes)) + "---|---|---|"]
+    for row in (r for r in results if r.get("kind") != "conv2d"):
         cells = [f"{row[f'{r}_us']:.1f} ({row[f'{r}_speedup']:.2f}x, {row[f'{r}_bw_frac']:.2f})"
                  if f"{r}_us" in row else "-" for r in recipes]
+        cells += [f"{row[f'{r}_cuda_us']:.1f} ({row[f'{r}_cuda_speedup']:.2f}x)"
+                  if f"{r}_cuda_us" in row else "-" for r in cuda_recipes]
         lines.append(f"| {row['case']} | {row['n']} | {row['k']} | {row['m']} | {row['fp16_us']:.1f} | "
                      + " | ".join(cells) + f" | {row.get('dequant_matmul_us', float('nan')):.1f} | "
-                     + (f"{row['tinygemm_us']:.1f}" if "tinygemm_us" in row else "-") + " |")
+                     + (f"{row['tinygemm_us']:.1f}" if "tinygemm_us" in row else "-") + " | "
+                     + (f"{row['gemlite_us']:.1f}" if "gemlite_us" in row else "-") + " |")
+    lines += conv_table(results)
     with open(os.path.join(out_dir, "kernels.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     try:
@@ -232,15 +351,41 @@ def cpu_smoke(out_dir: str) -> None:
     fused_linear(x, q.packed)
     row = {"case": "square-smoke", "n": 64, "k": 128, "m": 2, "fp16_us": 1.0, "timing": "cpu (meaningless)",
            "w4g128_us": (time.perf_counter() - t0) * 1e6, "w4g128_speedup": 0.0, "w4g128_bw_frac": 0.0}
-    write_outputs([row], environment(), out_dir, 1.0)
+    # the conv reporting path too: a tiny 3×3 conv through the interpreted implicit GEMM
+    import torch.nn.functional as F
+
+    from bitfuse.kernels.conv_launch import conv2d_implicit
+    from bitfuse.nn import QuantConv2d
+
+    qc = QuantConv2d.from_conv(torch.nn.Conv2d(8, 16, 3, padding=1), QuantConfig(bits=4, group_size=64))
+    xc = torch.randn(1, 8, 6, 6, dtype=torch.float16)
+    t0 = time.perf_counter()
+    conv2d_implicit(xc, qc.packed, 3, 1, 1, 1)
+    t_conv = (time.perf_counter() - t0) * 1e6
+    t0 = time.perf_counter()
+    fused_linear(F.unfold(xc, 3, padding=1).transpose(1, 2).reshape(36, 72), qc.packed)
+    conv_row = {"case": "conv-smoke", "kind": "conv2d", "n": 16, "k": 72, "m": 36, "cin": 8, "hw": 6,
+                "stride": 1, "batch": 1, "fp16_us": 1.0, "cudnn_channels_last_us": 1.0,
+                "timing": "cpu (meaningless)", "w4g128_us": t_conv, "w4g128_speedup": 0.0,
+                "w4g128_bw_frac": 0.0, "w4g128_channels_last_us": t_conv,
+                "w4g128_im2col_us": (time.perf_counter() - t0) * 1e6}
+    write_outputs([row, conv_row], environment(), out_dir, 1.0)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="K=N=4096 and two diffusion shapes only")
+    p.add_argument("--quick", action="store_true", help="K=N=4096, two diffusion and two conv shapes only")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny CPU run through the interpreter")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>)")
+    p.add_argument("--suite", choices=("dense", "sparse", "all"), default="dense",
+                   help="dense: the fused linear (default); sparse: SpMV/SpMM (bitfuse.sparse.bench); all: both")
     args = p.parse_args(argv)
+    if args.suite != "dense":
+        from .sparse.bench import main as sparse_main
+        rc = sparse_main((["--quick"] if args.quick else []) + (["--cpu-smoke"] if args.cpu_smoke else [])
+                         + (["--out", args.out] if args.out else []))
+        if args.suite == "sparse" or rc:
+            return rc
     here = os.path.join("benchmarks")  # results/<device>/ under the current directory's benchmarks/
     if args.cpu_smoke:
         cpu_smoke(args.out or os.path.join(here, "results", "cpu-smoke"))
@@ -258,8 +403,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     cases = [(f"square{s}", s, s, MS, list(RECIPES)) for s in (SQUARE[:1] if args.quick else SQUARE)]
     cases += [(name, n, k, DIFFUSION_MS, ["w4g128", "w3g128+res"])
               for name, n, k in (DIFFUSION[:2] if args.quick else DIFFUSION)]
-    for name, n, k, ms, recipes in tqdm(cases, desc="bitfuse bench kernels", unit="shape"):
-        bench_case(name, n, k, ms, recipes, bw, results)
+    convs = CONV_SD15[:2] if args.quick else CONV_SD15
+    cases += [(name, cin, cout, hw, stride, "conv") for name, cin, cout, hw, stride in convs]
+    for case in tqdm(cases, desc="bitfuse bench kernels", unit="shape"):
+        if case[-1] == "conv":
+            bench_conv_case(*case[:5], ["w4g128", "w3g128+res"], bw, results)
+        else:
+            bench_case(*case, bw, results)
     write_outputs(results, env, out, bw)
     print(f"wrote {out}/kernels.json, kernels.md" + (", kernels.png" if os.path.exists(os.path.join(out, "kernels.png")) else ""))
     return 0

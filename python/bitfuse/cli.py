@@ -117,7 +117,7 @@ def bench_kernels(args: argparse.Namespace) -> int:
     from .bench_kernels import main as kernels_main
 
     argv = (["--quick"] if args.quick else []) + (["--cpu-smoke"] if args.cpu_smoke else []) \
-        + (["--out", args.out] if args.out else [])
+        + (["--out", args.out] if args.out else []) + ["--suite", args.suite]
     return kernels_main(argv)
 
 
@@ -176,6 +176,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     kb.add_argument("--quick", action="store_true", help="K=N=4096 and two diffusion shapes only")
     kb.add_argument("--cpu-smoke", action="store_true", help="tiny CPU run through the interpreter")
     kb.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>)")
+    kb.add_argument("--suite", choices=("dense", "sparse", "all"), default="dense",
+                    help="dense: fused linear; sparse: HBP/CSR SpMV/SpMM (benchmarks/bench_spmv.py); all")
     kb.set_defaults(func=bench_kernels)
     e = bench.add_parser("e2e", help="float vs bitfuse denoiser over a DDIM loop, + Orin projection")
     e.add_argument("--model", default="tiny", help="tiny, sd15-unet, dit-xl-2 or pixart-alpha")

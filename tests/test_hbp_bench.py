@@ -1,0 +1,32 @@
+"""benchmarks/bench_spmv.py (bitfuse.sparse.bench) reporting path on CPU in seconds, through
+`bitfuse bench kernels --suite sparse --cpu-smoke`; and its geomean summary."""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+
+from bitfuse.sparse import bench
+
+
+def test_bench_spmv_cpu_smoke(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "bitfuse.cli", "bench", "kernels", "--suite", "sparse",
+                        "--cpu-smoke", "--out", str(tmp_path)], capture_output=True, text=True,
+                       timeout=300, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    data = json.loads((tmp_path / "spmv.json").read_text())
+    assert data["environment"]["device"] == "cpu" and data["environment"]["torch"]
+    assert [row["matrix"] for row in data["results"]] == ["rmat", "poisson2d", "dense_row"]
+    assert all(row["hbp_cuda_max_rel_err"] < 1e-5 for row in data["results"])  # checked, not just timed
+    assert "power-law" in (tmp_path / "spmv.md").read_text()
+    # The plot is optional (matplotlib is the `bench` extra): made exactly when it can be.
+    assert (tmp_path / "spmv.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
+
+
+def test_summary_geomeans():
+    rows = [{"matrix": "rmat_s18", "hbp_cuda_speedup": 2.0}, {"matrix": "rmat_s20", "hbp_cuda_speedup": 8.0},
+            {"matrix": "poisson", "hbp_cuda_speedup": 0.5}, {"matrix": "banded"}]
+    s = bench.summarize(rows)["hbp_cuda"]
+    assert s["cases"] == 3
+    assert math.isclose(s["geomean_power_law"], 4.0) and math.isclose(s["geomean_all"], 2.0)
