@@ -8,7 +8,8 @@ layers of a tiny diffusers UNet fed with its own captured activations. Calibrati
 come from one sample of activations; the output error is measured on a held-out sample from the
 same distribution: relative output error ‖(Ŵ−W)x‖² / ‖Wx‖², summed over layers.
 HQQ (hqq.core.quantize.Quantizer, data-free) is added at 2/3/4 bits g64/g128 when the package is
-installed; the script says "HQQ not installed" and runs without it otherwise.
+installed; the script says "HQQ not installed" and runs without it otherwise. Recipes ending in
+"+ gptq" round with GPTQ's error feedback (calibrate(rounding="gptq")) on the same grid.
 Writes quality.json, quality.md and quality.png. CPU only; a few minutes.
 """
 
@@ -43,6 +44,11 @@ BITFUSE = [
     ("W2 g64 + residual(25%)", dict(bits=2, group_size=64, residual=0.25), {}, True),
     ("all W2 g64", dict(bits=2, group_size=64, mixed_bits=(2, 3), avg_bits=2.2, residual=0.25, rank=4), {}, True),
 ]
+# The same grids with GPTQ's error-feedback rounding (calibrate(rounding="gptq"): same bpw, only
+# the codes and residual signs change).
+GPTQ = [(f"{name} + gptq", cfg, dict(kw, rounding="gptq"), True) for name, cfg, kw, uses_act in BITFUSE
+        if name in ("search W3 g128", "mixed+outliers W3 g128", "all W3 g128", "W2 g64 + residual(25%)",
+                    "all W2 g64")]
 
 
 HQQ_VERSION = "0.2.8.post1"
@@ -158,7 +164,7 @@ def main(argv=None) -> int:
     else:
         import importlib.metadata as md
         hqq_env = f"hqq {md.version('hqq')} (data-free half-quadratic solver, fp16 scale and zero)"
-    recipes = RTN + hqq_recipes(quantizer) + BITFUSE
+    recipes = RTN + hqq_recipes(quantizer) + BITFUSE + GPTQ
     t0 = time.perf_counter()
     suites = {"synthetic": evaluate(list(synthetic_layers(args.quick)), recipes, quantizer),
               "tiny-unet": evaluate(list(unet_layers()), recipes, quantizer)}

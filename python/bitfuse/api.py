@@ -65,8 +65,10 @@ def quantize_(
     bitfuse.calibrate.collect() returns). Layers too small to gain are skipped with a log line.
     calib_options are keyword arguments for calibrate(): method ("search" | "rtn"),
     residual_rounds, lowrank_iters, outlier_rule ("auto" | "magnitude" | "act_norm" |
-    "sensitivity" | "measured") and kurtosis_smoothing (None or SmoothQuant's α; needs
-    activations); docs/CALIBRATION.md says what each was measured to do. progress: a tqdm bar over layers (None: only on a terminal). report: a list
+    "sensitivity" | "measured"), kurtosis_smoothing (None or SmoothQuant's α; needs
+    activations) and rounding ("nearest" | "gptq": GPTQ error-feedback rounding on the same
+    grid, same bpw; needs calib_data with the full XᵀX); docs/CALIBRATION.md says what each was
+    measured to do. progress: a tqdm bar over layers (None: only on a terminal). report: a list
     to append one dict per quantized layer to (bits, bpw, weight/output error, seconds), or a
     path to write them to as JSON. Returns the model.
     """

@@ -11,6 +11,9 @@ Order of the steps, and why:
   3. each group's range is searched (search.py; method="rtn" keeps plain min/max);
   4. the binary residual is fitted to what is left (closed-form α), alternating with the dense
      scale/offset for a few rounds, and kept on the channels that gain most;
+  4b. with rounding="gptq", the codes (and plane signs) are chosen again on that fixed grid, column
+     by column with GPTQ's error feedback through H⁻¹ (gptq.py); scales, offsets, α, the bit
+     classes and the outliers stay as chosen above;
   5. the sparse values are set so dense + sparse reproduce W exactly at the outlier positions;
   6. the low-rank branch is the truncated SVD of the remaining error, whitened by chol(XᵀX + λI)
      when activations are given; optionally the dense part is requantized against W − L and the
@@ -31,6 +34,7 @@ from ..config import QuantConfig
 from ..format import PackedWeight
 from ..targets import resolve_target
 from .errors import CalibrationError
+from .gptq import ROUNDINGS, gptq_round, inverse_hessian_factor
 from .lowrank import lowrank_from_error
 from .mixed import choose_split, classes_for_split, kurtosis, smooth_for_ranking
 from .outliers import resolve_rule, select_outliers
@@ -87,6 +91,8 @@ class _Context:
     mean_square: Optional[torch.Tensor]  # (K,) diag(H), or None
     col_weight: Optional[torch.Tensor]   # (k_pad,) per-column weight of the group error, or None
     residual_rounds: int
+    rounding: str = "nearest"
+    gptq_factor: Optional[torch.Tensor] = None  # (K, K) upper chol((H + λI)⁻¹), rounding="gptq"
 
     def row_error(self, e: torch.Tensor) -> torch.Tensor:
         """(rows, K) weight error -> (rows,) output error (e·H·eᵀ), or its proxies without H."""
@@ -123,6 +129,7 @@ def calibrate(
     lowrank_iters: int = 1,
     outlier_rule: str = "auto",
     kurtosis_smoothing: Optional[float] = None,
+    rounding: str = "nearest",
 ) -> PackedWeight:
     """Quantize one (out, in) weight into a PackedWeight with every branch `config` asks for.
 
@@ -140,6 +147,13 @@ def calibrate(
         [0, 1]: rank them by the kurtosis of the SmoothQuant-smoothed W·diag(s),
         s_j = max|x_j|^α / max_i|w_ij|^(1−α) (mixed.smooth_for_ranking). Only the ranking
         changes; it needs activations and is ignored (with a log line) without them.
+    rounding: "nearest" (each weight to its nearest code, the default) or "gptq": GPTQ's
+        error-feedback rounding on the same grid (gptq.py): codes are chosen column by column and
+        each column's rounding error is pushed onto the columns not yet rounded through H⁻¹, which
+        lowers the output error tr(E·H·Eᵀ). Scales, offsets, bit classes, outliers and the
+        residual's α are those nearest rounding would use ("static groups"), so the format is
+        unchanged. Needs activations with the full XᵀX (a raw tensor, or ActivationStats with
+        full=True).
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a bitfuse.QuantConfig, got {type(config).__name__}")
@@ -156,6 +170,8 @@ def calibrate(
             or not 0.0 <= float(kurtosis_smoothing) <= 1.0):
         raise ValueError(f"kurtosis_smoothing must be None or a number in [0, 1] (SmoothQuant's α), "
                          f"got {kurtosis_smoothing!r}")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
     w = _check_weight(weight)
     outlier_rule = resolve_rule(outlier_rule, activations is not None)
     n, k = w.shape
@@ -168,12 +184,21 @@ def calibrate(
         if not bool(torch.isfinite(bias).all()):
             raise CalibrationError("bias holds NaN/Inf values")
     mean_square = stats.mean_square() if stats is not None else None
+    hessian = stats.hessian() if stats is not None else None
     ctx = _Context(
-        config=config, method=method, n=n, k=k, k_pad=kp,
-        hessian=stats.hessian() if stats is not None else None,
+        config=config, method=method, n=n, k=k, k_pad=kp, hessian=hessian,
         mean_square=mean_square, col_weight=_column_weight(mean_square, kp),
-        residual_rounds=residual_rounds,
+        residual_rounds=residual_rounds, rounding=rounding,
     )
+    if rounding == "gptq":
+        if hessian is None:
+            raise ValueError(
+                "rounding='gptq' needs calibration activations with the full XᵀX: pass the layer's "
+                "inputs (a (…, K) tensor) or ActivationStats(full=True); got "
+                + ("no activations" if stats is None else "diagonal-only ActivationStats (full=False)"))
+        ctx.gptq_factor = inverse_hessian_factor(hessian)
+        if ctx.gptq_factor is None:
+            log.info("rounding='gptq': the activations carry no signal (H = 0); rounding to nearest")
 
     # 1. outliers out of the dense part.
     out_mask = select_outliers(w, config.outliers, stats.channel_norm() if stats is not None else None,
@@ -260,18 +285,19 @@ def _fit_dense(target, valid, out_mask, class_bits, class_rows, perm, ctx: _Cont
     scales, zeros, what = torch.cat(scales), torch.cat(zeros), torch.cat(what)
 
     tensors = {}
+    res_rows = signs = alpha = None
     if cfg.residual:
         refit, signs, alpha, gain = _fit_residual_classes(wq, vq, class_bits, class_rows, codes,
                                                           scales, zeros, what, ctx)
         if cfg.residual is True:
-            rows = torch.arange(n, device=wq.device)
+            res_rows = torch.arange(n, device=wq.device)
         else:
             count = max(1, int(math.ceil(float(cfg.residual) * n)))
-            rows = torch.sort(torch.topk(gain, count).indices).values
+            res_rows = torch.sort(torch.topk(gain, count).indices).values
         if refit is not None:
             # The refitted dense part goes with its plane: only rows that get a plane adopt it.
             chosen = torch.zeros(n, dtype=torch.bool, device=wq.device)
-            chosen[rows] = True
+            chosen[res_rows] = True
             r_codes, r_scales, r_zeros, r_what = refit
             start = 0
             for c, r in enumerate(class_rows):
@@ -280,11 +306,18 @@ def _fit_dense(target, valid, out_mask, class_bits, class_rows, perm, ctx: _Cont
             scales = torch.where(chosen[:, None], r_scales, scales)
             zeros = torch.where(chosen[:, None], r_zeros, zeros)
             what = torch.where(chosen[:, None], r_what, what)
+
+    if ctx.rounding == "gptq" and ctx.gptq_factor is not None:
+        codes, signs, what = _gptq_codes(wq, vq, class_bits, class_rows, codes, scales, zeros,
+                                         res_rows, signs, alpha, ctx)
+
+    if res_rows is not None:
         res_index = torch.full((n,), -1, dtype=torch.int32, device=wq.device)
-        res_index[rows] = torch.arange(rows.numel(), dtype=torch.int32, device=wq.device)
-        tensors.update(res_index=res_index, res_plane=pack.pack_signs(signs[rows]), res_alpha=alpha[rows])
+        res_index[res_rows] = torch.arange(res_rows.numel(), dtype=torch.int32, device=wq.device)
+        tensors.update(res_index=res_index, res_plane=pack.pack_signs(signs[res_rows]),
+                       res_alpha=alpha[res_rows])
         what = what.clone()
-        what[rows] += residual_values(signs[rows], alpha[rows], g)
+        what[res_rows] += residual_values(signs[res_rows], alpha[res_rows], g)
 
     tensors.update(qweight=pack.pack_classes(codes, class_bits), scales=scales, zeros=zeros)
     if perm is not None:
@@ -306,6 +339,29 @@ def _fit_dense(target, valid, out_mask, class_bits, class_rows, perm, ctx: _Cont
         approx = approx.clone()
         approx[rows_i, cols_i] += values.float()
     return _DenseFit(tensors, approx)
+
+
+def _gptq_codes(wq, vq, class_bits, class_rows, codes, scales, zeros, res_rows, signs, alpha, ctx):
+    """Re-choose the codes (and plane signs) of every row on its fixed grid with GPTQ's error
+    feedback (gptq.py), all classes in one pass. Only the K real columns take part: padding keeps
+    its codes. Outlier entries (not in vq) are exact: zero error, nothing pushed onward.
+    Returns (codes per class, signs or None, dense ŵ without the plane) in packed order."""
+    k, g = ctx.k, ctx.config.group_size
+    qmax = torch.cat([torch.full((r,), float((1 << b) - 1), device=wq.device)
+                      for b, r in zip(class_bits, class_rows)])
+    plane_alpha = None
+    if res_rows is not None:
+        plane_alpha = torch.zeros_like(alpha)
+        plane_alpha[res_rows] = alpha[res_rows]
+    res = gptq_round(wq[:, :k], ctx.gptq_factor, scales, zeros, qmax, g, alpha=plane_alpha,
+                     exact=~vq[:, :k])
+    full = torch.cat(codes)
+    full[:, :k] = res.codes
+    if res.signs is not None:
+        signs = signs.clone()
+        signs[:, :k] = res.signs
+    what = (group_view(full.float(), g) * scales.float().unsqueeze(-1) + zeros.float().unsqueeze(-1)).flatten(1)
+    return list(torch.split(full, list(class_rows))), signs, what
 
 
 def _fit_residual_classes(wq, vq, class_bits, class_rows, codes, scales, zeros, what, ctx):
