@@ -2,7 +2,7 @@
 # One device call does the whole GPU job (see docs/STATUS.md): build from source, the GPU tests,
 # a compute-sanitizer subset, the kernel and SpMV benchmarks. Sized for the device budget of a
 # session (15 minutes in all, the machine's start included; 10 minutes per call): the command
-# itself is capped at ~9.5 minutes by the per-step timeouts below (140+100+130+60+110+50 s), so
+# itself is capped at ~9.5 minutes by the per-step timeouts below (140+120+110+60+110+50 s), so
 # pass timeout_s=600 and do not plan a rerun in the same session.
 # Only 8 files come back from $OUT: every log and result goes to $WORK and is re-packed into
 # $OUT/results.tgz after each step (so a step that runs out of time loses nothing before it);
@@ -46,9 +46,9 @@ python3 -c "import bitfuse, bitfuse._C as C; print(bitfuse.__version__, C.cuda_s
 # The CUDA kernels' tests first (no JIT: quick), then the Triton ones (each variant JIT-compiles:
 # xdist spreads the compiles over the machine's cores; the GPU is shared, which tests can bear).
 XD="-n ${XDIST:-8}"
-step gpu_cuda "${GPU_CUDA_TIMEOUT:-100}" python3 -m pytest -m gpu -q -p no:cacheprovider $XD --timeout 60 \
+step gpu_cuda "${GPU_CUDA_TIMEOUT:-120}" python3 -m pytest -m gpu -q -p no:cacheprovider $XD --timeout 60 \
   "$SRC/tests/test_gpu.py" "$SRC/tests/test_hbp_cuda.py"
-step gpu_triton "${GPU_TRITON_TIMEOUT:-130}" python3 -m pytest -m gpu -q -p no:cacheprovider $XD --timeout 90 \
+step gpu_triton "${GPU_TRITON_TIMEOUT:-110}" python3 -m pytest -m gpu -q -p no:cacheprovider $XD --timeout 90 \
   "$SRC/tests" --ignore "$SRC/tests/test_gpu.py" --ignore "$SRC/tests/test_hbp_cuda.py"
 # compute-sanitizer memcheck on a representative subset of the CUDA GEMM (tests/test_gpu.py
 # test_cuda_gemm_sanitizer_subset); no caching allocator, so a read past a tensor is past its

@@ -5,9 +5,10 @@ torch reference.
 `_C.gemm_host` runs csrc/cuda/gemm.cu's algorithm block by block, warp by warp and lane by lane
 with the kernel's own header functions: tile table, class plan, copy plan into an emulated shared
 memory (cp.async zero-fill, swizzle), per-lane B decode, ldmatrix from the lanes' row addresses,
-mma.m16n8k16 emulated from the ISA layouts, split-K scratch, epilogue staging. What only a GPU
-can check (the PTX itself, the pipeline's timing, real bank behaviour, speed) is in
-tests/test_gpu.py.
+mma.m16n8k16 emulated from the ISA layouts, split-K scratch, epilogue staging, and split-K across
+blocks (the kernel's plan, k ranges, fp32 partials, per-tile counters, the reduction by the block
+that counts last). What only a GPU can check (the PTX itself, the pipeline's timing, real bank
+behaviour, the memory ordering of the split-K counters, speed) is in tests/test_gpu.py.
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ BRANCHES = {  # name -> (residual, rank, sparse, bias)
 }
 
 
-def _gemm_host(x, pw, dtype=1, cc=90, tile=-1, misaligned=False):
+def _gemm_host(x, pw, dtype=1, cc=90, tile=-1, misaligned=False, sms=-1, split=0, reverse=False):
     """What backend_cuda.gemm hands the kernel, through the CPU twin; x fp32 holding dtype values."""
     t = lr_up = extra = None
     if pw.lr_down is not None:
@@ -148,13 +149,19 @@ def _gemm_host(x, pw, dtype=1, cc=90, tile=-1, misaligned=False):
         x.numpy(), dtype, cc, _np(pw.qweight), _np(pw.scales), _np(pw.zeros), _np(pw.perm),
         _np(pw.res_index), _np(pw.res_plane), _np(pw.res_alpha), _np(t), _np(lr_up), _np(extra),
         _np(pw.bias), pw.class_bits, pw.class_rows, pw.out_features, pw.in_features, pw.k_pad,
-        pw.group_size, tile=tile, misaligned_weights=misaligned)
+        pw.group_size, tile=tile, misaligned_weights=misaligned, sms=sms, split=split,
+        reverse_splits=reverse)
     return torch.from_numpy(y), info
 
 
-def _check(pw, m, dtype=1, cc=90, tile=-1, misaligned=False, seed=0, what=""):
-    x = torch.randn(m, pw.in_features, generator=torch.Generator().manual_seed(seed)).to(DTYPES[dtype]).float()
-    y, info = _gemm_host(x, pw, dtype, cc, tile, misaligned)
+def _x(pw, m, dtype, seed):
+    return torch.randn(m, pw.in_features, generator=torch.Generator().manual_seed(seed)).to(DTYPES[dtype]).float()
+
+
+def _check(pw, m, dtype=1, cc=90, tile=-1, misaligned=False, seed=0, what="", sms=-1, split=0,
+           reverse=False):
+    x = _x(pw, m, dtype, seed)
+    y, info = _gemm_host(x, pw, dtype, cc, tile, misaligned, sms, split, reverse)
 
     class _Q:  # branch_magnitudes wants an object with .packed
         packed = pw
@@ -165,6 +172,7 @@ def _check(pw, m, dtype=1, cc=90, tile=-1, misaligned=False, seed=0, what=""):
                          bias=pw.bias)
     assert_within(y, reference.linear(x, pw), bound, what)
     assert info["ldsm_conflicts"] == 0, info
+    info["y"], info["x"] = y, x
     return info
 
 
@@ -235,6 +243,149 @@ def test_gemm_host_rejects_bad_arguments():
         _gemm_host(torch.randn(16, 65).half().float(), pw)
 
 
+# ---- split-K across blocks ------------------------------------------------------------------------
+
+def _plan(cc, m, n, k, g=128, bits=(4,), rows=None, sms=-1, split=0):
+    rows = rows or [n]
+    return _C.gemm_plan_host(cc, m, list(bits), list(rows), n, k, pack.padded_k(k, g), g, sms=sms,
+                             split=split)
+
+
+def _wave(cc, tile_id):
+    row = next(r for r in _C.gemm_tile_table() if r["cc"] == cc)
+    blocks = row["small_blocks"] if row["small"]["id"] == tile_id else row["large_blocks"]
+    return row["sms"] * blocks
+
+
+@pytest.mark.parametrize("cc", ARCHS)
+def test_split_plan_properties(cc):
+    """gemm_config.h split_count over a sweep of shapes: S = 1 when the grid fills a wave; else
+    at most ~2 waves of blocks, each split at least STAGES k tiles, fp32 partial traffic at most
+    the 4-bit weight bytes (8·S·m <= K/2); k ranges contiguous, balanced and covering K; the
+    workspace is (S, m, n) fp32."""
+    seen_split = False
+    for m in (9, 16, 17, 33, 64, 65, 128, 200, 256, 1024, 4096):
+        for n in (64, 192, 1000, 4096, 11008):
+            for k in (64, 257, 1024, 4096, 11008):
+                p = _plan(cc, m, n, k)
+                s, tiles, kt = p["split"], p["tiles"], p["ktiles"]
+                wave = _wave(cc, p["tile"])
+                assert p["blocks_per_sm"] * p["sms"] == wave
+                assert 1 <= s <= 16
+                if tiles >= wave:
+                    assert s == 1, p
+                if s > 1:
+                    seen_split = True
+                    assert s <= -(-2 * wave // tiles), p
+                    assert kt // s >= p["stages"], p
+                    assert 8 * s * m <= pack.padded_k(k, 32) // 2, p
+                ranges = p["k_ranges"]
+                assert len(ranges) == s and ranges[0][0] == 0 and ranges[-1][1] == kt
+                assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+                sizes = [b - a for a, b in ranges]
+                assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+                assert p["workspace_bytes"] == (4 * s * m * n if s > 1 else 0)
+    assert seen_split
+    # for one layer and one tile, more rows of x never split more (more tiles, the traffic term)
+    for lo, hi in ((9, 64), (65, 8192)):
+        splits = [_plan(cc, m, 4096, 4096)["split"] for m in range(lo, hi + 1, 7)]
+        assert splits == sorted(splits, reverse=True), (cc, lo, splits)
+
+
+def test_split_plan_issue_shapes():
+    """The issue's case (M = 16, N = K = 4096): split on the big GPUs, not on Orin (its 16 SMs
+    are already full with 64 blocks); large M is never split; S follows the SM count given."""
+    want = {86: 6, 87: 1, 89: 8, 90: 8}
+    for cc, s in want.items():
+        p = _plan(cc, 16, 4096, 4096)
+        assert p["split"] == s, (cc, p)
+        assert p["tiles"] == 64
+        for m in (256, 1024, 4096, 8192):
+            assert _plan(cc, m, 4096, 4096)["split"] == 1, (cc, m)
+    assert _plan(90, 16, 4096, 4096, sms=16)["split"] == 1  # a grid that fills the GPU: no split
+    assert _plan(90, 16, 4096, 4096, sms=1000)["split"] == 8  # capped by ktiles / stages (32 / 4)
+    assert _plan(89, 64, 4096, 4096)["split"] == 4  # the traffic term: 2·128/64
+    # forced S (tests): clipped to the k tiles, never an empty split
+    assert _plan(90, 16, 64, 100, split=5)["split"] == 1  # 1 k tile of 128
+    assert _plan(86, 16, 64, 300, split=50)["split"] == 5  # 5 k tiles of 64
+    assert _plan(86, 16, 64, 300, split=1)["split"] == 1
+
+
+SPLITS = (2, 3, 64)  # 64: clipped to one k tile a split
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("branches", list(BRANCHES))
+def test_gemm_host_split_k_matches_unsplit(bits, branches):
+    """Forced S > 1 for every width × branch, odd K and N: the result is within the fp32
+    summation-order bound of the S = 1 result (same operands, partial sums added in another
+    order) and within the reference bound; the blocks' arrival order does not change a bit (the
+    reduction is always s = 0..S-1); every partial is stored once and every counter ends at 0
+    (checked inside the twin)."""
+    res, rank, sparse, bias = BRANCHES[branches]
+    k = [455, 389, 333][bits - 2]
+    g = [32, 64, 128][bits - 2]
+    pw = _layer([bits], [45], k, g, res, rank, sparse, bias, seed=bits * 11 + len(branches))
+    cc = ARCHS[bits % 4]
+    what = f"{bits}b g{g} k{k} {branches} sm_{cc}"
+    base = _check(pw, 17, cc=cc, split=1, what=what + " S=1")
+    assert base["split"] == 1 and base["workspace_bytes"] == 0
+    x, y1 = base["x"], base["y"]
+
+    class _Q:
+        packed = pw
+
+    order_bound = matmul_bound(x, branch_magnitudes(_Q), torch.float32, bias=pw.bias)
+    for split in SPLITS:
+        info = _check(pw, 17, cc=cc, split=split, what=f"{what} S={split}")
+        assert info["split"] == min(split, info["ktiles"]) > 1
+        assert info["workspace_bytes"] == 4 * info["split"] * 17 * pw.out_features
+        cover = [c for a, b in info["k_ranges"] for c in range(a, b)]
+        assert cover == list(range(info["ktiles"]))
+        assert_within(info["y"], y1, order_bound, f"{what} S={split} vs S=1")
+        rev = _check(pw, 17, cc=cc, split=split, reverse=True, what=f"{what} S={split} reversed")
+        assert torch.equal(rev["y"], info["y"]), "split-K result depends on the arrival order"
+
+
+@pytest.mark.parametrize("m", [9, 17, 64, 65, 130])
+@pytest.mark.parametrize("dtype", [1, 2])
+def test_gemm_host_split_k_mixed_classes(m, dtype):
+    """Forced S = 3 with mixed classes (unaligned boundaries, an empty class, a 1-row class) and
+    every branch, small and large tiles (M across the switch, masked M), fp16 and bf16, each
+    architecture's tiles, odd K: vs the reference and vs S = 1."""
+    for i in ((m + dtype) % 4, (m + dtype + 2) % 4):
+        cb, cr = MIXED[i]
+        pw = _layer(cb, cr, 901 + 2 * i, [32, 64, 128, 64][i], True, 3, True, True, seed=m + i)
+        cc = ARCHS[(m + i + dtype) % 4]
+        what = f"{cb} {cr} m={m} dt={dtype} sm_{cc}"
+        info = _check(pw, m, dtype, cc, seed=i, split=3, what=what)
+        plan = _plan(cc, m, pw.out_features, pw.in_features, pw.group_size, cb, cr, split=3)
+        assert info["split"] == plan["split"] == 3 and info["k_ranges"] == plan["k_ranges"]
+        one = _check(pw, m, dtype, cc, seed=i, split=1, what=what + " S=1")
+
+        class _Q:
+            packed = pw
+
+        assert_within(info["y"], one["y"],
+                      matmul_bound(info["x"], branch_magnitudes(_Q), torch.float32, bias=pw.bias),
+                      what + " vs S=1")
+
+
+def test_gemm_host_split_k_by_the_table():
+    """Without forcing anything, the table's SM count splits small grids, and the twin runs
+    exactly the plan: 3 small N tiles on an RTX 4090's 128 SMs, 2 large tiles on an H100."""
+    pw = _layer([4, 2], [150, 42], 1024, 128, True, 0, False, True, seed=3)
+    plan = _plan(89, 16, 192, 1024, 128, [4, 2], [150, 42])
+    assert plan["split"] == 4  # min(ceil(512/3), 16, 16/3 = 5, 2·32/16 = 4)
+    info = _check(pw, 16, 1, 89, what="table plan, small tile")
+    assert info["split"] == 4 and info["sms"] == 128 and info["k_ranges"] == plan["k_ranges"]
+    pw = _layer([3, 4], [67, 64], 2101, 64, False, 2, True, True, seed=4)
+    plan = _plan(90, 65, 131, 2101, 64, [3, 4], [67, 64])
+    assert plan["split"] == 2 and plan["tile"] == 5  # min(132, 16, 33/4, 2·66/65 = 2)
+    info = _check(pw, 65, 2, 90, what="table plan, large tile")
+    assert info["split"] == 2 and info["k_ranges"] == plan["k_ranges"]
+
+
 def test_tile_table_matches_target_profiles():
     """One row per CUDA target profile, with its SM count and shared memory (targets.py), tiles
     that fit one SM's shared memory, and a small-M tile that covers every small M in one block row."""
@@ -267,6 +418,11 @@ def test_gemm_cuda_fails_cleanly_without_gpu():
         "32, 32, 32, 0, 1, 0)", "tests/test_gpu.py covers gemm_cuda")
 
 
+def test_gemm_cuda_plan_fails_cleanly_without_gpu():
+    assert_fails_cleanly_without_gpu("_C.gemm_cuda_plan(16, [4], [16], 16, 32, 32, 32)",
+                                     "tests/test_gpu.py covers gemm_cuda_plan")
+
+
 def test_gemm_cuda_validates_arguments():
     if not _C.cuda_built():
         with pytest.raises(RuntimeError, match="built without CUDA"):
@@ -278,6 +434,8 @@ def test_gemm_cuda_validates_arguments():
                       (dict(scales_ptr=258), "scales_ptr"), (dict(res_index_ptr=256), "res_plane_ptr"),
                       (dict(res_index_ptr=256, res_plane_ptr=256, res_alpha_ptr=256), "nr"),
                       (dict(t_ptr=256), "lr_up_ptr"), (dict(t_ptr=256, lr_up_ptr=256), "r >= 1"),
-                      (dict(extra_ptr=258), "aligned"), (dict(k_pad=64), "k_pad")]:
+                      (dict(extra_ptr=258), "aligned"), (dict(k_pad=64), "k_pad"),
+                      (dict(workspace_ptr=264), "workspace_ptr"), (dict(counters_ptr=258), "counters_ptr"),
+                      (dict(workspace_bytes=-1), ">= 0"), (dict(split=-1), "split")]:
         with pytest.raises(ValueError, match=msg):
             _C.gemm_cuda(**_gemm_call(**over))

@@ -149,13 +149,13 @@ def _gemm_layer(bits, name, n, k, g):
     return q, copy.deepcopy(q).cuda()  # Module.cuda() moves in place: keep q on the CPU
 
 
-def _check_gemm(q, qc, x, what, rows=None):
+def _check_gemm(q, qc, x, what, rows=None, split=0):
     """backend_cuda.gemm on x (CUDA, fp16/bf16) vs the fp32 reference on the CPU, on `rows` of x
-    (rows of a GEMM are independent: a large M is checked on a sample)."""
+    (rows of a GEMM are independent: a large M is checked on a sample); split: forced S."""
     from _tolerance import branch_magnitudes
     from bitfuse.backend_cuda import gemm
 
-    y = gemm(x, qc.packed).float().cpu()
+    y = gemm(x, qc.packed, split=split).float().cpu()
     assert bool(torch.isfinite(y).all()), what
     xs = x.cpu() if rows is None else x.cpu()[rows]
     ys = y if rows is None else y[rows]
@@ -226,14 +226,100 @@ def test_cuda_linear_uses_gemm_above_8(monkeypatch):
     assert calls == [9, 16, 300]
 
 
-@pytest.mark.parametrize("m,k", [(9, 77), (70, 333), (130, 2051)])
-def test_cuda_gemm_sanitizer_subset(m, k):
+@pytest.mark.parametrize("m,k,split", [(9, 77, 0), (70, 333, 0), (130, 2051, 0), (17, 1999, 0),
+                                       (70, 1999, 3)])
+def test_cuda_gemm_sanitizer_subset(m, k, split):
     """A representative subset for `compute-sanitizer --tool memcheck` (scripts/gpu_session.sh):
     mixed classes, residual, low-rank, sparse, bias; M masked in the small and large tiles, K ends
-    inside a run, fp16 and bf16."""
+    inside a run, fp16 and bf16; split-K across blocks as planned (m = 17, k = 1999: a handful of
+    N tiles, split on every GPU of the tile table) and forced (S = 3, large tile)."""
     _cuda_ready()
     q, qc = _gemm_layer(3, "all", 200, k, 64)
+    if (m, split) == (17, 0):
+        assert _gemm_plan_of(qc, m)["split"] > 1
     for dtype in (torch.float16, torch.bfloat16):
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype).cuda()
-        _check_gemm(q, qc, x, f"sanitizer subset m={m} k={k} {dtype}")
+        _check_gemm(q, qc, x, f"sanitizer subset m={m} k={k} S={split or 'plan'} {dtype}", split=split)
     torch.cuda.synchronize()
+
+
+# ---- split-K across blocks (csrc/cuda/gemm.cu split_fixup): small M × N = 4096 grids -----------
+
+def _gemm_plan_of(qc, m, split=0):
+    from bitfuse.backend_cuda import _gemm_plan
+
+    pw = qc.packed
+    return _gemm_plan(torch.cuda.current_device(), m, tuple(pw.class_bits), tuple(pw.class_rows),
+                      pw.out_features, pw.in_features, pw.k_pad, pw.group_size, split)
+
+
+def _split_counters_of(qc):
+    from bitfuse.backend_cuda import _COUNTERS
+
+    return _COUNTERS[id(qc.packed.qweight)][1]
+
+
+@pytest.mark.parametrize("bits,name", [(4, "plain"), (3, "all"), (2, "mixed")])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_gemm_split_k(bits, name, dtype):
+    """N = 4096, K = 2048: at M = 16..64 the grid is ~64 blocks, so on a GPU with 40 or more SMs
+    the plan splits K across blocks (asserted). Each M: the plan's S and forced S = 1, 2, 5 vs the
+    reference; the plan's S bit-identical over repeated calls (the reduction is s = 0..S-1
+    whichever block arrives last); S = 2, 5 within the fp32 summation-order bound of S = 1 (same
+    operands, partials added in another order); every counter back at 0 afterwards."""
+    _cuda_ready()
+    from _tolerance import branch_magnitudes
+    from bitfuse.backend_cuda import gemm
+
+    q, qc = _gemm_layer(bits, name, 4096, 2048, 128)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    mags = branch_magnitudes(q)
+    for m in (16, 17, 64):
+        x = torch.randn(m, 2048, generator=torch.Generator().manual_seed(m)).to(dtype).cuda()
+        xf = x.float().cpu()
+        plan = _gemm_plan_of(qc, m)
+        if sms >= 40:
+            assert plan["split"] > 1, plan
+        what = f"split-K {bits}b {name} M={m} {dtype} plan S={plan['split']}"
+        y_ref = reference.linear(xf, q.packed)  # fp32, before the cast
+        bound = matmul_bound(xf, mags, dtype, y_ref=y_ref, operand_dtype=dtype, bias=q.packed.bias)
+        y = gemm(x, qc.packed).float().cpu()
+        assert_within(y, y_ref, bound, what)
+        for _ in range(3):
+            assert torch.equal(gemm(x, qc.packed).float().cpu(), y), what + ": not deterministic"
+        forced = {}
+        for s in (1, 2, 5):
+            forced[s] = gemm(x, qc.packed, split=s).float().cpu()
+            assert_within(forced[s], y_ref, bound, f"{what}: forced S={s}")
+        order = matmul_bound(xf, mags, dtype, y_ref=forced[1], bias=q.packed.bias)
+        for s in (2, 5):
+            assert_within(forced[s], forced[1], order, f"{what}: S={s} vs S=1")
+    torch.cuda.synchronize()
+    assert int(_split_counters_of(qc).abs().sum()) == 0, "split-K counters not reset"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_gemm_split_k_in_a_cuda_graph(dtype):
+    """A split launch captured in a CUDA graph (after one eager call, which zeroes the layer's
+    counters) replays to the eager result bit for bit, several times in a row: the counters are
+    reset on the device, the workspace is a graph allocation of a shape-only size."""
+    _cuda_ready()
+    from bitfuse.backend_cuda import gemm
+
+    q, qc = _gemm_layer(3, "all", 4096, 2048, 128)  # the layer test_cuda_gemm_split_k builds
+    x = torch.randn(16, 2048, generator=torch.Generator().manual_seed(7)).to(dtype).cuda()
+    y_eager = gemm(x, qc.packed, split=4)
+    assert _gemm_plan_of(qc, 16, split=4)["split"] == 4
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        gemm(x, qc.packed, split=4)  # warm-up on the side stream, as torch's recipe does
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y_graph = gemm(x, qc.packed, split=4)
+    for _ in range(3):
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y_graph, y_eager)
+    assert int(_split_counters_of(qc).abs().sum()) == 0

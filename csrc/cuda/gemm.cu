@@ -29,6 +29,11 @@
 //    order 1, 2, ..: deterministic, no atomics.
 //  * Epilogue per accumulator (mma_tile.h c_row/c_col say which (x row, packed row) it is):
 //    + t·L_upᵀ + extra + bias, cast, store to out[m, perm[row]] (the inverse permutation, fused).
+//  * Split-K across blocks when the grid is small (gemm_config.h plan_split, S = gridDim.z > 1):
+//    block (n tile, m tile, s) runs the same pipeline over its own k tiles only, stores its fp32
+//    partial tile (raw accumulators, no epilogue) to the workspace, and the last of the S blocks
+//    of the tile to arrive sums the S partials in the order s = 0..S-1 and runs the epilogue:
+//    split_fixup below, which says why it is done in this kernel and not in a second one.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -109,9 +114,11 @@ __device__ __forceinline__ uint16_t to_act(float v) {
   return DT == mma::kDtypeBF16 ? mma::f32_to_bf16_bits(v) : mma::f32_to_f16_bits(v);
 }
 
-// One block: rows [bt.row0, bt.row_end) of one class (width BITS) × x rows [bt.m0, bt.m0 + BM).
+// One block: rows [bt.row0, bt.row_end) of one class (width BITS) × x rows [bt.m0, bt.m0 + BM),
+// over k tiles [kr.kt0, kr.kt1) (all of K unless split-K: then the epilogue is a partial store).
 template <class T, int BITS, int DT>
-__device__ __forceinline__ void gemm_block(const Args& a, const BlockTile& bt, char* smem) {
+__device__ __forceinline__ void gemm_block(const Args& a, const BlockTile& bt, const gemm::KRange& kr,
+                                           char* smem) {
   const int tid = threadIdx.x, lane = tid & 31;
   const WarpPos w = gemm::warp_pos<T>(tid >> 5);
   const bool res = a.res_index != nullptr;
@@ -121,7 +128,7 @@ __device__ __forceinline__ void gemm_block(const Args& a, const BlockTile& bt, c
     s_ri[i] = (res && bt.row0 + i < bt.row_end) ? a.res_index[bt.row0 + i] : -1;
   __syncthreads();
 
-  const int ktiles = (a.k + T::BK - 1) / T::BK;
+  const int ktiles = kr.kt1 - kr.kt0;  // this block's k tiles, from kr.kt0 on
   const int mtiles = gemm::warp_m_tiles<T>(a, bt, w.wm);
   float acc[T::MT][T::NT][4];
 #pragma unroll
@@ -131,8 +138,9 @@ __device__ __forceinline__ void gemm_block(const Args& a, const BlockTile& bt, c
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
 
-  // Iteration it issues the copies of k tile it (one commit group per iteration, empty past the
-  // end so that the wait_group counts stay uniform) and computes k tile kt = it - (STAGES - 1):
+  // Iteration it issues the copies of k tile kt0 + it (one commit group per iteration, empty past
+  // the end so that the wait_group counts stay uniform) and computes k tile kt0 + kt,
+  // kt = it - (STAGES - 1) (stage slots count from the block's first k tile):
   // the first STAGES - 1 iterations are the prologue. Before computing kt, wait_group leaves at
   // most STAGES - 2 younger groups in flight, so this thread's copies of kt have landed, and the
   // barrier makes everyone's visible and retires k tile kt - 1, whose stage the copies of this
@@ -147,19 +155,20 @@ __device__ __forceinline__ void gemm_block(const Args& a, const BlockTile& bt, c
     }
     if (it < ktiles) {
       CpAsync cp{smem_addr(smem + (it % T::STAGES) * T::STAGE_BYTES)};
-      gemm::stage_copies<T, BITS>(a, bt, it, s_ri, vec, res, tid, T::THREADS, cp);
+      gemm::stage_copies<T, BITS>(a, bt, kr.kt0 + it, s_ri, vec, res, tid, T::THREADS, cp);
     }
     cp_async_commit();
     if (kt < 0) continue;
 
     const char* stage = smem + (kt % T::STAGES) * T::STAGE_BYTES;
     const uint32_t stage_addr = smem_addr(stage);
+    const int kg = kr.kt0 + kt;  // the k tile of K
 #pragma unroll 1
     for (int jr = 0; jr < T::RUNS_PER_WARP; ++jr) {
       const int rho = gemm::warp_run<T>(w.wk, jr);
-      if (kt * T::BK + 32 * rho >= a.k) break;  // runs past K hold only padding (x = 0)
+      if (kg * T::BK + 32 * rho >= a.k) break;  // runs past K hold only padding (x = 0)
       uint32_t b[T::NT][4];
-      gemm::decode_b<T, BITS, DT>(a, bt, kt, stage, s_ri, w, lane, rho, res, b);
+      gemm::decode_b<T, BITS, DT>(a, bt, kg, stage, s_ri, w, lane, rho, res, b);
 #pragma unroll
       for (int s = 0; s < 2; ++s) {
 #pragma unroll
@@ -223,6 +232,10 @@ __device__ __forceinline__ void gemm_block(const Args& a, const BlockTile& bt, c
       const int mi = bt.m0 + gemm::epi_x_row<T>(w, i, o);
       const int row = bt.row0 + gemm::epi_packed_row<T>(w, o);
       if (mi >= a.m || row >= bt.row_end) continue;
+      if (a.split > 1) {  // split-K: the raw partial, in packed order; split_fixup does the rest
+        a.partial[gemm::partial_index(a, kr.s, mi, row)] = epi[gemm::epi_src<T>(o)];
+        continue;
+      }
       int col;
       const float y = gemm::epilogue(a, epi[gemm::epi_src<T>(o)], row, mi, &col);
       out[int64_t(mi) * a.n + col] = to_act<DT>(y);  // the inverse permutation, fused
@@ -231,8 +244,54 @@ __device__ __forceinline__ void gemm_block(const Args& a, const BlockTile& bt, c
   }
 }
 
+// Split-K reduction (S = a.split > 1), after every block of the grid has stored its partial:
+// the last of the S blocks of this output tile to arrive sums the S partials in the order
+// s = 0..S-1 (gemm::split_sum: bitwise the same whichever block is last) and runs the epilogue
+// (low-rank up, extra, bias, cast, store through perm) once per output.
+//
+// Why here, in the last block, and not in a second, reduce-and-epilogue kernel: at the sizes
+// split-K is for (M <= 64, N = 4096: ~2-9 MB of weights) the whole GEMM is a few microseconds of
+// DRAM time, and a second launch adds its launch latency and a dependent kernel boundary
+// (a drain of the first grid, a ramp of the second) of the same order: it would eat much of
+// what filling the SMs wins. The cost of doing it here is a per-tile counter that must be 0 when
+// a launch starts: the caller allocates it zeroed once per layer (backend_cuda), and the last
+// block resets its own tile's counter, so the next launch on the stream finds zeros with no
+// host-side work: no memset, no sync, CUDA-graph safe (the HBP kernel's pattern, hbp.cu). The
+// same layer launched on two streams at once would share counters: unsupported (as HBP's).
+//
+// Memory order (the threadfence-reduction pattern of the CUDA programming guide): every thread
+// fences its partial stores (device scope) before the barrier, thread 0 then counts the block
+// in; the block that takes the count to S has seen every other block's count, hence (fences)
+// their partials, and reads them with L1-bypassing loads after a fence of its own.
+template <class T, int DT>
+__device__ __forceinline__ void split_fixup(const Args& a, const BlockTile& bt, char* smem) {
+  int* s_last = reinterpret_cast<int*>(smem + T::RI_OFF);  // res_index cache: not needed any more
+  __threadfence();
+  __syncthreads();  // also: every warp is done with shared memory before s_last is written
+  if (threadIdx.x == 0) {
+    int* counter = a.counters + gemm::split_counter(blockIdx.x, blockIdx.y, gridDim.x);
+    __threadfence();
+    const int last = atomicAdd(counter, 1) == a.split - 1;
+    if (last) atomicExch(counter, 0);  // every block of the tile has counted: reset for the next launch
+    __threadfence();
+    *s_last = last;
+  }
+  __syncthreads();
+  if (!*s_last) return;
+  uint16_t* out = static_cast<uint16_t*>(a.out);
+#pragma unroll 1
+  for (int o = threadIdx.x; o < gemm::fixup_outputs<T>(a, bt); o += T::THREADS) {
+    int mi, row;
+    if (!gemm::fixup_output<T>(a, bt, o, &mi, &row)) continue;
+    int col;
+    const float y = gemm::epilogue(a, gemm::split_sum(a, mi, row), row, mi, &col);
+    out[int64_t(mi) * a.n + col] = to_act<DT>(y);  // the inverse permutation, fused
+  }
+}
+
 // One kernel per (tile, dtype); the bit width is a per-block switch. Device code for an
 // architecture contains only the tiles its row of gemm_config.h uses (the rest compile empty).
+// The split-K reduction is outside the BITS switch: one copy per kernel, not per width.
 template <int ID, int DT>
 __global__ void __launch_bounds__(gemm::tile_threads(ID)) gemm_kernel(const Args a) {
 #if defined(__CUDA_ARCH__)
@@ -240,11 +299,13 @@ __global__ void __launch_bounds__(gemm::tile_threads(ID)) gemm_kernel(const Args
     using T = typename gemm::TileOf<ID>::type;
     extern __shared__ __align__(16) char smem[];
     const BlockTile bt = gemm::block_tile(a, T::BN, T::BM, blockIdx.x, blockIdx.y);
+    const gemm::KRange kr = gemm::split_range((a.k + T::BK - 1) / T::BK, a.split, blockIdx.z);
     switch (a.classes.bits[bt.cls]) {  // uniform per block
-      case 2: gemm_block<T, 2, DT>(a, bt, smem); break;
-      case 3: gemm_block<T, 3, DT>(a, bt, smem); break;
-      default: gemm_block<T, 4, DT>(a, bt, smem); break;
+      case 2: gemm_block<T, 2, DT>(a, bt, kr, smem); break;
+      case 3: gemm_block<T, 3, DT>(a, bt, kr, smem); break;
+      default: gemm_block<T, 4, DT>(a, bt, kr, smem); break;
     }
+    if (a.split > 1) split_fixup<T, DT>(a, bt, smem);
   }
 #endif
 }
@@ -261,13 +322,14 @@ __global__ void __launch_bounds__(gemm::tile_threads(ID)) gemm_kernel(const Args
 // as torch.empty left it. cudaFuncAttributes::ptxVersion is the virtual architecture the loaded
 // code was compiled from, i.e. __CUDA_ARCH__ / 10 (what CUB's PtxVersion relies on too).
 struct DeviceInfo {
-  int device = 0, cc = 0, smem_optin = 0, code_cc = 0;
+  int device = 0, cc = 0, smem_optin = 0, code_cc = 0, sms = 0;
 };
 std::string device_info(DeviceInfo* info) {
   constexpr int kMaxDevices = 64;
   static std::atomic<int> cc_cache[kMaxDevices];
   static std::atomic<int> smem_cache[kMaxDevices];
   static std::atomic<int> code_cache[kMaxDevices];
+  static std::atomic<int> sms_cache[kMaxDevices];
   int dev = 0;
   cudaError_t e = cudaGetDevice(&dev);
   if (e != cudaSuccess) return cuda_check::error_text("bitfuse gemm_cuda: cudaGetDevice failed", e);
@@ -276,15 +338,18 @@ std::string device_info(DeviceInfo* info) {
     info->cc = cc_cache[dev].load();
     info->smem_optin = smem_cache[dev].load();
     info->code_cc = code_cache[dev].load();
+    info->sms = sms_cache[dev].load();
     return "";
   }
-  int major = 0, minor = 0, optin = 0;
+  int major = 0, minor = 0, optin = 0, sms = 0;
   e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
   if (e == cudaSuccess) e = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
   if (e == cudaSuccess) e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   if (e != cudaSuccess) return cuda_check::error_text("bitfuse gemm_cuda: device query failed", e);
   info->cc = 10 * major + minor;
   info->smem_optin = optin;
+  info->sms = sms;
   // Every gemm_kernel instantiation comes from the same fatbinary, so one stands for all.
   cudaFuncAttributes fa{};
   e = cudaFuncGetAttributes(&fa, gemm_kernel<0, mma::kDtypeF16>);
@@ -298,16 +363,38 @@ std::string device_info(DeviceInfo* info) {
   if (dev < kMaxDevices) {
     smem_cache[dev].store(optin);
     code_cache[dev].store(info->code_cc);
+    sms_cache[dev].store(sms);
     cc_cache[dev].store(info->cc);  // last: a nonzero cc marks the entry complete
   }
   return "";
 }
 
+// The launch plan of a tile: class geometry and S (gemm_config.h plan_split, from the device's
+// real SM count and the table's resident blocks), and what S needs from the caller.
+struct Planner {
+  Args a;
+  int code_cc, sms, request;
+  cuda::GemmPlan plan;
+
+  template <int ID>
+  void run() {
+    using T = typename gemm::TileOf<ID>::type;
+    gemm::plan_classes<T>(a, reinterpret_cast<uint64_t>(a.qweight));
+    a.split = gemm::plan_split<T>(a, sms, gemm::tile_blocks_per_sm(code_cc, ID), request);
+    plan.tile = ID;
+    plan.split = a.split;
+    plan.sms = sms;
+    plan.tiles = a.class_tile[a.classes.count] * ((a.m + T::BM - 1) / T::BM);
+    plan.workspace_bytes = gemm::split_workspace_bytes(a.split, a.m, a.n);
+    plan.counters = a.split > 1 ? plan.tiles : 0;
+  }
+};
+
 struct Launcher {
   Args a;
   int dtype;
   cudaStream_t stream;
-  int device, smem_optin;
+  int device, smem_optin, code_cc, sms, request;
   std::string err;
 
   template <int ID>
@@ -316,6 +403,13 @@ struct Launcher {
     gemm::plan_classes<T>(a, reinterpret_cast<uint64_t>(a.qweight));
     const int n_tiles = a.class_tile[a.classes.count];
     const int m_tiles = (a.m + T::BM - 1) / T::BM;
+    // The same call as Planner's, so S is what the caller sized the workspace for.
+    a.split = gemm::plan_split<T>(a, sms, gemm::tile_blocks_per_sm(code_cc, ID), request);
+    if (a.split > 1 && (a.partial == nullptr || a.counters == nullptr)) {
+      err = "bitfuse gemm_cuda: split-K (S=" + std::to_string(a.split) +
+            ") needs a workspace and counters (see gemm_cuda_plan)";
+      return;
+    }
     if (m_tiles > 65535) {
       err = "bitfuse gemm_cuda: m=" + std::to_string(a.m) + " needs more than 65535 blocks of " +
             std::to_string(T::BM) + " rows; split x";
@@ -340,36 +434,61 @@ struct Launcher {
       }
       opted[bf16].fetch_or(bit);
     }
-    kernel<<<dim3(unsigned(n_tiles), unsigned(m_tiles)), T::THREADS, T::SMEM_BYTES, stream>>>(a);
+    kernel<<<dim3(unsigned(n_tiles), unsigned(m_tiles), unsigned(a.split)), T::THREADS, T::SMEM_BYTES,
+             stream>>>(a);
     e = cudaGetLastError();
     if (e != cudaSuccess) err = cuda_check::error_text("bitfuse gemm_cuda: kernel launch failed", e);
   }
 };
 
+// The tile for m rows on the current device, by the loaded code's architecture (see DeviceInfo),
+// which is the device's own in the usual build; the shared-memory check in Launcher::run still
+// uses the device's real limit.
+std::string pick_tile(int m, DeviceInfo* info, int* id) {
+  std::string err = device_info(info);
+  if (!err.empty()) return err;
+  *id = gemm::select_tile(info->code_cc, m);
+  if (*id < 0)
+    return "bitfuse gemm_cuda: needs an sm_80 or newer GPU (cp.async, bf16 mma) and device code "
+           "built for sm_80 or newer; this GPU is sm_" + std::to_string(info->cc) +
+           ", the loaded GEMM code sm_" + std::to_string(info->code_cc);
+  return "";
+}
+
 }  // namespace
 
 namespace cuda {
 
-std::string gemm(const gemm::Args& args, int dtype, std::uintptr_t stream) {
+std::string gemm_plan(const gemm::Args& args, int split, GemmPlan* plan) {
+  *plan = GemmPlan{};
+  if (args.n == 0 || args.m == 0) return "";
+  DeviceInfo info;
+  int id = -1;
+  const std::string err = pick_tile(args.m, &info, &id);
+  if (!err.empty()) return err;
+  Planner p{args, info.code_cc, info.sms, split, GemmPlan{}};
+  gemm::with_tile(id, p);
+  *plan = p.plan;
+  return "";
+}
+
+std::string gemm(const gemm::Args& args, int dtype, int split, std::uintptr_t stream) {
   const char* who = "bitfuse gemm_cuda";
   std::string err = cuda_check::device_pointer(args.qweight, "qweight_ptr", who);
   if (err.empty()) err = cuda_check::device_pointer(args.x, "x_ptr", who);
   if (err.empty()) err = cuda_check::device_pointer(args.out, "out_ptr", who);
+  if (err.empty() && args.partial) err = cuda_check::device_pointer(args.partial, "workspace_ptr", who);
+  if (err.empty() && args.counters) err = cuda_check::device_pointer(args.counters, "counters_ptr", who);
   if (!err.empty()) return err;
   if (dtype != mma::kDtypeF16 && dtype != mma::kDtypeBF16)
     return "bitfuse gemm_cuda: dtype must be 1 (fp16) or 2 (bf16)";
   if (args.n == 0 || args.m == 0) return "";
   DeviceInfo info;
-  err = device_info(&info);
+  int id = -1;
+  err = pick_tile(args.m, &info, &id);
   if (!err.empty()) return err;
-  // By the loaded code's architecture (see DeviceInfo), which is the device's own in the usual
-  // build; the shared-memory check in Launcher::run still uses the device's real limit.
-  const int id = gemm::select_tile(info.code_cc, args.m);
-  if (id < 0)
-    return "bitfuse gemm_cuda: needs an sm_80 or newer GPU (cp.async, bf16 mma) and device code "
-           "built for sm_80 or newer; this GPU is sm_" + std::to_string(info.cc) +
-           ", the loaded GEMM code sm_" + std::to_string(info.code_cc);
-  Launcher l{args, dtype, reinterpret_cast<cudaStream_t>(stream), info.device, info.smem_optin, ""};
+  Launcher l{args,           dtype,     reinterpret_cast<cudaStream_t>(stream),
+             info.device,    info.smem_optin, info.code_cc, info.sms, split, ""};
   gemm::with_tile(id, l);
   return l.err;
 }

@@ -4,9 +4,13 @@
 // copy plan (cp.async emulated with its zero-fill, into an emulated shared memory with the same
 // byte layout and swizzle), the same per-lane B-fragment decode, ldmatrix emulated from the lanes'
 // row addresses, mma.m16n8k16 emulated from the PTX ISA fragment layouts (fp16/bf16 operands,
-// fp32 accumulation), the same split-K scratch and epilogue staging. It also checks what the
-// hardware would fault on or slow down for: cp.async alignment and bounds, ldmatrix bank
-// conflicts, and that every output is written exactly once.
+// fp32 accumulation), the same split-K scratch and epilogue staging, and the same split-K across
+// blocks (gemm_config.h plan_split for a given SM count, or a forced S: the same k ranges, fp32
+// partials in a workspace, per-tile counters, the reduction by the block that counts last, in
+// the order s = 0..S-1). It also checks what the hardware would fault on or slow down for:
+// cp.async alignment and bounds, ldmatrix bank conflicts, that every output is written exactly
+// once, that every partial the reduction reads was stored exactly once by its split, and that the
+// counters are back at 0 after the launch.
 //
 // Not emulated: timing (the pipeline's overlap; stages are filled and consumed in order, in the
 // same stage slots), the tensor core's internal summation order (fp32 fma in k order here), and
@@ -157,12 +161,18 @@ void emu_mma(int dtype, float* const c[32], const uint32_t a[32][4], const uint3
 
 struct Twin {
   gemm::Args a;
-  int dtype;
+  int dtype, cc;
   uint64_t qweight_addr;  // what plan_classes sees (an odd value forces 4-byte weight copies)
+  int sms, request;       // plan_split's inputs: SMs of the emulated GPU, forced S (0: its choice)
+  bool reverse_splits;    // run the S blocks of a tile in the order S-1..0 (the last to count is s=0)
   std::vector<float>* y;
   std::vector<int>* written;
   Ranges ranges;
   Stats st;
+  int ktiles = 0, tiles = 0;
+  std::vector<float> partial{};        // the workspace, NaN until stored
+  std::vector<int> partial_written{};  // stores per workspace float
+  std::vector<int> counters{};
 
   template <int ID>
   void run() {
@@ -171,40 +181,80 @@ struct Twin {
     std::vector<uint32_t> smem(T::SMEM_BYTES / 4 + 1);
     const int n_tiles = a.class_tile[a.classes.count];
     const int m_tiles = (a.m + T::BM - 1) / T::BM;
+    a.split = gemm::plan_split<T>(a, sms, gemm::tile_blocks_per_sm(cc, ID), request);
+    ktiles = (a.k + T::BK - 1) / T::BK;
+    tiles = n_tiles * m_tiles;
+    if (a.split > 1) {
+      partial.assign(size_t(gemm::split_workspace_bytes(a.split, a.m, a.n) / 4), std::nanf(""));
+      partial_written.assign(partial.size(), 0);
+      counters.assign(size_t(tiles), 0);
+      a.partial = partial.data();
+      a.counters = counters.data();
+      if (tiles > gemm::kSplitCounters) fail(std::string(kWho) + ": split grid has more tiles than counters");
+    }
+    // The kernel's grid is (n tile, m tile, s), n fastest; blocks run in any order on the GPU.
     for (int tm = 0; tm < m_tiles; ++tm)
-      for (int tn = 0; tn < n_tiles; ++tn) {
-        const gemm::BlockTile bt = gemm::block_tile(a, T::BN, T::BM, tn, tm);
-        char* sm = reinterpret_cast<char*>(smem.data());
-        switch (a.classes.bits[bt.cls]) {
-          case 2: block_dt<T, 2>(bt, sm); break;
-          case 3: block_dt<T, 3>(bt, sm); break;
-          default: block_dt<T, 4>(bt, sm); break;
+      for (int tn = 0; tn < n_tiles; ++tn)
+        for (int j = 0; j < a.split; ++j) {
+          const int s = reverse_splits && a.split > 1 ? a.split - 1 - j : j;
+          const gemm::BlockTile bt = gemm::block_tile(a, T::BN, T::BM, tn, tm);
+          const gemm::KRange kr = gemm::split_range(ktiles, a.split, s);
+          char* sm = reinterpret_cast<char*>(smem.data());
+          switch (a.classes.bits[bt.cls]) {
+            case 2: block_dt<T, 2>(bt, kr, sm); break;
+            case 3: block_dt<T, 3>(bt, kr, sm); break;
+            default: block_dt<T, 4>(bt, kr, sm); break;
+          }
+          if (a.split > 1) {  // gemm.cu split_fixup: count in; the S-th block reduces and resets
+            int& c = counters[size_t(gemm::split_counter(tn, tm, n_tiles))];
+            if (c++ == a.split - 1) {
+              c = 0;
+              fixup<T>(bt);
+            }
+          }
         }
-      }
+    for (size_t i = 0; i < counters.size(); ++i)
+      if (counters[i] != 0) fail(std::string(kWho) + ": a split-K counter is not back at 0");
+  }
+
+  // The reduction of split_fixup (gemm.cu): outputs of the tile in order, S partials summed in
+  // order s = 0..S-1, epilogue, store through perm.
+  template <class T>
+  void fixup(const gemm::BlockTile& bt) {
+    for (int o = 0; o < gemm::fixup_outputs<T>(a, bt); ++o) {
+      int mi, row;
+      if (!gemm::fixup_output<T>(a, bt, o, &mi, &row)) continue;
+      for (int s = 0; s < a.split; ++s)
+        if (partial_written[size_t(gemm::partial_index(a, s, mi, row))] != 1)
+          fail(std::string(kWho) + ": split-K reads a partial its split did not store exactly once");
+      int col;
+      const float v = gemm::epilogue(a, gemm::split_sum(a, mi, row), row, mi, &col);
+      (*y)[size_t(mi) * a.n + col] = v;
+      ++(*written)[size_t(mi) * a.n + col];
+    }
   }
 
   template <class T, int BITS>
-  void block_dt(const gemm::BlockTile& bt, char* sm) {
-    if (dtype == mma::kDtypeBF16) block<T, BITS, mma::kDtypeBF16>(bt, sm);
-    else block<T, BITS, mma::kDtypeF16>(bt, sm);
+  void block_dt(const gemm::BlockTile& bt, const gemm::KRange& kr, char* sm) {
+    if (dtype == mma::kDtypeBF16) block<T, BITS, mma::kDtypeBF16>(bt, kr, sm);
+    else block<T, BITS, mma::kDtypeF16>(bt, kr, sm);
   }
 
   // One block of the kernel (gemm_block in gemm.cu), its warps and lanes run one after another.
   template <class T, int BITS, int DT>
-  void block(const gemm::BlockTile& bt, char* sm) {
+  void block(const gemm::BlockTile& bt, const gemm::KRange& kr, char* sm) {
     const bool res = a.res_index != nullptr;
     const bool vec = a.class_vec[bt.cls] != 0;
     int* s_ri = reinterpret_cast<int*>(sm + T::RI_OFF);
     for (int i = 0; i < T::BN; ++i)
       s_ri[i] = (res && bt.row0 + i < bt.row_end) ? a.res_index[bt.row0 + i] : -1;
-    const int ktiles = (a.k + T::BK - 1) / T::BK;
     std::vector<float> acc(size_t(T::WARPS) * 32 * T::ACC, 0.0f);  // [warp][lane][i][j][e]
     auto accp = [&](int warp, int lane, int i, int j) {
       return &acc[(size_t(warp) * 32 + lane) * T::ACC + (i * T::NT + j) * 4];
     };
     uint32_t bfrag[32][T::NT][4];
-    for (int kt = 0; kt < ktiles; ++kt) {
-      char* stage = sm + (kt % T::STAGES) * T::STAGE_BYTES;
+    for (int kt = kr.kt0; kt < kr.kt1; ++kt) {
+      char* stage = sm + ((kt - kr.kt0) % T::STAGES) * T::STAGE_BYTES;  // slots count from kt0
       EmuCopy cp{stage, T::STAGE_BYTES, &st, &ranges};
       gemm::stage_copies<T, BITS>(a, bt, kt, s_ri, vec, res, 0, 1, cp);
       for (int warp = 0; warp < T::WARPS; ++warp) {
@@ -270,6 +320,12 @@ struct Twin {
           const int mi = bt.m0 + gemm::epi_x_row<T>(w, i, o);
           const int row = bt.row0 + gemm::epi_packed_row<T>(w, o);
           if (mi >= a.m || row >= bt.row_end) continue;
+          if (a.split > 1) {  // the raw partial, packed order
+            const int64_t pi = gemm::partial_index(a, kr.s, mi, row);
+            a.partial[pi] = epi[gemm::epi_src<T>(o)];
+            ++partial_written[size_t(pi)];
+            continue;
+          }
           int col;
           const float v = gemm::epilogue(a, epi[gemm::epi_src<T>(o)], row, mi, &col);
           (*y)[size_t(mi) * a.n + col] = v;
@@ -287,7 +343,8 @@ py::tuple gemm_host(const py::array& x_in, int dtype, int cc, const py::array& q
                     std::optional<py::array> t_in, std::optional<py::array> lr_up_in,
                     std::optional<py::array> extra_in, std::optional<py::array> bias_in,
                     const std::vector<int>& class_bits, const std::vector<int>& class_rows, int n,
-                    int k, int k_pad, int group_size, int tile, bool misaligned_weights) {
+                    int k, int k_pad, int group_size, int tile, bool misaligned_weights, int sms,
+                    int split, bool reverse_splits) {
   const ClassTable table = make_class_table(class_bits, class_rows, n, k, k_pad, group_size);
   if (dtype != mma::kDtypeF16 && dtype != mma::kDtypeBF16)
     fail(std::string(kWho) + ": dtype must be 1 (fp16) or 2 (bf16), got " + std::to_string(dtype));
@@ -299,6 +356,9 @@ py::tuple gemm_host(const py::array& x_in, int dtype, int cc, const py::array& q
   if (tile < 0 || tile >= gemm::kTileCount)
     fail(std::string(kWho) + ": no tile for cc=" + std::to_string(cc) + " (sm_80 or newer), tile=" +
          std::to_string(tile));
+  if (sms < 0) sms = gemm::arch_row(cc) >= 0 ? gemm::arch_config(gemm::arch_row(cc)).sms : 1;
+  if (sms < 1) fail(std::string(kWho) + ": sms must be >= 1 (or -1: the table's)");
+  if (split < 0) fail(std::string(kWho) + ": split must be >= 0 (0: plan_split's choice)");
   const py::ssize_t G = k_pad / group_size;
   const int64_t total = class_word_offset(table.bits, table.rows, table.count, k_pad);
 
@@ -390,8 +450,10 @@ py::tuple gemm_host(const py::array& x_in, int dtype, int cc, const py::array& q
     ranges.push_back(range(a.res_plane, int64_t(a.nr) * (k_pad / 32) * 4));
     ranges.push_back(range(a.res_alpha, int64_t(a.nr) * G * 2));
   }
-  Twin tw{a, dtype, reinterpret_cast<uint64_t>(a.qweight) + (misaligned_weights ? 4 : 0), &y,
-          &written, ranges, Stats{}};
+  Twin tw{a,      dtype,         cc, reinterpret_cast<uint64_t>(a.qweight) + (misaligned_weights ? 4 : 0),
+          sms,    split,         reverse_splits,
+          &y,     &written,      ranges,
+          Stats{}};
   gemm::with_tile(tile, tw);
   for (size_t i = 0; i < written.size(); ++i)
     if (written[i] != 1)
@@ -410,6 +472,17 @@ py::tuple gemm_host(const py::array& x_in, int dtype, int cc, const py::array& q
   int vec = 0;
   for (int c = 0; c < table.count; ++c) vec += tw.a.class_vec[c];
   info["vec_classes"] = vec;
+  info["split"] = tw.a.split;
+  info["sms"] = sms;
+  info["tiles"] = tw.tiles;
+  info["ktiles"] = tw.ktiles;
+  py::list ranges_out;
+  for (int s = 0; s < (tw.a.split > 1 ? tw.a.split : 1); ++s) {
+    const gemm::KRange kr = gemm::split_range(tw.ktiles, tw.a.split, s);
+    ranges_out.append(py::make_tuple(kr.kt0, kr.kt1));
+  }
+  info["k_ranges"] = ranges_out;  // k tiles [kt0, kt1) of each split
+  info["workspace_bytes"] = gemm::split_workspace_bytes(tw.a.split, m, n);
   return py::make_tuple(out, info);
 }
 
@@ -436,9 +509,52 @@ py::list gemm_tile_table() {
     py::dict d;
     d["cc"] = c.cc, d["sms"] = c.sms, d["smem_per_sm_kb"] = c.smem_per_sm_kb;
     d["small"] = s.d, d["large"] = l.d, d["small_max_m"] = gemm::kSmallMaxM;
+    d["small_blocks"] = c.small_blocks, d["large_blocks"] = c.large_blocks;
     rows.append(d);
   }
   return rows;
+}
+
+// The launch plan (tile, split-K) the kernel makes for m rows on compute capability cc with `sms`
+// SMs, without running anything: the same plan_classes / plan_split calls as the launcher.
+struct PlanInfo {
+  gemm::Args a;
+  int cc, sms, request;
+  py::dict d;
+  template <int ID>
+  void run() {
+    using T = typename gemm::TileOf<ID>::type;
+    gemm::plan_classes<T>(a, 0);
+    a.split = gemm::plan_split<T>(a, sms, gemm::tile_blocks_per_sm(cc, ID), request);
+    const int ktiles = (a.k + T::BK - 1) / T::BK;
+    py::list ranges;
+    for (int s = 0; s < a.split; ++s) {
+      const gemm::KRange kr = gemm::split_range(ktiles, a.split, s);
+      ranges.append(py::make_tuple(kr.kt0, kr.kt1));
+    }
+    d["tile"] = ID, d["split"] = a.split, d["ktiles"] = ktiles, d["bk"] = T::BK;
+    d["stages"] = T::STAGES, d["k_ranges"] = ranges;
+    d["tiles"] = a.class_tile[a.classes.count] * ((a.m + T::BM - 1) / T::BM);
+    d["blocks_per_sm"] = gemm::tile_blocks_per_sm(cc, ID), d["sms"] = sms;
+    d["workspace_bytes"] = gemm::split_workspace_bytes(a.split, a.m, a.n);
+  }
+};
+
+py::dict gemm_plan_host(int cc, int m, const std::vector<int>& class_bits,
+                        const std::vector<int>& class_rows, int n, int k, int k_pad, int group_size,
+                        int sms, int split) {
+  gemm::Args a{};
+  a.classes = make_class_table(class_bits, class_rows, n, k, k_pad, group_size);
+  if (m < 1) fail(std::string(kWho) + ": m must be >= 1");
+  const int tile = gemm::select_tile(cc, m);
+  if (tile < 0) fail(std::string(kWho) + ": no tile for cc=" + std::to_string(cc) + " (sm_80 or newer)");
+  if (sms < 0) sms = gemm::arch_config(gemm::arch_row(cc)).sms;
+  if (sms < 1) fail(std::string(kWho) + ": sms must be >= 1 (or -1: the table's)");
+  if (split < 0) fail(std::string(kWho) + ": split must be >= 0 (0: plan_split's choice)");
+  a.m = m, a.n = n, a.k = k, a.k_pad = k_pad, a.group_size = group_size;
+  PlanInfo p{a, cc, sms, split, py::dict()};
+  gemm::with_tile(tile, p);
+  return p.d;
 }
 
 // Fills an x tile whose element (r, c) is 256·r + c and reads one m16k16 fragment back through
@@ -541,12 +657,22 @@ void register_gemm_host_ops(py::module_& m) {
         py::arg("res_plane"), py::arg("res_alpha"), py::arg("t"), py::arg("lr_up"),
         py::arg("extra"), py::arg("bias"), py::arg("class_bits"), py::arg("class_rows"),
         py::arg("n"), py::arg("k"), py::arg("k_pad"), py::arg("group_size"),
-        py::arg("tile") = -1, py::arg("misaligned_weights") = false,
+        py::arg("tile") = -1, py::arg("misaligned_weights") = false, py::arg("sms") = -1,
+        py::arg("split") = 0, py::arg("reverse_splits") = false,
         "CPU twin of gemm_cuda (same header code, emulated cp.async / ldmatrix / mma): x (m, k) "
         "float32 holding fp16 (dtype 1) or bf16 (dtype 2) values; the tile is the one the kernel "
         "picks on compute capability cc (e.g. 86, 87, 89, 90) for m, or `tile` (an id of "
         "gemm_tile_table). misaligned_weights: plan as if qweight were not 16-byte aligned "
-        "(4-byte weight copies). Returns (y (m, n) float32 before the cast, info dict).");
+        "(4-byte weight copies). Split-K across blocks as the kernel plans it for `sms` SMs (-1: "
+        "the table's count for cc), or a forced S (`split` >= 1; 0: the plan's); reverse_splits "
+        "runs each tile's S blocks last-first. Returns (y (m, n) float32 before the cast, info "
+        "dict: tile, split, k_ranges (k tiles of each split), workspace_bytes, copy stats, ...).");
+  m.def("gemm_plan_host", &gemm_plan_host, py::arg("cc"), py::arg("m"), py::arg("class_bits"),
+        py::arg("class_rows"), py::arg("n"), py::arg("k"), py::arg("k_pad"), py::arg("group_size"),
+        py::arg("sms") = -1, py::arg("split") = 0,
+        "The GEMM's launch plan on compute capability cc with `sms` SMs (-1: the table's), as the "
+        "kernel makes it (gemm_config.h plan_split): dict(tile, split, ktiles, bk, stages, "
+        "k_ranges, tiles, blocks_per_sm, sms, workspace_bytes).");
   m.def("gemm_tile_table", &gemm_tile_table,
         "The GEMM's per-architecture tile table (bitfuse/gemm_config.h) as a list of dicts.");
   m.def("mma_layout_test", &mma_layout_test, py::arg("tile"), py::arg("i") = 0, py::arg("rho") = 0,

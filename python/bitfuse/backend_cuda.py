@@ -5,10 +5,15 @@ fused GEMV for M <= 8 (csrc/cuda/gemv.cu) and the fused tensor-core GEMM for lar
 (csrc/cuda/gemm.cu, mma.sync m16n8k16 with a cp.async pipeline). Both fused kernels take the codes
 of every bit class, the residual, the low-rank up-projection, the sparse product and the bias in
 one launch and store through perm. `linear` runs the GEMV for M <= 8 and the GEMM otherwise
-(fp16/bf16 x); fp32 x keeps CUDA dequantize + cuBLAS. Unverified on a GPU: see docs/STATUS.md.
+(fp16/bf16 x); fp32 x keeps CUDA dequantize + cuBLAS. The GEMM splits K across blocks when its
+grid is smaller than the GPU (small M × small N): see gemm() for the workspace and counters it
+needs. Unverified on a GPU: see docs/STATUS.md.
 """
 
 from __future__ import annotations
+
+import functools
+import weakref
 
 import torch
 
@@ -143,14 +148,60 @@ def gemm_unsupported(x: torch.Tensor, pw: PackedWeight):
     return None
 
 
-def gemm(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
+@functools.lru_cache(maxsize=4096)
+def _gemm_plan(device_index: int, m: int, class_bits: tuple, class_rows: tuple, n: int, k: int,
+               k_pad: int, group_size: int, split: int) -> dict:
+    """gemm_cuda_plan on a device (tile, S, workspace bytes, counters): shapes and device only,
+    so it is cached, and computing it inside a CUDA-graph capture does no CUDA work."""
+    with torch.cuda.device(device_index):
+        return extension().gemm_cuda_plan(m, list(class_bits), list(class_rows), n, k, k_pad,
+                                          group_size, split)
+
+
+# id(qweight) -> (weak ref to that tensor, int32 split-K counters on its device). Keyed by id,
+# not by the tensor (a tensor's == is elementwise), and dropped when the tensor dies.
+_COUNTERS: dict = {}
+
+
+def _split_counters(pw: PackedWeight, slots: int) -> torch.Tensor:
+    """The layer's split-K counters: zeroed once here, at the layer's first GEMM call (whatever
+    its M, so that a graph captured after any eager call finds them); the kernel leaves every
+    counter at 0 after each launch (its last block per tile resets its own), so later calls and
+    CUDA graphs need no memset. One layer running on two streams at the same time would share
+    them: unsupported (as HBP's counter)."""
+    q = pw.qweight
+    hit = _COUNTERS.get(id(q))
+    if hit is not None and hit[0]() is q and hit[1].numel() >= slots:
+        return hit[1]
+    with torch.cuda.device(q.device):
+        capturing = torch.cuda.is_current_stream_capturing()
+    if capturing:
+        raise RuntimeError(
+            "bitfuse cuda gemm: this layer's split-K counters are allocated and zeroed at its first "
+            "GEMM call (M > 8); run the layer once eagerly before capturing a CUDA graph")
+    c = torch.zeros(slots, dtype=torch.int32, device=q.device)
+    if hit is None or hit[0]() is not q:
+        weakref.finalize(q, _COUNTERS.pop, id(q), None)
+    _COUNTERS[id(q)] = (weakref.ref(q), c)
+    return c
+
+
+def gemm(x: torch.Tensor, pw: PackedWeight, *, split: int = 0) -> torch.Tensor:
     """The fused layer for any M (meant for M > 8) of fp16/bf16 x in one CUDA launch
     (csrc/cuda/gemm.cu): tensor cores (mma.sync m16n8k16, fp32 accumulation) on x and Ŵ rounded
     to x's dtype, every bit class, residual, low-rank up, sparse and bias in the epilogue, stored
     through perm. The kernel streams x in 16-byte rows: x is copied into a zero-padded buffer
     whose rows are a multiple of 8 elements when K is not, or when x is not 16-byte aligned.
+
+    Small grids (small M × small N against the GPU's SMs) are split along K across blocks
+    (gemm_config.h plan_split; `split` >= 1 forces S, for tests and benchmarks; 0 lets the plan
+    choose): the fp32 partials go to a torch.empty workspace whose size depends only on the
+    shapes and the device, and the per-tile counters are the layer's (_split_counters), so a
+    call is CUDA-graph safe once the layer has run eagerly.
     """
     _check_call("gemm", gemm_unsupported(x, pw), x, pw)
+    if split < 0:
+        raise ValueError(f"bitfuse cuda gemm: split must be >= 0 (0: chosen by the plan), got {split}")
     m, k = x.shape
     n = pw.out_features
     x = x.contiguous()
@@ -162,6 +213,12 @@ def gemm(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     t, lr_up, extra, bias, r = _side_branches(x[:, :k], pw)
     nr = 0 if pw.res_plane is None else pw.res_plane.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    plan = _gemm_plan(x.device.index, m, tuple(pw.class_bits), tuple(pw.class_rows), n, k,
+                      pw.k_pad, pw.group_size, split)
+    counters = _split_counters(pw, plan["counter_slots"])
+    ws = None
+    if plan["split"] > 1:
+        ws = torch.empty(plan["workspace_bytes"] // 4, dtype=torch.float32, device=x.device)
     with torch.cuda.device(x.device):  # the launch goes to the current device: make it x's
         extension().gemm_cuda(
             _ptr(x), lda, _ptr(out), _ptr(pw.qweight), _ptr(pw.scales), _ptr(pw.zeros),
@@ -169,6 +226,9 @@ def gemm(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
             _ptr(lr_up), _ptr(extra), _ptr(bias), list(pw.class_bits), list(pw.class_rows), m, n,
             k, pw.k_pad, pw.group_size, r, _OUT_DTYPES[x.dtype],
             torch.cuda.current_stream(x.device).cuda_stream,
+            workspace_ptr=_ptr(ws), workspace_bytes=plan["workspace_bytes"] if ws is not None else 0,
+            counters_ptr=_ptr(counters), counters_len=counters.numel(),
+            split=plan["split"],
         )
     return out
 

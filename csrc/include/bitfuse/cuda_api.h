@@ -27,11 +27,23 @@ std::string dequantize(const DequantArgs& args, void* out, int out_dtype, std::u
 // success, else the CUDA error; asynchronous on `stream`.
 std::string gemv(const gemv::Args& args, int dtype, std::uintptr_t stream);
 
+// The launch plan of the tensor-core GEMM for args (shapes and classes; pointers unused) on the
+// current device: the tile, S (split-K across blocks: gemm_config.h plan_split from the device's
+// SM count; `split` 0 = that choice, >= 1 = asked for), the fp32 workspace bytes and the counters
+// S needs (both 0 when S = 1). Returns "" on success, else why (no GPU, GPU too old).
+struct GemmPlan {
+  int tile = -1, split = 1, sms = 0, tiles = 0, counters = 0;
+  int64_t workspace_bytes = 0;
+};
+std::string gemm_plan(const gemm::Args& args, int split, GemmPlan* plan);
+
 // Launch the tensor-core GEMM (csrc/cuda/gemm.cu) for any args.m >= 1 (meant for m > 8), dtype
 // 1 (fp16) or 2 (bf16). The tile comes from bitfuse/gemm_config.h by the device's compute
-// capability and m; args' class plan (class_tile, class_vec, ...) is filled here. Arguments are
-// validated by the caller (bindings.cpp). Returns "" on success, else why; asynchronous.
-std::string gemm(const gemm::Args& args, int dtype, std::uintptr_t stream);
+// capability and m; args' class plan (class_tile, class_vec, ...) and S (`split` as in gemm_plan)
+// are filled here; with S > 1, args.partial / args.counters must be what gemm_plan asked for
+// (bindings.cpp checks). Arguments are validated by the caller (bindings.cpp). Returns "" on
+// success, else why; asynchronous.
+std::string gemm(const gemm::Args& args, int dtype, int split, std::uintptr_t stream);
 
 }  // namespace cuda
 }  // namespace bitfuse

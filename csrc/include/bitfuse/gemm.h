@@ -26,6 +26,9 @@
 //    groups a k tile needs is staged as the covering aligned 32-bit words (SW of them), read back
 //    with the window's parity (window_index). Residual planes: BK/32 words a row.
 //  * Rows without a residual, and layers without one, read α = 0 and sign 0: Ŵ + (−0) = Ŵ.
+//  * Split-K across blocks (small grids; S from gemm_config.h plan_split): cut at k-tile
+//    boundaries, fp32 partials (S, m, n) in packed row order, reduced in the order s = 0..S-1 by
+//    the block that counts last; the section at split_range says why each choice.
 #pragma once
 
 #include <cstdint>
@@ -112,6 +115,13 @@ struct Args {
   int class_vec[kMaxClasses];       // 1: the class's weight rows are copied in 16-byte chunks
   int64_t lda;                      // x row stride in elements: >= k, a multiple of 8
   int m, n, k, k_pad, group_size, r, nr;
+  // Split-K across blocks (gemm_config.h plan_split): S = split K ranges, grid.z = S. With S > 1
+  // each block stores its fp32 partial tile to `partial` and the last block of each output tile
+  // to arrive (counted in `counters`) sums the S partials in order s = 0..S-1 and runs the
+  // epilogue. split <= 1: no workspace, every block runs the epilogue itself (as before split-K).
+  float* partial;  // (split, m, n) fp32, packed row order; with split > 1
+  int* counters;   // one per (N tile, M tile), 0 between launches (the last block resets its own)
+  int split;
 };
 
 // Class geometry of a launch with tile T: first row / word / N tile of every class and whether
@@ -146,6 +156,65 @@ BF_HD inline BlockTile block_tile(const Args& a, int bn, int bm, int tile_n, int
   b.row_end = a.class_first[c] + a.classes.rows[c];
   b.m0 = tile_m * bm;
   return b;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Split-K across blocks (S = a.split > 1): block (tile_n, tile_m, s) computes k tiles
+// [kt0, kt1) of split_range(ktiles, S, s).
+//  * The cut is at k-tile boundaries, so every split is whole 32-column runs and the copy plan
+//    below is untouched: the scale / offset / α windows are computed per k tile from kt·BK, which
+//    is the same arithmetic whether kt is the block's first k tile or not (a group that straddles
+//    two splits is simply staged by both). No group alignment is needed.
+//  * Balanced: kt0 = s·ktiles / S, so split sizes differ by at most one k tile, and plan_split
+//    never picks S above ktiles / STAGES (each split keeps at least STAGES k tiles).
+//  * Partials: (S, m, n) fp32, x row major, packed rows fastest. The epilogue's staging tile
+//    already hands a warp 32 consecutive packed rows of one x row, so a partial store is one
+//    coalesced 128-byte line; the reducing block reads them back the same way. Packed (not
+//    output) order: the inverse permutation is applied once, by the reducing block's store.
+//    Only rows < m exist in it (BM = 64 tiles at m = 16 would otherwise carry 4x the traffic).
+// ---------------------------------------------------------------------------------------------
+struct KRange {
+  int s, kt0, kt1;  // split index, k tiles [kt0, kt1)
+};
+BF_HD inline KRange split_range(int ktiles, int split, int s) {
+  KRange r;
+  r.s = s;
+  r.kt0 = split > 1 ? int(int64_t(s) * ktiles / split) : 0;
+  r.kt1 = split > 1 ? int(int64_t(s + 1) * ktiles / split) : ktiles;
+  return r;
+}
+BF_HD inline int64_t partial_index(const Args& a, int s, int mi, int row) {
+  return (int64_t(s) * a.m + mi) * a.n + row;
+}
+// Counter of output tile (tile_n, tile_m) in a grid of n_tiles N tiles.
+BF_HD inline int split_counter(int tile_n, int tile_m, int n_tiles) { return tile_m * n_tiles + tile_n; }
+// Output o (0 .. fixup_outputs - 1) of the reducing block: x row bt.m0 + o / BN, packed row
+// bt.row0 + o % BN (threads o, o + 1, .. walk consecutive packed rows: coalesced partial reads
+// and, under the identity permutation, coalesced stores). False past the class's last row.
+template <class T>
+BF_HD inline int fixup_outputs(const Args& a, const BlockTile& bt) {  // the tile's x rows < m only
+  return (a.m - bt.m0 < T::BM ? a.m - bt.m0 : T::BM) * T::BN;
+}
+template <class T>
+BF_HD inline bool fixup_output(const Args& a, const BlockTile& bt, int o, int* mi, int* row) {
+  *mi = bt.m0 + o / T::BN;
+  *row = bt.row0 + o % T::BN;
+  return *mi < a.m && *row < bt.row_end;
+}
+// The dense product of output (mi, row): the S partials summed in the fixed order s = 0, 1, ..,
+// whichever block happens to reduce (so the result does not depend on the blocks' arrival order).
+// On the device the loads bypass L1 (ld.global.cg): the partials were written by other SMs.
+BF_HD inline float split_sum(const Args& a, int mi, int row) {
+  float v = 0.0f;
+  for (int s = 0; s < a.split; ++s) {
+    const float* p = a.partial + partial_index(a, s, mi, row);
+#if defined(__CUDA_ARCH__)
+    v += __ldcg(p);
+#else
+    v += *p;
+#endif
+  }
+  return v;
 }
 
 // A warp's place in the block: warps [wk][wm][wn], wn fastest.

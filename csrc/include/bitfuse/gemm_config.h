@@ -15,11 +15,18 @@
 //  * large M (> 64): 128 × 128 tiles, 8 warps of 64 × 32 (16 mma per k16 step per warp, each
 //    decoded B fragment reused by 4 m16 tiles). sm_86/89: BK = 32, 4 stages, 48.5 KB; sm_87:
 //    BK = 64, 3 stages, 80 KB; sm_90: BK = 64, 4 stages, 104.5 KB: shared memory for 2 blocks
-//    per SM everywhere, but registers (ptxas, sm_90: 171 a thread for this tile, 160 for the
-//    small one; no spills) allow only 1 block of 8 warps per SM. Forcing 2 (launch bounds) would
+//    per SM everywhere, but registers (ptxas, with split-K: 171-175 a thread for this tile,
+//    155-168 for the small one; no spills) allow only 1 block of 8 warps per SM. Forcing 2 (launch bounds) would
 //    cap registers at 128 and likely spill the 64 accumulators; to be decided on a GPU.
-//  * Small grids (small M and small N: N/64 blocks) would want split-K across blocks with a
-//    fixed-order reduction; not done yet (docs/STATUS.md).
+//  * Small grids: split-K across blocks (plan_split below). At M <= 64 the grid is N/64 blocks
+//    (64 for N = 4096) against 82-132 SMs × 2 resident blocks (16 × 2 on Orin), so most SMs
+//    would idle in a launch that is meant to stream the weights at full DRAM bandwidth (issue
+//    #4: M = 16 >= 3.3x over fp16 cuBLAS needs every SM loading). The grid gets a third
+//    dimension S: block (n tile, m tile, s) computes a contiguous range of k tiles, stores an
+//    fp32 partial, and the last of the S blocks of an output tile sums them in the fixed order
+//    s = 0..S-1 and runs the epilogue (gemm.h, gemm.cu split_fixup). S is a runtime value, so
+//    split-K adds no template instantiation. S = 1 (a full grid: large M, large N) is exactly the
+//    kernel without split-K. How S is chosen, and why, is at split_count; unmeasured.
 #pragma once
 
 #include "bitfuse/gemm.h"
@@ -43,13 +50,19 @@ struct ArchConfig {
   int smem_per_sm_kb;  // targets.py TargetProfile.smem_per_sm_kb
   int small_tile;      // tile id for M <= kSmallMaxM
   int large_tile;      // tile id for M > kSmallMaxM
+  // Blocks of each tile resident on one SM (what "a wave" is for split_count): the small tiles
+  // are bounded by shared memory (2 on every row, see above; 168 registers × 128 threads would
+  // allow 3), the large ones by registers (171-175 × 256 threads: 1). Reasoned from ptxas -v,
+  // not measured with the occupancy API on a GPU.
+  int small_blocks;
+  int large_blocks;
 };
 constexpr int kArchRows = 4;
 BF_HD constexpr ArchConfig arch_config(int row) {
-  return row == 0   ? ArchConfig{86, 82, 100, 0, 3}    // rtx30: RTX 3090
-         : row == 1 ? ArchConfig{87, 16, 164, 1, 4}    // orin: Jetson AGX Orin
-         : row == 2 ? ArchConfig{89, 128, 100, 0, 3}   // rtx40: RTX 4090
-                    : ArchConfig{90, 132, 228, 2, 5};  // h100 (and H200)
+  return row == 0   ? ArchConfig{86, 82, 100, 0, 3, 2, 1}    // rtx30: RTX 3090
+         : row == 1 ? ArchConfig{87, 16, 164, 1, 4, 2, 1}    // orin: Jetson AGX Orin
+         : row == 2 ? ArchConfig{89, 128, 100, 0, 3, 2, 1}   // rtx40: RTX 4090
+                    : ArchConfig{90, 132, 228, 2, 5, 2, 1};  // h100 (and H200)
 }
 // Row of a compute capability; -1 below sm_80 (cp.async, bf16 mma and m16n8k16 need sm_80).
 // Newer GPUs take the sm_90 row (they run the sm_90 PTX); sm_80 (A100, 164 KB) the Orin row.
@@ -100,12 +113,84 @@ BF_HD constexpr int tile_threads(int id) {
                    : TileOf<5>::type::THREADS;
 }
 BF_HD constexpr int block_smem_limit(int row) { return (arch_config(row).smem_per_sm_kb - 1) * 1024; }
+// `blocks` blocks of tile id fit one SM's shared memory (each with the runtime's 1 KB).
+BF_HD constexpr bool blocks_fit(int row, int id, int blocks) {
+  return blocks * (tile_smem(id) + 1024) <= arch_config(row).smem_per_sm_kb * 1024;
+}
 BF_HD constexpr bool table_fits(int row) {
   return row >= kArchRows ||
          (tile_smem(arch_config(row).small_tile) <= block_smem_limit(row) &&
-          tile_smem(arch_config(row).large_tile) <= block_smem_limit(row) && table_fits(row + 1));
+          tile_smem(arch_config(row).large_tile) <= block_smem_limit(row) &&
+          blocks_fit(row, arch_config(row).small_tile, arch_config(row).small_blocks) &&
+          blocks_fit(row, arch_config(row).large_tile, arch_config(row).large_blocks) &&
+          table_fits(row + 1));
 }
 static_assert(table_fits(0), "a tile of the table needs more shared memory than its GPU has");
+
+// Resident blocks per SM of tile id on compute capability cc's row (1 for a tile not in the row).
+BF_HD constexpr int tile_blocks_per_sm(int cc, int id) {
+  return arch_row(cc) < 0                                 ? 1
+         : arch_config(arch_row(cc)).small_tile == id ? arch_config(arch_row(cc)).small_blocks
+         : arch_config(arch_row(cc)).large_tile == id ? arch_config(arch_row(cc)).large_blocks
+                                                          : 1;
+}
+
+// ---- split-K across blocks ----------------------------------------------------------------------
+constexpr int kMaxSplit = 16;        // S never exceeds this by itself (tests may force more)
+constexpr int kSplitCounters = 1024; // counters a layer keeps: a split grid has at most this many
+                                     // output tiles (it has fewer than one wave: <= 264 today)
+
+BF_HD constexpr int imin(int a, int b) { return a < b ? a : b; }
+
+// S, the number of K splits, for a launch of `tiles` output tiles (N tiles × M tiles) over m rows
+// of x and k_runs 32-column runs of K, with a tile whose k tile is runs_per_ktile runs and whose
+// pipeline has `stages` stages, on `sms` SMs that hold blocks_per_sm blocks of it each (a wave is
+// sms · blocks_per_sm blocks). Why each term:
+//  * tiles >= one wave: the grid already fills the GPU (large M, or large N): S = 1, which is
+//    exactly the kernel without split-K (no workspace, no counter, no extra pass).
+//  * else S = ceil(2 waves / tiles): about two waves of blocks, so the SMs that finish their first
+//    block early pick up another instead of idling through a ragged last wave, and every SM has
+//    weight loads in flight (the small-M launch is memory-bound: the point is DRAM bandwidth).
+//  * S <= ktiles / stages: each split keeps at least `stages` k tiles, so its cp.async pipeline
+//    reaches steady state instead of being all prologue and drain.
+//  * S <= 2·k_runs / m: the fp32 partials cost 8 bytes (store + load) per output per split, the
+//    4-bit weights K/2 bytes per packed row shared by the m rows; 8·S·m <= K/2 keeps the partial
+//    traffic (mostly L2-resident) at most the weight bytes, which turns split-K off as M grows
+//    towards the compute-bound range (m > K/32: m > 128 at K = 4096).
+//  * S <= kMaxSplit; tiles <= kSplitCounters (the counter buffer the caller keeps per layer).
+// For N = K = 4096, m = 16 (64 small tiles): H100 (132 SMs × 2): min(ceil(528/64) = 9, 16,
+// 32/4 = 8, 2·128/16 = 16) = 8 -> 512 blocks; RTX 4090: min(8, 16, 64/3, 16) = 8; RTX 3090:
+// ceil(328/64) = 6; Orin (16 SMs × 2 = 32 <= 64 tiles): 1. At m = 64 the traffic term
+// (2·128/64) gives 4 / 4 / 4 / 1. None of this has been measured (no GPU lent so far).
+BF_HD constexpr int split_count(int sms, int blocks_per_sm, int tiles, int m, int k_runs,
+                                int runs_per_ktile, int stages) {
+  const int wave = sms * blocks_per_sm;
+  const int ktiles = (k_runs + runs_per_ktile - 1) / runs_per_ktile;
+  if (tiles <= 0 || m <= 0 || tiles >= wave || tiles > kSplitCounters) return 1;
+  int s = (2 * wave + tiles - 1) / tiles;
+  s = imin(s, kMaxSplit);
+  s = imin(s, ktiles / stages);
+  s = imin(s, 2 * k_runs / m);
+  return s > 1 ? s : 1;
+}
+
+// S of a launch of tile T with a's class plan (plan_classes done): split_count for request 0; a
+// request >= 1 (tests, benchmarks) is taken as it is, clipped to 1..ktiles (no empty split), and to
+// 1 when the grid has more output tiles than counters. The launcher and the CPU twin both call
+// this, so the twin runs the kernel's split plan for the same (sms, m, shapes).
+template <class T>
+inline int plan_split(const Args& a, int sms, int blocks_per_sm, int request) {
+  const int tiles = a.class_tile[a.classes.count] * ((a.m + T::BM - 1) / T::BM);
+  const int k_runs = (a.k + 31) / 32;
+  const int ktiles = (a.k + T::BK - 1) / T::BK;
+  if (request <= 0) return split_count(sms, blocks_per_sm, tiles, a.m, k_runs, T::RUNS, T::STAGES);
+  if (tiles > kSplitCounters) return 1;
+  return imax(1, imin(request, ktiles));
+}
+// Workspace bytes (fp32 partials, 16-byte aligned) of a launch of S splits; 0 when S = 1.
+inline int64_t split_workspace_bytes(int split, int m, int n) {
+  return split > 1 ? int64_t(split) * m * n * 4 : 0;
+}
 
 }  // namespace gemm
 }  // namespace bitfuse
