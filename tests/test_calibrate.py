@@ -521,3 +521,16 @@ def test_quantize_passes_calib_options_and_names_unknown_ones():
     default = calibrate(w, QuantConfig(outliers=0.01))  # data-free default: magnitude
     assert torch.equal(model[0].packed.sp_indices, direct.sp_indices)
     assert not torch.equal(default.sp_indices, direct.sp_indices)  # so the option did reach calibrate
+
+
+def test_gptq_layers_without_calibration_data_fall_back_to_nearest(small, caplog):
+    """calib_data for some layers (e.g. linears collected, convs not): those get GPTQ, the rest
+    nearest rounding, and the run names them in a warning."""
+    w, x, _, _ = small
+    cfg = QuantConfig(bits=3, group_size=64)
+    model = torch.nn.Sequential(linear_from(w), torch.nn.ReLU(), linear_from(w.t().contiguous()))
+    with caplog.at_level("WARNING", logger="bitfuse"):
+        bitfuse.quantize_(model, cfg, calib_data={"0": x}, calib_options={"rounding": "gptq"}, progress=False)
+    assert torch.equal(model[0].packed.qweight, calibrate(w, cfg, activations=x, rounding="gptq").qweight)
+    assert torch.equal(model[2].packed.qweight, calibrate(w.t().contiguous(), cfg).qweight)
+    assert "1 layer(s) without calib_data were rounded to nearest: 2" in caplog.text

@@ -67,8 +67,9 @@ def quantize_(
     residual_rounds, lowrank_iters, outlier_rule ("auto" | "magnitude" | "act_norm" |
     "sensitivity" | "measured"), kurtosis_smoothing (None or SmoothQuant's α; needs
     activations) and rounding ("nearest" | "gptq": GPTQ error-feedback rounding on the same
-    grid, same bpw; needs calib_data with the full XᵀX); docs/CALIBRATION.md says what each was
-    measured to do. progress: a tqdm bar over layers (None: only on a terminal). report: a list
+    grid, same bpw; needs calib_data with the full XᵀX: layers calib_data does not cover are
+    rounded to nearest with a warning, no calib_data at all is an error); docs/CALIBRATION.md
+    says what each was measured to do. progress: a tqdm bar over layers (None: only on a terminal). report: a list
     to append one dict per quantized layer to (bits, bpw, weight/output error, seconds), or a
     path to write them to as JSON. Returns the model.
     """
@@ -89,6 +90,7 @@ def quantize_(
         raise ValueError(f"calib_data names layers that are not quantizable layers of this model: {sorted(unknown)[:5]}")
     done = skipped = 0
     rows = []
+    no_data = []  # layers rounded to nearest for want of activations under rounding="gptq"
     for fqn, layer in _progress(layers, progress):
         if filter_fn is not None and not filter_fn(layer, fqn):
             continue
@@ -97,6 +99,12 @@ def quantize_(
             log.info("bitfuse: skipping %s (%s): too small to gain", fqn, why)
             skipped += 1
             continue
+        opts = calib_options
+        if calib_data and fqn not in calib_data and opts.get("rounding") == "gptq":
+            # GPTQ needs the layer's XᵀX; with calibration data for other layers (e.g. linears
+            # collected, convs not), this one is rounded to nearest and the run says so below.
+            opts = {**opts, "rounding": "nearest"}
+            no_data.append(fqn)
         if isinstance(layer, nn.Conv2d):
             why = conv_unsupported_reason(layer)
             if why:
@@ -104,18 +112,20 @@ def quantize_(
                 skipped += 1
                 continue
             start = time.perf_counter()
-            q = QuantConv2d.from_conv(layer, config, activations=calib_data.get(fqn),
-                                      **calib_options)
+            q = QuantConv2d.from_conv(layer, config, activations=calib_data.get(fqn), **opts)
         else:
             start = time.perf_counter()
-            q = QuantLinear.from_linear(layer, config, activations=calib_data.get(fqn),
-                                        **calib_options)
+            q = QuantLinear.from_linear(layer, config, activations=calib_data.get(fqn), **opts)
         seconds = time.perf_counter() - start
         if report is not None:
             rows.append(layer_report(layer.weight.detach(), q.packed, calib_data.get(fqn), seconds, fqn))
         _set_child(model, fqn, q.to(layer.weight.device))
         done += 1
     log.info("bitfuse: quantized %d layers, skipped %d", done, skipped)
+    if no_data:
+        log.warning("bitfuse: rounding='gptq' needs a layer's activations; %d layer(s) without "
+                    "calib_data were rounded to nearest: %s%s", len(no_data), ", ".join(no_data[:5]),
+                    " …" if len(no_data) > 5 else "")
     if isinstance(report, list):
         report.extend(rows)
     elif report is not None:

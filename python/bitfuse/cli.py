@@ -101,8 +101,12 @@ def quantize_cmd(args: argparse.Namespace) -> int:
     if torch.cuda.is_available():
         model = model.cuda()
     config = QuantConfig(target="auto", **RECIPES[args.recipe])
+    calib = _synthetic_calibration(model, args) if args.calib else None
+    if args.rounding == "gptq" and not calib:
+        raise SystemExit("bitfuse quantize: --rounding gptq needs activations: add --calib N")
+    options = {"rounding": args.rounding, "outlier_rule": args.outlier_rule}
     rows: list = []
-    quantize_(model, config, report=rows)
+    quantize_(model, config, calib_data=calib, calib_options=options, report=rows)
     save_quantized(model, args.out)
     if args.report:
         from .calibrate.report import write_report
@@ -111,6 +115,23 @@ def quantize_cmd(args: argparse.Namespace) -> int:
     print(f"quantized {len(rows)} layers of {args.path or args.model} with {args.recipe} in "
           f"{time.perf_counter() - t0:.1f} s -> {args.out}" + (f" ({total / 8 / 2**20:.1f} MiB packed)" if total else ""))
     return 0
+
+
+def _synthetic_calibration(model, args):
+    """ActivationStats of the denoiser's linears over --calib random inputs (the e2e benchmark's
+    latents and conditioning, one seed each) at --calib-steps timesteps spread over [0, 1000).
+    Random conditioning is a stand-in: for a real model, collect from real prompts with
+    bitfuse.integrations.diffusers.collect(pipe, prompts)."""
+    from .e2e import make_inputs
+    from .integrations.diffusers import collect
+
+    p = next(model.parameters())
+    batches = []
+    for seed in range(args.calib):
+        lat, cond = make_inputs(model, 1, p.device, p.dtype, None, seed=seed)
+        key = "sample" if type(model).__name__ == "UNet2DConditionModel" else "hidden_states"
+        batches.append({key: lat, "timestep": 0, **cond})
+    return collect(model, batches, steps=args.calib_steps)
 
 
 def bench_kernels(args: argparse.Namespace) -> int:
@@ -168,6 +189,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     qz.add_argument("--recipe", default="w4", help="w4, w4g128, w3res, w3mix or w4-linear")
     qz.add_argument("--out", required=True, help="the .safetensors checkpoint to write")
     qz.add_argument("--report", default=None, help="also write the per-layer report as JSON here")
+    qz.add_argument("--calib", type=int, default=0, metavar="N",
+                    help="activation-aware calibration from N random inputs (latents + conditioning) "
+                         "at --calib-steps timesteps; 0 (default): data-free")
+    qz.add_argument("--calib-steps", type=int, default=4, help="timesteps sampled per calibration input")
+    qz.add_argument("--rounding", choices=("nearest", "gptq"), default="nearest",
+                    help="gptq: error-feedback rounding (needs --calib; layers without statistics, e.g. convs, stay nearest)")
+    qz.add_argument("--outlier-rule", default="auto",
+                    choices=("auto", "magnitude", "act_norm", "sensitivity", "measured"),
+                    help="how outliers are chosen when the recipe has them (docs/CALIBRATION.md)")
     qz.set_defaults(func=quantize_cmd)
     b = sub.add_parser("backends", help="which backends run here, and why the others do not")
     b.set_defaults(func=show_backends)

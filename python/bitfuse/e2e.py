@@ -96,10 +96,10 @@ def build_denoiser(model: str, path: Optional[str] = None):
     return cls(**cfg).eval()
 
 
-def make_inputs(den, batch: int, device, dtype, resolution: Optional[int]):
-    """(latents, conditioning kwargs) for one denoiser call."""
+def make_inputs(den, batch: int, device, dtype, resolution: Optional[int], seed: int = 0):
+    """(latents, conditioning kwargs) for one denoiser call (random, from `seed`)."""
     c = den.config
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     size = (resolution // 8) if resolution else c.sample_size
     lat = torch.randn(batch, c.in_channels, size, size, generator=g).to(device, dtype)
     name = type(den).__name__
