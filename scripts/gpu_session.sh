@@ -2,7 +2,7 @@
 # One device call does the whole GPU job (see docs/STATUS.md): build from source, the GPU tests,
 # a compute-sanitizer subset, the kernel and SpMV benchmarks. Sized for the device budget of a
 # session (15 minutes in all, the machine's start included; 10 minutes per call): the command
-# itself is capped at ~9.5 minutes by the per-step timeouts below (140+120+110+60+110+50 s), so
+# itself is capped at ~9.5 minutes by the per-step timeouts below (130+120+100+60+40+100+50 s), so
 # pass timeout_s=600 and do not plan a rerun in the same session.
 # Only 8 files come back from $OUT: every log and result goes to $WORK and is re-packed into
 # $OUT/results.tgz after each step (so a step that runs out of time loses nothing before it);
@@ -38,7 +38,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$WOR
 # Build for the machine's own arch only (the four-arch build is CI's job): minutes saved.
 CAP=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d . )
 export BITFUSE_CUDA_ARCHS=${BITFUSE_CUDA_ARCHS:-${CAP:-90}} MAX_JOBS=${MAX_JOBS:-$(nproc)}
-step install 140 python3 -m pip install -q --no-build-isolation . || { cat "$SUMMARY"; exit 1; }
+step install 130 python3 -m pip install -q --no-build-isolation . || { cat "$SUMMARY"; exit 1; }
 SRC=$PWD
 cd /tmp  # import the installed package, not the source tree
 python3 -c "import bitfuse, bitfuse._C as C; print(bitfuse.__version__, C.cuda_status(), C.cuda_archs()); print(bitfuse.backends())" \
@@ -48,14 +48,19 @@ python3 -c "import bitfuse, bitfuse._C as C; print(bitfuse.__version__, C.cuda_s
 XD="-n ${XDIST:-8}"
 step gpu_cuda "${GPU_CUDA_TIMEOUT:-120}" python3 -m pytest -m gpu -q -p no:cacheprovider $XD --timeout 60 \
   "$SRC/tests/test_gpu.py" "$SRC/tests/test_hbp_cuda.py"
-step gpu_triton "${GPU_TRITON_TIMEOUT:-110}" python3 -m pytest -m gpu -q -p no:cacheprovider $XD --timeout 90 \
+step gpu_triton "${GPU_TRITON_TIMEOUT:-100}" python3 -m pytest -m gpu -q -p no:cacheprovider $XD --timeout 90 \
   "$SRC/tests" --ignore "$SRC/tests/test_gpu.py" --ignore "$SRC/tests/test_hbp_cuda.py"
 # compute-sanitizer memcheck on a representative subset of the CUDA GEMM (tests/test_gpu.py
 # test_cuda_gemm_sanitizer_subset); no caching allocator, so a read past a tensor is past its
 # allocation. Exit status 3 = memcheck found errors.
 step memcheck "${SANITIZER_TIMEOUT:-60}" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
   --error-exitcode 3 python3 -m pytest -m gpu -q -p no:cacheprovider "$SRC/tests/test_gpu.py" -k sanitizer_subset
-step kernels "${BENCH_TIMEOUT:-110}" python3 -m bitfuse.cli bench kernels ${BENCH_ARGS:---quick} --out "$WORK/kernels"
+# racecheck + synccheck on two subset cases: the GEMM's shared-memory stages, the staged low-rank
+# epilogue and the split-K last-block reduction have barriers that no CPU test can exercise.
+step racecheck "${RACECHECK_TIMEOUT:-40}" bash -c "for t in racecheck synccheck; do compute-sanitizer --tool \$t \
+  --error-exitcode 3 python3 -m pytest -m gpu -q -p no:cacheprovider '$SRC/tests/test_gpu.py' \
+  -k 'sanitizer_subset and (9-77 or 70-1999-3)' || exit \$?; done"
+step kernels "${BENCH_TIMEOUT:-100}" python3 -m bitfuse.cli bench kernels ${BENCH_ARGS:---quick} --out "$WORK/kernels"
 # SpMV/SpMM: HBP (CUDA, Triton) vs CSR scalar/vector vs torch CSR (benchmarks/bench_spmv.py).
 step spmv "${SPMV_TIMEOUT:-50}" python3 -m bitfuse.cli bench kernels --suite sparse ${SPMV_ARGS:---quick} --out "$WORK/spmv"
 # End to end (issue #7), opt-in because it does not fit beside the rest in one call: e.g.

@@ -137,7 +137,8 @@ BRANCHES = {  # name -> (residual, rank, sparse, bias)
 }
 
 
-def _gemm_host(x, pw, dtype=1, cc=90, tile=-1, misaligned=False, sms=-1, split=0, reverse=False):
+def _gemm_host(x, pw, dtype=1, cc=90, tile=-1, misaligned=False, sms=-1, split=0, reverse=False,
+               **kw):
     """What backend_cuda.gemm hands the kernel, through the CPU twin; x fp32 holding dtype values."""
     t = lr_up = extra = None
     if pw.lr_down is not None:
@@ -150,7 +151,7 @@ def _gemm_host(x, pw, dtype=1, cc=90, tile=-1, misaligned=False, sms=-1, split=0
         _np(pw.res_index), _np(pw.res_plane), _np(pw.res_alpha), _np(t), _np(lr_up), _np(extra),
         _np(pw.bias), pw.class_bits, pw.class_rows, pw.out_features, pw.in_features, pw.k_pad,
         pw.group_size, tile=tile, misaligned_weights=misaligned, sms=sms, split=split,
-        reverse_splits=reverse)
+        reverse_splits=reverse, **kw)
     return torch.from_numpy(y), info
 
 
@@ -384,6 +385,70 @@ def test_gemm_host_split_k_by_the_table():
     assert plan["split"] == 2 and plan["tile"] == 5  # min(132, 16, 33/4, 2·66/65 = 2)
     info = _check(pw, 65, 2, 90, what="table plan, large tile")
     assert info["split"] == 2 and info["k_ranges"] == plan["k_ranges"]
+
+
+# ---- the low-rank up-projection, staged in shared memory -----------------------------------------
+
+# 130: more than one chunk of sm_86/89's small tile (88 columns) and large tile (72); odd ranks
+# leave an odd last chunk
+LR_RANKS = (1, 4, 33, 64, 130)
+
+
+def _bits(y):
+    return y.contiguous().view(torch.int32)
+
+
+@pytest.mark.parametrize("cc", ARCHS)
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("rank", LR_RANKS)
+def test_gemm_host_lowrank_staged(rank, split, cc):
+    """The low-rank term t·L_upᵀ staged per block in shared memory (gemm.h lr_stage / lr_sums:
+    t rows and lr_up rows in chunks of the tile's LR_CHUNK columns of r, summed from there), in
+    the block's epilogue (S = 1) and in split-K's reducing block (S = 3, or 2 where K has 2 k
+    tiles), with mixed classes and
+    every other branch, the small and the large tile of each architecture: within the reference
+    bound, and bit for bit what fused_epilogue's scalar per-output loop gives (the kernel before
+    the staging: lowrank_staged=False), also with chunks forced to 7 columns (many chunks, odd
+    starts and an odd last one). Its shared reads are free of bank conflicts, and with r in one
+    chunk every t and lr_up element is loaded once per block."""
+    table = {r["cc"]: r for r in _C.gemm_tile_table()}[cc]
+    for m, dtype in ((17, 1), (130, 2)):
+        i = (rank + cc + m) % 4
+        cb, cr = MIXED[i]
+        k, g = 133 + 2 * i, [32, 64, 128, 64][i]
+        pw = _layer(cb, cr, k, g, True, rank, True, True, seed=rank + m + i)
+        what = f"r={rank} S={split} sm_{cc} m={m} {cb} {cr}"
+        info = _check(pw, m, dtype, cc, seed=i, split=split, what=what)
+        assert info["split"] == min(split, info["ktiles"]) and (split == 1) == (info["split"] == 1)
+        assert info["lr_conflicts"] == 0 and info["lr_reads"] > 0, info
+        x, y = info["x"], info["y"]
+        scalar, _ = _gemm_host(x, pw, dtype, cc, split=split, lowrank_staged=False)
+        assert torch.equal(_bits(y), _bits(scalar)), what + ": staged != fused_epilogue's loop"
+        small, sinfo = _gemm_host(x, pw, dtype, cc, split=split, lr_chunk=7)
+        assert sinfo["lr_chunk"] == 7 and sinfo["lr_conflicts"] == 0
+        assert torch.equal(_bits(small), _bits(scalar)), what + ": 7-column chunks"
+        tile = table["small" if m <= table["small_max_m"] else "large"]
+        assert info["tile"] == tile["id"]
+        m_tiles = -(-m // tile["bm"])
+        n_tiles = info["tiles"] // m_tiles
+        if rank <= info["lr_chunk"]:  # one chunk: each block loads its t rows and lr_up rows once
+            assert info["lr_loads"] == (m * n_tiles + pw.out_features * m_tiles) * rank, info
+        else:
+            assert info["lr_chunks"] > n_tiles * m_tiles
+
+
+def test_gemm_host_lowrank_chunk_sizes():
+    """LR_CHUNK per tile is what the stages leave after the epilogue tiles (gemm.h); a forced
+    chunk larger than it is refused."""
+    pw = _layer([4], [16], 64, 32, False, 2, False, False, seed=0)
+    x = _x(pw, 16, 1, 0)
+    chunks = {}
+    for tile in _tiles():
+        _, info = _gemm_host(x, pw, 1, tile=tile)
+        chunks[tile] = info["lr_chunk"]
+    assert chunks == {0: 88, 1: 272, 2: 400, 3: 72, 4: 152, 5: 216}
+    with pytest.raises(ValueError, match="lr_chunk"):
+        _gemm_host(x, pw, 1, tile=0, lr_chunk=89)
 
 
 def test_tile_table_matches_target_profiles():

@@ -29,6 +29,10 @@
 //    order 1, 2, ..: deterministic, no atomics.
 //  * Epilogue per accumulator (mma_tile.h c_row/c_col say which (x row, packed row) it is):
 //    + t·L_upᵀ + extra + bias, cast, store to out[m, perm[row]] (the inverse permutation, fused).
+//    The low-rank term is summed from shared memory: per m16 tile index the block stages the t
+//    rows and (once, when r fits one chunk) its lr_up rows with coalesced loads into the freed
+//    stages, every warp (warps-k >= 1 included) sums its share into the epilogue tiles, and the
+//    accumulators are added to those sums (lowrank_tile; gemm.h "Low-rank up-projection").
 //  * Split-K across blocks when the grid is small (gemm_config.h plan_split, S = gridDim.z > 1):
 //    block (n tile, m tile, s) runs the same pipeline over its own k tiles only, stores its fp32
 //    partial tile (raw accumulators, no epilogue) to the workspace, and the last of the S blocks
@@ -114,11 +118,48 @@ __device__ __forceinline__ uint16_t to_act(float v) {
   return DT == mma::kDtypeBF16 ? mma::f32_to_bf16_bits(v) : mma::f32_to_f16_bits(v);
 }
 
-// One block: rows [bt.row0, bt.row_end) of one class (width BITS) × x rows [bt.m0, bt.m0 + BM),
-// over k tiles [kr.kt0, kr.kt1) (all of K unless split-K: then the epilogue is a partial store).
+// lr_stage's global loads and shared stores on the device: read-only loads (ld.global.nc: t and
+// lr_up are never written by the kernel); a dummy load (real = false) reads a valid address
+// whose value is discarded.
+struct LrIO {
+  char* smem;
+  __device__ __forceinline__ float ld(const float* p, bool) const { return __ldg(p); }
+  __device__ __forceinline__ uint16_t ld(const uint16_t* p, bool) const { return __ldg(p); }
+  __device__ __forceinline__ void st(int off, float v) const {
+    *reinterpret_cast<float*>(smem + off) = v;
+  }
+  __device__ __forceinline__ void st(int off, uint16_t v) const {
+    *reinterpret_cast<uint16_t*>(smem + off) = v;
+  }
+};
+
+// The low-rank sums of m16 tile i of the block into the epilogue tiles (gemm.h, "Low-rank
+// up-projection"): every thread of the block must call it (barriers), with the same i. On return
+// the tile's sums are complete and visible to the whole block. The lr_up rows are staged once per
+// block when r is one chunk (they do not depend on i), else again for every (i, chunk).
+template <class T>
+__device__ __forceinline__ void lowrank_tile(const Args& a, const BlockTile& bt, const WarpPos& w,
+                                             int lane, int i, char* smem, float* epi) {
+  LrIO io{smem};
+  const bool one_chunk = a.r <= T::LR_CHUNK;
+#pragma unroll 1
+  for (int c0 = 0; c0 < a.r; c0 += T::LR_CHUNK) {
+    const int len = gemm::lr_len(a.r, c0, T::LR_CHUNK);
+    if (c0 > 0) __syncthreads();  // every lane is done with the previous chunk's staging
+    gemm::lr_stage<T>(a, bt, i, c0, len, !one_chunk || i == 0, threadIdx.x, T::THREADS, io);
+    __syncthreads();
+    gemm::lr_sums<T>(a, bt, w, lane, i, c0, len, smem, epi);
+  }
+  __syncthreads();  // the sums of every warp-k share are in the tiles; the staging may be reused
+}
+
+// The main loop of one block: rows [bt.row0, bt.row_end) of one class (width BITS) × x rows
+// [bt.m0, bt.m0 + BM), over k tiles [kr.kt0, kr.kt1) (all of K unless split-K), into this lane's
+// accumulators; on return the stages are free (gemm_epilogue reuses them).
 template <class T, int BITS, int DT>
-__device__ __forceinline__ void gemm_block(const Args& a, const BlockTile& bt, const gemm::KRange& kr,
-                                           char* smem) {
+__device__ __forceinline__ void gemm_mainloop(const Args& a, const BlockTile& bt,
+                                              const gemm::KRange& kr, char* smem,
+                                              float (&acc)[T::MT][T::NT][4]) {
   const int tid = threadIdx.x, lane = tid & 31;
   const WarpPos w = gemm::warp_pos<T>(tid >> 5);
   const bool res = a.res_index != nullptr;
@@ -130,7 +171,6 @@ __device__ __forceinline__ void gemm_block(const Args& a, const BlockTile& bt, c
 
   const int ktiles = kr.kt1 - kr.kt0;  // this block's k tiles, from kr.kt0 on
   const int mtiles = gemm::warp_m_tiles<T>(a, bt, w.wm);
-  float acc[T::MT][T::NT][4];
 #pragma unroll
   for (int i = 0; i < T::MT; ++i)
 #pragma unroll
@@ -182,9 +222,24 @@ __device__ __forceinline__ void gemm_block(const Args& a, const BlockTile& bt, c
       }
     }
   }
-  cp_async_wait<0>();  // only empty groups remain; the stages are reused below
+  cp_async_wait<0>();  // only empty groups remain; the stages are reused by the epilogue
   __syncthreads();
+}
 
+// The epilogue of one block, after its main loop (whatever the class's width: one copy per
+// kernel): the in-block split-K sum, then per m16 tile the low-rank sums, + the accumulators,
+// + extra + bias, cast and store through perm (or, with split-K across blocks, the raw partial).
+template <class T, int DT>
+__device__ __forceinline__ void gemm_epilogue(const Args& a, const BlockTile& bt,
+                                              const gemm::KRange& kr, char* smem,
+                                              float (&acc)[T::MT][T::NT][4]) {
+  const int lane = threadIdx.x & 31;
+  const WarpPos w = gemm::warp_pos<T>(threadIdx.x >> 5);
+  const int mtiles = gemm::warp_m_tiles<T>(a, bt, w.wm);
+  // With a low-rank branch (and no split-K across blocks, whose reducing block adds it) every warp
+  // takes the epilogue loop below: it has barriers, and the warps-k >= 1 do their share of the
+  // low-rank sums. Block-uniform.
+  const bool lowrank = a.t != nullptr && a.split <= 1;
   if constexpr (T::WK > 1) {
     float* red = reinterpret_cast<float*>(smem);
     if (w.wk > 0) {
@@ -197,25 +252,32 @@ __device__ __forceinline__ void gemm_block(const Args& a, const BlockTile& bt, c
             red[gemm::red_index<T>(w.wk, w.wmn, (i * T::NT + j) * 4 + e, lane)] = acc[i][j][e];
     }
     __syncthreads();
-    if (w.wk > 0) return;
+    if (w.wk > 0 && !lowrank) return;
+    if (w.wk == 0) {
 #pragma unroll 1
-    for (int p = 1; p < T::WK; ++p)  // fixed order: deterministic
+      for (int p = 1; p < T::WK; ++p)  // fixed order: deterministic
 #pragma unroll
-      for (int i = 0; i < T::MT; ++i)
+        for (int i = 0; i < T::MT; ++i)
 #pragma unroll
-        for (int j = 0; j < T::NT; ++j)
+          for (int j = 0; j < T::NT; ++j)
 #pragma unroll
-          for (int e = 0; e < 4; ++e)
-            acc[i][j][e] += red[gemm::red_index<T>(p, w.wmn, (i * T::NT + j) * 4 + e, lane)];
+            for (int e = 0; e < 4; ++e)
+              acc[i][j][e] += red[gemm::red_index<T>(p, w.wmn, (i * T::NT + j) * 4 + e, lane)];
+    }
   }
 
   // Epilogue, one m16 tile at a time through the warp's staging tile in shared memory: one
   // compact loop instead of an unrolled copy per accumulator (that copy made the build 4x
-  // slower), and stores that walk consecutive packed rows.
+  // slower), and stores that walk consecutive packed rows. With a low-rank branch the tile first
+  // receives the low-rank sums (lowrank_tile), and the accumulators are added to them in their
+  // fragment layout: acc + lr, the same fp32 addition as fused_epilogue's y = acc; y += lr.
   float* epi = reinterpret_cast<float*>(smem + T::EPI_OFF) + w.wmn * T::EPI_FLOATS;
   uint16_t* out = static_cast<uint16_t*>(a.out);
+  const int loop_tiles = lowrank ? gemm::block_m_tiles<T>(a, bt) : mtiles;
 #pragma unroll 1
-  for (int i = 0; i < mtiles; ++i) {
+  for (int i = 0; i < loop_tiles; ++i) {
+    if (lowrank) lowrank_tile<T>(a, bt, w, lane, i, smem, epi);
+    if (w.wk > 0 || i >= mtiles) continue;  // only the low-rank share, or no rows < m here
 #pragma unroll
     for (int j = 0; j < T::NT; ++j)
 #pragma unroll
@@ -224,7 +286,12 @@ __device__ __forceinline__ void gemm_block(const Args& a, const BlockTile& bt, c
 #pragma unroll
         for (int ii = 1; ii < T::MT; ++ii)  // acc[i] with a runtime i: selects, no local memory
           if (ii == i) v = make_float2(acc[ii][j][e], acc[ii][j][e + 1]);
-        *reinterpret_cast<float2*>(epi + gemm::epi_slot<T>(j, lane, e)) = v;
+        float2* slot = reinterpret_cast<float2*>(epi + gemm::epi_slot<T>(j, lane, e));
+        if (lowrank) {
+          const float2 lr = *slot;
+          v.x += lr.x, v.y += lr.y;
+        }
+        *slot = v;
       }
     __syncwarp();
 #pragma unroll 1
@@ -237,7 +304,7 @@ __device__ __forceinline__ void gemm_block(const Args& a, const BlockTile& bt, c
         continue;
       }
       int col;
-      const float y = gemm::epilogue(a, epi[gemm::epi_src<T>(o)], row, mi, &col);
+      const float y = epilogue_tail(a, epi[gemm::epi_src<T>(o)], row, mi, &col);
       out[int64_t(mi) * a.n + col] = to_act<DT>(y);  // the inverse permutation, fused
     }
     __syncwarp();  // the staging tile is rewritten by the next m16 tile
@@ -278,20 +345,35 @@ __device__ __forceinline__ void split_fixup(const Args& a, const BlockTile& bt, 
   }
   __syncthreads();
   if (!*s_last) return;
+  // The outputs by m16 tile (gemm.h fixup_output), each after the tile's low-rank sums: lanes walk
+  // consecutive packed rows (coalesced partial reads), and read the sums that lowrank_tile's
+  // closing barrier made visible; the next tile's sums are written only after its staging
+  // barrier, when every thread is done with these.
+  const int lane = threadIdx.x & 31;
+  const WarpPos w = gemm::warp_pos<T>(threadIdx.x >> 5);
+  const bool lowrank = a.t != nullptr;
+  float* epi = reinterpret_cast<float*>(smem + T::EPI_OFF) + w.wmn * T::EPI_FLOATS;
   uint16_t* out = static_cast<uint16_t*>(a.out);
 #pragma unroll 1
-  for (int o = threadIdx.x; o < gemm::fixup_outputs<T>(a, bt); o += T::THREADS) {
-    int mi, row;
-    if (!gemm::fixup_output<T>(a, bt, o, &mi, &row)) continue;
-    int col;
-    const float y = gemm::epilogue(a, gemm::split_sum(a, mi, row), row, mi, &col);
-    out[int64_t(mi) * a.n + col] = to_act<DT>(y);  // the inverse permutation, fused
+  for (int i = 0; i < gemm::block_m_tiles<T>(a, bt); ++i) {
+    if (lowrank) lowrank_tile<T>(a, bt, w, lane, i, smem, epi);
+#pragma unroll 1
+    for (int q = gemm::lr_rows<T>(w.wk); q < gemm::lr_rows<T>(w.wk) + T::LR_QS; ++q) {
+      int mi, row;
+      if (!gemm::fixup_output<T>(a, bt, w, lane, i, q, &mi, &row)) continue;
+      float y = gemm::split_sum(a, mi, row);
+      if (lowrank) y += epi[gemm::lr_slot<T>(q, lane)];  // acc + lr, as fused_epilogue
+      int col;
+      y = epilogue_tail(a, y, row, mi, &col);
+      out[int64_t(mi) * a.n + col] = to_act<DT>(y);  // the inverse permutation, fused
+    }
   }
 }
 
 // One kernel per (tile, dtype); the bit width is a per-block switch. Device code for an
 // architecture contains only the tiles its row of gemm_config.h uses (the rest compile empty).
-// The split-K reduction is outside the BITS switch: one copy per kernel, not per width.
+// Only the main loop is inside the BITS switch: the epilogue (with the low-rank staging) and the
+// split-K reduction are one copy per kernel, not one per width (a third of the code to build).
 template <int ID, int DT>
 __global__ void __launch_bounds__(gemm::tile_threads(ID)) gemm_kernel(const Args a) {
 #if defined(__CUDA_ARCH__)
@@ -300,11 +382,13 @@ __global__ void __launch_bounds__(gemm::tile_threads(ID)) gemm_kernel(const Args
     extern __shared__ __align__(16) char smem[];
     const BlockTile bt = gemm::block_tile(a, T::BN, T::BM, blockIdx.x, blockIdx.y);
     const gemm::KRange kr = gemm::split_range((a.k + T::BK - 1) / T::BK, a.split, blockIdx.z);
+    float acc[T::MT][T::NT][4];
     switch (a.classes.bits[bt.cls]) {  // uniform per block
-      case 2: gemm_block<T, 2, DT>(a, bt, kr, smem); break;
-      case 3: gemm_block<T, 3, DT>(a, bt, kr, smem); break;
-      default: gemm_block<T, 4, DT>(a, bt, kr, smem); break;
+      case 2: gemm_mainloop<T, 2, DT>(a, bt, kr, smem, acc); break;
+      case 3: gemm_mainloop<T, 3, DT>(a, bt, kr, smem, acc); break;
+      default: gemm_mainloop<T, 4, DT>(a, bt, kr, smem, acc); break;
     }
+    gemm_epilogue<T, DT>(a, bt, kr, smem, acc);
     if (a.split > 1) split_fixup<T, DT>(a, bt, smem);
   }
 #endif

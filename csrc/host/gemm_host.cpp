@@ -4,13 +4,17 @@
 // copy plan (cp.async emulated with its zero-fill, into an emulated shared memory with the same
 // byte layout and swizzle), the same per-lane B-fragment decode, ldmatrix emulated from the lanes'
 // row addresses, mma.m16n8k16 emulated from the PTX ISA fragment layouts (fp16/bf16 operands,
-// fp32 accumulation), the same split-K scratch and epilogue staging, and the same split-K across
-// blocks (gemm_config.h plan_split for a given SM count, or a forced S: the same k ranges, fp32
+// fp32 accumulation), the same split-K scratch and epilogue staging, the same low-rank staging
+// (t and lr_up rows in shared memory, chunked, summed by every warp's lanes), and the same
+// split-K across blocks (gemm_config.h plan_split for a given SM count, or a forced S: the same
+// k ranges, fp32
 // partials in a workspace, per-tile counters, the reduction by the block that counts last, in
 // the order s = 0..S-1). It also checks what the hardware would fault on or slow down for:
 // cp.async alignment and bounds, ldmatrix bank conflicts, that every output is written exactly
-// once, that every partial the reduction reads was stored exactly once by its split, and that the
-// counters are back at 0 after the launch.
+// once, that every partial the reduction reads was stored exactly once by its split, that the
+// counters are back at 0 after the launch, that the low-rank staging stays inside its region of
+// shared memory and reads only inside t / lr_up, and that its shared reads are conflict-free (the
+// epilogue region is NaN before it, so a sum that read something not staged shows).
 //
 // Not emulated: timing (the pipeline's overlap; stages are filled and consumed in order, in the
 // same stage slots), the tensor core's internal summation order (fp32 fma in k order here), and
@@ -74,6 +78,7 @@ Buf take(const py::array& a, const std::string& name, char kind, int size,
 
 struct Stats {
   int64_t copies = 0, copy_bytes = 0, ldsm = 0, ldsm_conflicts = 0, mma = 0;
+  int64_t lr_loads = 0, lr_chunks = 0, lr_reads = 0, lr_conflicts = 0;
 };
 
 // The source tensors' byte ranges: every copy must read inside one of them (what
@@ -103,6 +108,49 @@ struct EmuCopy {
     st->copy_bytes += bytes;
   }
 };
+
+// lr_stage's loads and stores (gemm.h), emulated and checked: every load (dummies included) inside
+// t or lr_up and aligned (`ranges`: what compute-sanitizer would check on the GPU), every store
+// aligned and inside the low-rank region [lo, hi) of shared memory.
+struct EmuLrIO {
+  char* smem;
+  int lo, hi;
+  Stats* stats;
+  const Ranges* ranges;
+  template <class V>
+  V ld(const V* src, bool real) const {
+    const char* p = reinterpret_cast<const char*>(src);
+    bool inside = false;
+    for (const auto& r : *ranges) inside = inside || (p >= r.first && p + sizeof(V) <= r.second);
+    if (!inside || reinterpret_cast<uintptr_t>(src) % sizeof(V))
+      fail(std::string(kWho) + ": low-rank staging reads outside t / lr_up or misaligned");
+    stats->lr_loads += real;
+    V v;
+    std::memcpy(&v, src, sizeof(V));
+    return v;
+  }
+  template <class V>
+  void st(int off, V v) const {
+    if (off < lo || off % int(sizeof(V)) || off + int(sizeof(V)) > hi)
+      fail(std::string(kWho) + ": low-rank staging stores outside its region (offset " +
+           std::to_string(off) + ")");
+    std::memcpy(smem + off, &v, sizeof(V));
+  }
+};
+
+// Bank conflicts of one warp-wide 32-bit shared load: lanes reading the same word are one access
+// (broadcast); the access takes as many passes as the most distinct words one bank holds.
+bool bank_conflict(const int word[32]) {
+  for (int b = 0; b < 32; ++b) {
+    int first = -1;
+    for (int l = 0; l < 32; ++l) {
+      if (word[l] % 32 != b) continue;
+      if (first < 0) first = word[l];
+      else if (word[l] != first) return true;
+    }
+  }
+  return false;
+}
 
 uint16_t ld16(const char* p) {
   uint16_t v;
@@ -165,9 +213,13 @@ struct Twin {
   uint64_t qweight_addr;  // what plan_classes sees (an odd value forces 4-byte weight copies)
   int sms, request;       // plan_split's inputs: SMs of the emulated GPU, forced S (0: its choice)
   bool reverse_splits;    // run the S blocks of a tile in the order S-1..0 (the last to count is s=0)
+  bool lr_staged;         // the kernel's low-rank path (staged in shared memory); false: the scalar
+                          // per-output loop of fused_epilogue, the bit-exact reference for it
+  int lr_chunk;           // columns of r a chunk (0: the tile's LR_CHUNK; tests force smaller)
   std::vector<float>* y;
   std::vector<int>* written;
   Ranges ranges;
+  Ranges lr_ranges;  // t and lr_up: what the low-rank staging may read
   Stats st;
   int ktiles = 0, tiles = 0;
   std::vector<float> partial{};        // the workspace, NaN until stored
@@ -178,6 +230,10 @@ struct Twin {
   void run() {
     using T = typename gemm::TileOf<ID>::type;
     gemm::plan_classes<T>(a, qweight_addr);
+    if (lr_chunk == 0) lr_chunk = T::LR_CHUNK;
+    if (lr_chunk > T::LR_CHUNK)
+      fail(std::string(kWho) + ": lr_chunk is at most the tile's LR_CHUNK, " +
+           std::to_string(T::LR_CHUNK));
     std::vector<uint32_t> smem(T::SMEM_BYTES / 4 + 1);
     const int n_tiles = a.class_tile[a.classes.count];
     const int m_tiles = (a.m + T::BM - 1) / T::BM;
@@ -209,7 +265,7 @@ struct Twin {
             int& c = counters[size_t(gemm::split_counter(tn, tm, n_tiles))];
             if (c++ == a.split - 1) {
               c = 0;
-              fixup<T>(bt);
+              fixup<T>(bt, sm);
             }
           }
         }
@@ -217,21 +273,81 @@ struct Twin {
       if (counters[i] != 0) fail(std::string(kWho) + ": a split-K counter is not back at 0");
   }
 
-  // The reduction of split_fixup (gemm.cu): outputs of the tile in order, S partials summed in
-  // order s = 0..S-1, epilogue, store through perm.
+  // gemm.cu lowrank_tile: the low-rank sums of m16 tile i into the epilogue tiles, chunk by chunk
+  // (the staging, then every warp's lanes; the barriers are the order of these loops). Each warp's
+  // shared reads of lr_sums are checked for bank conflicts as warp-wide 32-bit accesses (the
+  // pattern is the same for every column: all lanes add the same j): the lr_up word of each of
+  // its LR_PB packed rows, and both words of the 8-byte t read of each of its LR_QB x rows.
   template <class T>
-  void fixup(const gemm::BlockTile& bt) {
-    for (int o = 0; o < gemm::fixup_outputs<T>(a, bt); ++o) {
-      int mi, row;
-      if (!gemm::fixup_output<T>(a, bt, o, &mi, &row)) continue;
-      for (int s = 0; s < a.split; ++s)
-        if (partial_written[size_t(gemm::partial_index(a, s, mi, row))] != 1)
-          fail(std::string(kWho) + ": split-K reads a partial its split did not store exactly once");
-      int col;
-      const float v = gemm::epilogue(a, gemm::split_sum(a, mi, row), row, mi, &col);
-      (*y)[size_t(mi) * a.n + col] = v;
-      ++(*written)[size_t(mi) * a.n + col];
+  void lowrank_tile(const gemm::BlockTile& bt, int i, char* sm) {
+    const int chunk = lr_chunk;
+    const bool one_chunk = a.r <= chunk;
+    for (int c0 = 0; c0 < a.r; c0 += chunk) {
+      const int len = gemm::lr_len(a.r, c0, chunk);
+      EmuLrIO io{sm, T::LR_OFF, T::RI_OFF, &st, &lr_ranges};
+      gemm::lr_stage<T>(a, bt, i, c0, len, !one_chunk || i == 0, 0, 1, io);
+      ++st.lr_chunks;
+      for (int warp = 0; warp < T::WARPS; ++warp) {
+        const gemm::WarpPos w = gemm::warp_pos<T>(warp);
+        float* epi = reinterpret_cast<float*>(sm + T::EPI_OFF) + w.wmn * T::EPI_FLOATS;
+        int word[32];
+        for (int p = 0; p < T::LR_PB; ++p) {
+          for (int lane = 0; lane < 32; ++lane)
+            word[lane] = gemm::lr_up_off<T>(w.wn * T::WTN + gemm::lr_lane_p<T>(lane, p), 0) / 4;
+          ++st.lr_reads;
+          st.lr_conflicts += bank_conflict(word);
+        }
+        for (int u = 0; u < T::LR_QB; ++u)
+          for (int half = 0; half < 2; ++half) {
+            for (int lane = 0; lane < 32; ++lane)
+              word[lane] = gemm::lr_t_off<T>(w.wm * 16 + gemm::lr_lane_q<T>(w, lane) + u, half) / 4;
+            ++st.lr_reads;
+            st.lr_conflicts += bank_conflict(word);
+          }
+        for (int lane = 0; lane < 32; ++lane) gemm::lr_sums<T>(a, bt, w, lane, i, c0, len, sm, epi);
+      }
     }
+  }
+
+  // The reduction of split_fixup (gemm.cu): by m16 tile (the low-rank sums first), each warp's
+  // share of rows, lanes = packed rows; S partials summed in order s = 0..S-1, epilogue, store
+  // through perm.
+  template <class T>
+  void fixup(const gemm::BlockTile& bt, char* sm) {
+    const bool lowrank = a.t != nullptr && lr_staged;
+    poison_lowrank<T>(sm);
+    for (int i = 0; i < gemm::block_m_tiles<T>(a, bt); ++i) {
+      if (lowrank) lowrank_tile<T>(bt, i, sm);
+      for (int warp = 0; warp < T::WARPS; ++warp) {
+        const gemm::WarpPos w = gemm::warp_pos<T>(warp);
+        const float* epi = reinterpret_cast<const float*>(sm + T::EPI_OFF) + w.wmn * T::EPI_FLOATS;
+        for (int lane = 0; lane < 32; ++lane)
+          for (int q = gemm::lr_rows<T>(w.wk); q < gemm::lr_rows<T>(w.wk) + T::LR_QS; ++q) {
+            int mi, row;
+            if (!gemm::fixup_output<T>(a, bt, w, lane, i, q, &mi, &row)) continue;
+            for (int s = 0; s < a.split; ++s)
+              if (partial_written[size_t(gemm::partial_index(a, s, mi, row))] != 1)
+                fail(std::string(kWho) + ": split-K reads a partial its split did not store exactly once");
+            int col;
+            float v = gemm::split_sum(a, mi, row);
+            if (lowrank) {
+              v += epi[gemm::lr_slot<T>(q, lane)];
+              v = epilogue_tail(a, v, row, mi, &col);
+            } else {
+              v = gemm::epilogue(a, v, row, mi, &col);  // fused_epilogue (its scalar low-rank loop)
+            }
+            (*y)[size_t(mi) * a.n + col] = v;
+            ++(*written)[size_t(mi) * a.n + col];
+          }
+      }
+    }
+  }
+
+  // Garbage (NaN) where the low-rank staging and the epilogue tiles go, as the stages leave them on
+  // the GPU: a sum that read anything not staged for it would come out NaN.
+  template <class T>
+  void poison_lowrank(char* sm) {
+    std::memset(sm + T::EPI_OFF, 0xFF, size_t(T::RI_OFF - T::EPI_OFF));
   }
 
   template <class T, int BITS>
@@ -240,7 +356,8 @@ struct Twin {
     else block<T, BITS, mma::kDtypeF16>(bt, kr, sm);
   }
 
-  // One block of the kernel (gemm_block in gemm.cu), its warps and lanes run one after another.
+  // One block of the kernel (gemm_mainloop + gemm_epilogue in gemm.cu), its warps and lanes run
+  // one after another.
   template <class T, int BITS, int DT>
   void block(const gemm::BlockTile& bt, const gemm::KRange& kr, char* sm) {
     const bool res = a.res_index != nullptr;
@@ -306,16 +423,25 @@ struct Twin {
               acc[(size_t(warp) * 32 + lane) * T::ACC + q] += red[gemm::red_index<T>(p, w.wmn, q, lane)];
       }
     }
-    // Epilogue through each output warp's staging tile.
-    for (int warp = 0; warp < T::WARPS; ++warp) {
-      const gemm::WarpPos w = gemm::warp_pos<T>(warp);
-      if (w.wk != 0) continue;
-      float* epi = reinterpret_cast<float*>(sm + T::EPI_OFF) + w.wmn * T::EPI_FLOATS;
-      const int mtiles = gemm::warp_m_tiles<T>(a, bt, w.wm);
-      for (int i = 0; i < mtiles; ++i) {
+    // Epilogue by m16 tile (gemm.cu gemm_epilogue): with a low-rank branch (and S = 1) every warp
+    // takes part in its sums first (lowrank_tile); then each output warp adds its accumulators
+    // to the sums in their fragment layout (or stages them alone) and finishes its outputs.
+    const bool lowrank = a.t != nullptr && a.split <= 1 && lr_staged;
+    poison_lowrank<T>(sm);
+    const int loop_tiles = lowrank ? gemm::block_m_tiles<T>(a, bt) : T::MT;
+    for (int i = 0; i < loop_tiles; ++i) {
+      if (lowrank) lowrank_tile<T>(bt, i, sm);
+      for (int warp = 0; warp < T::WARPS; ++warp) {
+        const gemm::WarpPos w = gemm::warp_pos<T>(warp);
+        if (w.wk != 0 || i >= gemm::warp_m_tiles<T>(a, bt, w.wm)) continue;
+        float* epi = reinterpret_cast<float*>(sm + T::EPI_OFF) + w.wmn * T::EPI_FLOATS;
         for (int lane = 0; lane < 32; ++lane)
           for (int j = 0; j < T::NT; ++j)
-            for (int e = 0; e < 4; ++e) epi[gemm::epi_slot<T>(j, lane, e)] = accp(warp, lane, i, j)[e];
+            for (int e = 0; e < 4; ++e) {
+              const int slot = gemm::epi_slot<T>(j, lane, e);
+              const float acc_e = accp(warp, lane, i, j)[e];
+              epi[slot] = lowrank ? acc_e + epi[slot] : acc_e;  // acc + lr, as the kernel
+            }
         for (int o = 0; o < 16 * T::WTN; ++o) {
           const int mi = bt.m0 + gemm::epi_x_row<T>(w, i, o);
           const int row = bt.row0 + gemm::epi_packed_row<T>(w, o);
@@ -327,7 +453,9 @@ struct Twin {
             continue;
           }
           int col;
-          const float v = gemm::epilogue(a, epi[gemm::epi_src<T>(o)], row, mi, &col);
+          const float acc_o = epi[gemm::epi_src<T>(o)];
+          const float v = lowrank || !a.t ? epilogue_tail(a, acc_o, row, mi, &col)
+                                          : gemm::epilogue(a, acc_o, row, mi, &col);  // scalar loop
           (*y)[size_t(mi) * a.n + col] = v;
           ++(*written)[size_t(mi) * a.n + col];
         }
@@ -344,7 +472,7 @@ py::tuple gemm_host(const py::array& x_in, int dtype, int cc, const py::array& q
                     std::optional<py::array> extra_in, std::optional<py::array> bias_in,
                     const std::vector<int>& class_bits, const std::vector<int>& class_rows, int n,
                     int k, int k_pad, int group_size, int tile, bool misaligned_weights, int sms,
-                    int split, bool reverse_splits) {
+                    int split, bool reverse_splits, bool lowrank_staged, int lr_chunk) {
   const ClassTable table = make_class_table(class_bits, class_rows, n, k, k_pad, group_size);
   if (dtype != mma::kDtypeF16 && dtype != mma::kDtypeBF16)
     fail(std::string(kWho) + ": dtype must be 1 (fp16) or 2 (bf16), got " + std::to_string(dtype));
@@ -450,9 +578,12 @@ py::tuple gemm_host(const py::array& x_in, int dtype, int cc, const py::array& q
     ranges.push_back(range(a.res_plane, int64_t(a.nr) * (k_pad / 32) * 4));
     ranges.push_back(range(a.res_alpha, int64_t(a.nr) * G * 2));
   }
+  if (lr_chunk < 0) fail(std::string(kWho) + ": lr_chunk must be >= 0 (0: the tile's)");
+  Ranges lr_ranges;
+  if (a.t) lr_ranges = {range(a.t, int64_t(m) * a.r * 4), range(a.lr_up, int64_t(n) * a.r * 2)};
   Twin tw{a,      dtype,         cc, reinterpret_cast<uint64_t>(a.qweight) + (misaligned_weights ? 4 : 0),
-          sms,    split,         reverse_splits,
-          &y,     &written,      ranges,
+          sms,    split,         reverse_splits, lowrank_staged, lr_chunk,
+          &y,     &written,      ranges, lr_ranges,
           Stats{}};
   gemm::with_tile(tile, tw);
   for (size_t i = 0; i < written.size(); ++i)
@@ -469,6 +600,11 @@ py::tuple gemm_host(const py::array& x_in, int dtype, int cc, const py::array& q
   info["ldsm"] = tw.st.ldsm;
   info["ldsm_conflicts"] = tw.st.ldsm_conflicts;
   info["mma"] = tw.st.mma;
+  info["lr_loads"] = tw.st.lr_loads;          // global loads of the low-rank staging
+  info["lr_chunks"] = tw.st.lr_chunks;        // (m16 tile, chunk) stagings
+  info["lr_reads"] = tw.st.lr_reads;          // warp-wide shared reads checked for bank conflicts
+  info["lr_conflicts"] = tw.st.lr_conflicts;  // of which conflicted
+  info["lr_chunk"] = tw.lr_chunk;
   int vec = 0;
   for (int c = 0; c < table.count; ++c) vec += tw.a.class_vec[c];
   info["vec_classes"] = vec;
@@ -658,15 +794,19 @@ void register_gemm_host_ops(py::module_& m) {
         py::arg("extra"), py::arg("bias"), py::arg("class_bits"), py::arg("class_rows"),
         py::arg("n"), py::arg("k"), py::arg("k_pad"), py::arg("group_size"),
         py::arg("tile") = -1, py::arg("misaligned_weights") = false, py::arg("sms") = -1,
-        py::arg("split") = 0, py::arg("reverse_splits") = false,
+        py::arg("split") = 0, py::arg("reverse_splits") = false, py::arg("lowrank_staged") = true,
+        py::arg("lr_chunk") = 0,
         "CPU twin of gemm_cuda (same header code, emulated cp.async / ldmatrix / mma): x (m, k) "
         "float32 holding fp16 (dtype 1) or bf16 (dtype 2) values; the tile is the one the kernel "
         "picks on compute capability cc (e.g. 86, 87, 89, 90) for m, or `tile` (an id of "
         "gemm_tile_table). misaligned_weights: plan as if qweight were not 16-byte aligned "
         "(4-byte weight copies). Split-K across blocks as the kernel plans it for `sms` SMs (-1: "
         "the table's count for cc), or a forced S (`split` >= 1; 0: the plan's); reverse_splits "
-        "runs each tile's S blocks last-first. Returns (y (m, n) float32 before the cast, info "
-        "dict: tile, split, k_ranges (k tiles of each split), workspace_bytes, copy stats, ...).");
+        "runs each tile's S blocks last-first. lowrank_staged=False: the low-rank term by "
+        "fused_epilogue's scalar loop per output instead of the kernel's shared-memory staging (the "
+        "bit-exact reference for it); lr_chunk: columns of r a staging chunk (0: the tile's). "
+        "Returns (y (m, n) float32 before the cast, info dict: tile, split, k_ranges (k tiles of "
+        "each split), workspace_bytes, copy stats, lr_chunk and low-rank staging stats, ...).");
   m.def("gemm_plan_host", &gemm_plan_host, py::arg("cc"), py::arg("m"), py::arg("class_bits"),
         py::arg("class_rows"), py::arg("n"), py::arg("k"), py::arg("k_pad"), py::arg("group_size"),
         py::arg("sms") = -1, py::arg("split") = 0,

@@ -28,4 +28,17 @@ BF_HD inline float fused_epilogue(const Args& a, float acc, int row, int mi, int
   return y;
 }
 
+// What fused_epilogue does after the low-rank term, for kernels that compute that term
+// elsewhere (the GEMM sums it from shared memory, gemm.h lr_sums) and pass y = acc + lr (or acc
+// without a low-rank branch): + extra + bias, in fused_epilogue's order. Must stay the same
+// statements as fused_epilogue's tail (tests/test_cuda_gemm_host.py checks the two bit for bit).
+template <class Args>
+BF_HD inline float epilogue_tail(const Args& a, float y, int row, int mi, int* col) {
+  const int c = a.perm ? a.perm[row] : row;
+  if (a.extra) y += a.extra[int64_t(mi) * a.n + c];
+  if (a.bias) y += a.bias[c];
+  *col = c;
+  return y;
+}
+
 }  // namespace bitfuse

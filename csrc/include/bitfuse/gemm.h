@@ -26,6 +26,10 @@
 //    groups a k tile needs is staged as the covering aligned 32-bit words (SW of them), read back
 //    with the window's parity (window_index). Residual planes: BK/32 words a row.
 //  * Rows without a residual, and layers without one, read α = 0 and sign 0: Ŵ + (−0) = Ŵ.
+//  * Low-rank up-projection (t·L_upᵀ) in the epilogue from shared memory: t rows and lr_up rows
+//    staged once per block (in chunks of LR_CHUNK columns of r when r is larger), lr_up rows
+//    padded to an odd word count (conflict-free), sums in fused_epilogue's exact order; see the
+//    section "Low-rank up-projection" below.
 //  * Split-K across blocks (small grids; S from gemm_config.h plan_split): cut at k-tile
 //    boundaries, fp32 partials (S, m, n) in packed row order, reduced in the order s = 0..S-1 by
 //    the block that counts last; the section at split_range says why each choice.
@@ -85,7 +89,46 @@ struct Tile {
   static constexpr int EPI_OFF = RED_FLOATS * 4;
   static constexpr int EPI_FLOATS = 16 * EPI_LD;  // per output warp
 
+  // Low-rank up-projection (t·L_upᵀ, see "Low-rank up-projection" below), also in the reused
+  // stages, after the epilogue tiles: per chunk of LR_CHUNK columns of r, the t rows of one m16
+  // tile index (16 x rows per warp row: 16·WM rows, fp32, row stride LR_T_LD floats) and the
+  // lr_up rows of the block's BN packed rows (fp16 bits, row stride LR_UP_LD halves). LR_CHUNK is
+  // the largest multiple of 8 that fits what the stages leave (88 / 272 / 400 for the small tiles
+  // of sm_86-89 / sm_87 / sm_90, 72 / 152 / 216 for the large ones): r <= LR_CHUNK, the usual
+  // case, is one chunk.
+  //  * Lane l of a warp sums LR_QB = 4 x rows × LR_PB packed rows (lr_sums): the x rows
+  //    4·(l / LR_LG) + 0..3 of the warp's share, the packed rows l % LR_LG + LR_LG·p. Each t value
+  //    it reads serves LR_PB sums and each lr_up value 4, which keeps shared-memory traffic at
+  //    half a value per fma (one x row or one packed row per lane would be more than one).
+  //  * LR_T_LD = LR_CHUNK + 2 floats (≡ 2 mod 8): t is read two columns at a time (8-byte loads,
+  //    so the stride is even), and the LR_PB rows a warp reads at once are 4 apart: 4·LR_T_LD ≡ 8
+  //    (mod 32) words puts them in distinct banks (0, 8, 16, 24). A multiple of 8 would put all
+  //    of them in one bank group: an LR_PB-way conflict.
+  //  * LR_UP_LD = LR_CHUNK + 2 halves, an odd number of 32-bit words: a warp reads LR_LG
+  //    consecutive lr_up rows at the same column (its lanes in other row groups read the same
+  //    words: broadcast), and an odd word stride puts them in distinct banks.
+  static constexpr int LR_OFF = EPI_OFF + WM * WN * EPI_FLOATS * 4;
+  static constexpr int LR_CHUNK =
+      ((RI_OFF - LR_OFF - 128 * WM - 4 * BN) / (64 * WM + 2 * BN)) / 8 * 8;
+  static constexpr int LR_T_LD = LR_CHUNK + 2;
+  static constexpr int LR_UP_LD = LR_CHUNK + 2;
+  static constexpr int LR_T_OFF = LR_OFF;
+  static constexpr int LR_UP_OFF = LR_T_OFF + 16 * WM * LR_T_LD * 4;
+  // Rows of each m16 tile a warp sums: the WK warps of one output warp position share them (the
+  // warps-k >= 1 would otherwise idle in the epilogue); a lane's register tile (see above).
+  static constexpr int LR_QS = 16 / WK;
+  static constexpr int LR_QB = 4;
+  static constexpr int LR_PB = LR_QS / LR_QB;
+  static constexpr int LR_LG = 32 / LR_PB;
+
   static_assert(BM % (16 * WM) == 0 && BN % (8 * WN) == 0, "warp tiles are whole mma tiles");
+  static_assert(LR_CHUNK >= 8 && LR_UP_OFF % 16 == 0 && LR_UP_OFF + BN * LR_UP_LD * 2 <= RI_OFF,
+                "the low-rank staging fits in the stage buffers after the epilogue tiles");
+  static_assert((LR_UP_LD / 2) % 2 == 1, "lr_up rows are an odd number of words (banks)");
+  static_assert(LR_T_LD % 8 == 2, "t rows 4 apart are 8 banks apart, rows 8-byte aligned");
+  static_assert(WTN == 32, "a warp's low-rank sums cover its 32 packed rows");
+  static_assert(LR_QS % LR_QB == 0 && 32 % LR_PB == 0 && LR_PB <= 4,
+                "a warp's rows of an m16 tile are whole lane tiles");
   static_assert(BK % 32 == 0 && RUNS % WK == 0, "k tiles are whole runs, shared evenly by WK");
   static_assert(BK == 32 || BK % 64 == 0, "the x swizzle handles 4 or a multiple of 8 chunks a row");
   static_assert(STAGES >= 2, "a pipeline has at least two stages");
@@ -188,19 +231,6 @@ BF_HD inline int64_t partial_index(const Args& a, int s, int mi, int row) {
 }
 // Counter of output tile (tile_n, tile_m) in a grid of n_tiles N tiles.
 BF_HD inline int split_counter(int tile_n, int tile_m, int n_tiles) { return tile_m * n_tiles + tile_n; }
-// Output o (0 .. fixup_outputs - 1) of the reducing block: x row bt.m0 + o / BN, packed row
-// bt.row0 + o % BN (threads o, o + 1, .. walk consecutive packed rows: coalesced partial reads
-// and, under the identity permutation, coalesced stores). False past the class's last row.
-template <class T>
-BF_HD inline int fixup_outputs(const Args& a, const BlockTile& bt) {  // the tile's x rows < m only
-  return (a.m - bt.m0 < T::BM ? a.m - bt.m0 : T::BM) * T::BN;
-}
-template <class T>
-BF_HD inline bool fixup_output(const Args& a, const BlockTile& bt, int o, int* mi, int* row) {
-  *mi = bt.m0 + o / T::BN;
-  *row = bt.row0 + o % T::BN;
-  return *mi < a.m && *row < bt.row_end;
-}
 // The dense product of output (mi, row): the S partials summed in the fixed order s = 0, 1, ..,
 // whichever block happens to reduce (so the result does not depend on the blocks' arrival order).
 // On the device the loads bypass L1 (ld.global.cg): the partials were written by other SMs.
@@ -438,8 +468,213 @@ BF_HD inline void decode_b(const Args& a, const BlockTile& bt, int kt, const cha
 
 // The fused epilogue of one output (packed row `row`, x row mi): acc + low-rank up + extra + bias
 // (ARCHITECTURE.md §4 order), fp32. *col is the output column perm[row]. Same as gemv::epilogue.
+// The kernel no longer calls it: it sums the low-rank term from shared memory (lr_sums) and
+// finishes with epilogue_tail; the CPU twin keeps it (lowrank_staged=False) as the bit-exact
+// reference of that path.
 BF_HD inline float epilogue(const Args& a, float acc, int row, int mi, int* col) {
   return fused_epilogue(a, acc, row, mi, col);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Low-rank up-projection in the epilogue (issue #4): the term t·L_upᵀ of output (mi, row) is
+// Σ_j t[mi, j]·lr_up[row, j], j = 0..r-1. Read straight from global memory per output (what
+// fused_epilogue does, and the GEMV still does), every output of a block re-reads its t row and
+// its lr_up row, and the 32 lanes of a warp read 32 lr_up rows r halves apart: uncoalesced, r
+// loads each, repeated for every x row. Here the block instead stages, per chunk of LR_CHUNK
+// columns of r, the t rows and the lr_up rows it needs in shared memory (coalesced: consecutive
+// threads read consecutive elements of each row segment, which for r <= LR_CHUNK is one
+// contiguous range per warp row of t and one for all of lr_up), then every output sums from
+// shared memory. The arithmetic is fused_epilogue's, bit for bit: lr starts at +0, one fp32 fmaf
+// per j in the order j = 0..r-1 (kept across chunks in the epilogue tile), lr_up converted with
+// half_to_float; then y = acc + lr, + extra, + bias (epilogue_tail).
+//
+// Schedule, per m16 tile index i of the block (a loop every warp of the block takes, with its
+// barriers; the warps-k >= 1, otherwise done after the in-block split-K sum, share the work;
+// gemm.cu lowrank_tile):
+//   for each chunk [c0, c0 + len): (barrier, if c0 > 0: the previous chunk is summed) stage the
+//   t rows (16 per warp row) and, on the first i or when r takes several chunks, the block's
+//   lr_up rows; barrier; each lane sums its rows' chunk into the output warp's epilogue tile.
+//   Then a barrier: the tile's sums are complete, and the next i may restage.
+// Warp w sums x rows w.wk·LR_QS .. + LR_QS of its warp row's m16 tile i × its 32 packed rows, a
+// register tile of 4 x rows × LR_PB packed rows a lane (lr_sums). The sum of (q, packed row pr of
+// the warp) lands in epilogue tile slot q·EPI_LD + pr, i.e. where output o = q·WTN + pr sits
+// (epi_src): gemm_epilogue then adds the accumulators in their fragment layout, split_fixup the S
+// partials (both after the barrier that ends the tile's sums).
+// ---------------------------------------------------------------------------------------------
+
+// m16 tiles of the block holding an x row < m (those of warp row 0, the most): the epilogue's
+// loop count, uniform across the block (its barriers need every thread).
+template <class T>
+BF_HD inline int block_m_tiles(const Args& a, const BlockTile& bt) {
+  return warp_m_tiles<T>(a, bt, 0);
+}
+// Rows q of an m16 tile that warp-k wk sums (and, in split_fixup, stores): [begin, begin + LR_QS).
+template <class T>
+BF_HD constexpr int lr_rows(int wk) { return wk * T::LR_QS; }
+// Staged t row tr (0 .. 16·WM - 1) of m16 tile i is x row (block tile) lr_x_row: warp row tr / 16,
+// row tr % 16 of its m16 tile i.
+template <class T>
+BF_HD constexpr int lr_x_row(int i, int tr) { return (tr / 16) * T::WTM + 16 * i + tr % 16; }
+// Shared-memory byte offsets of staged t (row tr, column j of the chunk) and lr_up (row rr).
+template <class T>
+BF_HD constexpr int lr_t_off(int tr, int j) { return T::LR_T_OFF + 4 * (tr * T::LR_T_LD + j); }
+template <class T>
+BF_HD constexpr int lr_up_off(int rr, int j) { return T::LR_UP_OFF + 2 * (rr * T::LR_UP_LD + j); }
+// The epilogue-tile slot of (row q, packed row pr of the warp), and the columns of chunk c0 of r.
+template <class T>
+BF_HD constexpr int lr_slot(int q, int pr) { return q * T::EPI_LD + pr; }
+BF_HD inline int lr_len(int r, int c0, int chunk) { return r - c0 < chunk ? r - c0 : chunk; }
+
+// Elements q0, q0 + step, .. of a (rows × len) range, element q = (row q / len, column q % len):
+// four per thread at a time (LR_UNROLL), all loads issued before any store, with no branch
+// between them: an element to be zero-filled (src_of gives null) or past the range loads `base`
+// (valid, discarded) instead. The row and column advance by (step / len, step % len) with one
+// carry: no division per element. io.ld(src, real) is the global load (real: not a dummy),
+// io.st(smem_offset, value) the shared store.
+constexpr int LR_UNROLL = 4;
+template <class V, class Src, class Off, class F>
+BF_HD inline void lr_stage_range(int rows, int len, int q0, int step, const V* base,
+                                 const Src& src_of, const Off& off_of, F& io) {
+  const int dr = step / len, dj = step % len, n = rows * len;
+  int r = q0 / len, j = q0 % len;
+  for (int q = q0; q < n; q += LR_UNROLL * step) {
+    V v[LR_UNROLL];
+    int off[LR_UNROLL];
+    bool in[LR_UNROLL], real[LR_UNROLL];
+    BF_UNROLL for (int u = 0; u < LR_UNROLL; ++u) {
+      in[u] = q + u * step < n;
+      const V* src = in[u] ? src_of(r, j) : nullptr;
+      real[u] = src != nullptr;
+      off[u] = off_of(r, j);
+      v[u] = io.ld(real[u] ? src : base, real[u]);
+      r += dr, j += dj;
+      if (j >= len) j -= len, ++r;
+    }
+    BF_UNROLL for (int u = 0; u < LR_UNROLL; ++u)
+      if (in[u]) io.st(off[u], real[u] ? v[u] : V(0));
+  }
+}
+
+// Stage columns [c0, c0 + len) of r for m16 tile i: the t rows of lr_x_row (zero past m) and, if
+// `up`, the block's lr_up rows (zero past the class's last row), elements q0, q0 + step, .. of
+// each (the kernel passes (threadIdx.x, THREADS), the twin (0, 1)). Consecutive threads read
+// consecutive columns of a row, and rows that are consecutive x rows (a warp row's 16) or packed
+// rows are consecutive in memory when len = r: each warp's loads are one contiguous range.
+template <class T, class F>
+BF_HD inline void lr_stage(const Args& a, const BlockTile& bt, int i, int c0, int len, bool up,
+                           int q0, int step, F& io) {
+  lr_stage_range(
+      16 * T::WM, len, q0, step, a.t,
+      [&](int tr, int j) -> const float* {
+        const int mi = bt.m0 + lr_x_row<T>(i, tr);
+        return mi < a.m ? a.t + int64_t(mi) * a.r + c0 + j : nullptr;
+      },
+      [](int tr, int j) { return lr_t_off<T>(tr, j); }, io);
+  if (!up) return;
+  lr_stage_range(
+      T::BN, len, q0, step, a.lr_up,
+      [&](int rr, int j) -> const uint16_t* {
+        const int row = bt.row0 + rr;
+        return row < bt.row_end ? a.lr_up + int64_t(row) * a.r + c0 + j : nullptr;
+      },
+      [](int rr, int j) { return lr_up_off<T>(rr, j); }, io);
+}
+
+// Two consecutive staged t values (column j even: 8-byte aligned) of one row, and one.
+BF_HD inline void lr_t_pair(const char* p, float* x, float* y) {
+#if defined(__CUDA_ARCH__)
+  const float2 v = *reinterpret_cast<const float2*>(p);
+  *x = v.x, *y = v.y;
+#else
+  std::memcpy(x, p, 4);
+  std::memcpy(y, p + 4, 4);
+#endif
+}
+BF_HD inline float lr_t_one(const char* p) {
+#if defined(__CUDA_ARCH__)
+  return *reinterpret_cast<const float*>(p);
+#else
+  float x;
+  std::memcpy(&x, p, 4);
+  return x;
+#endif
+}
+
+// The lane's tile of the low-rank sums (Tile, LR_QB / LR_PB): its first x row q (of the m16
+// tile; then q + 1 .. q + 3) and its p-th packed row (of the warp's 32).
+template <class T>
+BF_HD constexpr int lr_lane_q(const WarpPos& w, int lane) {
+  return lr_rows<T>(w.wk) + T::LR_QB * (lane / T::LR_LG);
+}
+template <class T>
+BF_HD constexpr int lr_lane_p(int lane, int p) { return lane % T::LR_LG + T::LR_LG * p; }
+
+// Lane's sums of m16 tile i over chunk [c0, c0 + len) of r (staged by lr_stage): LR_QB x rows ×
+// LR_PB packed rows in registers, into epi, the epilogue tile of output warp position w.wmn, slot
+// (q, packed row of the warp), which starts at +0 on the first chunk and carries the sum from
+// chunk to chunk. A lane whose rows are all past m, or a warp wholly past the class's last row,
+// sums nothing (those outputs are never stored, so whatever their slots hold is never used);
+// rows past m / row_end inside a tile sum staged zeros. fmaf in the order j = c0, c0 + 1, ..
+// per sum: fused_epilogue's order. Every read is conflict-free (Tile, LR_T_LD / LR_UP_LD); the
+// stores (once per chunk) are not, which costs LR_QB·LR_PB stores against len times as many fmas.
+template <class T>
+BF_HD inline void lr_sums(const Args& a, const BlockTile& bt, const WarpPos& w, int lane, int i,
+                          int c0, int len, const char* smem, float* epi) {
+  constexpr int QB = T::LR_QB, PB = T::LR_PB;
+  if (bt.row0 + w.wn * T::WTN >= bt.row_end) return;
+  const int q = lr_lane_q<T>(w, lane);
+  if (bt.m0 + w.wm * T::WTM + 16 * i + q >= a.m) return;  // rows q.. past m
+  const char* t0 = smem + lr_t_off<T>(w.wm * 16 + q, 0);   // staged t row of (warp row, q)
+  const uint32_t* up[PB];
+  BF_UNROLL for (int p = 0; p < PB; ++p)
+    up[p] = reinterpret_cast<const uint32_t*>(
+        smem + lr_up_off<T>(w.wn * T::WTN + lr_lane_p<T>(lane, p), 0));
+  float lr[PB][QB];
+  BF_UNROLL for (int p = 0; p < PB; ++p)
+    BF_UNROLL for (int u = 0; u < QB; ++u)
+      lr[p][u] = c0 == 0 ? 0.0f : epi[lr_slot<T>(q + u, lr_lane_p<T>(lane, p))];
+  int j = 0;
+  for (; j + 1 < len; j += 2) {  // one lr_up word a packed row: columns j (low half) and j + 1
+    float u0[PB], u1[PB];
+    BF_UNROLL for (int p = 0; p < PB; ++p) {
+      const uint32_t word = up[p][j >> 1];
+      u0[p] = half_to_float(uint16_t(word & 0xFFFFu));
+      u1[p] = half_to_float(uint16_t(word >> 16));
+    }
+    BF_UNROLL for (int u = 0; u < QB; ++u) {
+      float x0, x1;
+      lr_t_pair(t0 + 4 * (u * T::LR_T_LD + j), &x0, &x1);
+      BF_UNROLL for (int p = 0; p < PB; ++p) {
+        lr[p][u] = fmaf(x0, u0[p], lr[p][u]);
+        lr[p][u] = fmaf(x1, u1[p], lr[p][u]);
+      }
+    }
+  }
+  if (j < len) {  // odd len: the last column alone (its word's high half is not staged)
+    float u0[PB];
+    BF_UNROLL for (int p = 0; p < PB; ++p)
+      u0[p] = half_to_float(reinterpret_cast<const uint16_t*>(up[p])[j]);
+    BF_UNROLL for (int u = 0; u < QB; ++u) {
+      const float x0 = lr_t_one(t0 + 4 * (u * T::LR_T_LD + j));
+      BF_UNROLL for (int p = 0; p < PB; ++p) lr[p][u] = fmaf(x0, u0[p], lr[p][u]);
+    }
+  }
+  BF_UNROLL for (int p = 0; p < PB; ++p)
+    BF_UNROLL for (int u = 0; u < QB; ++u) epi[lr_slot<T>(q + u, lr_lane_p<T>(lane, p))] = lr[p][u];
+}
+
+// The outputs of the reducing block go by m16 tile index i (0 .. block_m_tiles - 1, after the
+// low-rank sums of that tile, whose barrier makes them visible to every thread): lane of warp w
+// takes x row bt.m0 + w.wm·WTM + 16i + q for the rows q of its warp-k share
+// (lr_rows) and packed row bt.row0 + w.wn·WTN + lane, so a warp's 32 lanes walk 32 consecutive
+// packed rows of one x row (coalesced partial reads and, under the identity permutation,
+// coalesced stores). False past m and past the class's last row.
+template <class T>
+BF_HD inline bool fixup_output(const Args& a, const BlockTile& bt, const WarpPos& w, int lane,
+                               int i, int q, int* mi, int* row) {
+  *mi = bt.m0 + w.wm * T::WTM + 16 * i + q;
+  *row = bt.row0 + w.wn * T::WTN + lane;
+  return *mi < a.m && *row < bt.row_end;
 }
 
 }  // namespace gemm

@@ -15,8 +15,8 @@
 //  * large M (> 64): 128 × 128 tiles, 8 warps of 64 × 32 (16 mma per k16 step per warp, each
 //    decoded B fragment reused by 4 m16 tiles). sm_86/89: BK = 32, 4 stages, 48.5 KB; sm_87:
 //    BK = 64, 3 stages, 80 KB; sm_90: BK = 64, 4 stages, 104.5 KB: shared memory for 2 blocks
-//    per SM everywhere, but registers (ptxas, with split-K: 171-175 a thread for this tile,
-//    155-168 for the small one; no spills) allow only 1 block of 8 warps per SM. Forcing 2 (launch bounds) would
+//    per SM everywhere, but registers (ptxas, CUDA 13, 2026-11-29: 171-172 a thread for this tile,
+//    128-167 for the small one; no spills) allow only 1 block of 8 warps per SM. Forcing 2 (launch bounds) would
 //    cap registers at 128 and likely spill the 64 accumulators; to be decided on a GPU.
 //  * Small grids: split-K across blocks (plan_split below). At M <= 64 the grid is N/64 blocks
 //    (64 for N = 4096) against 82-132 SMs × 2 resident blocks (16 × 2 on Orin), so most SMs
@@ -51,8 +51,8 @@ struct ArchConfig {
   int small_tile;      // tile id for M <= kSmallMaxM
   int large_tile;      // tile id for M > kSmallMaxM
   // Blocks of each tile resident on one SM (what "a wave" is for split_count): the small tiles
-  // are bounded by shared memory (2 on every row, see above; 168 registers × 128 threads would
-  // allow 3), the large ones by registers (171-175 × 256 threads: 1). Reasoned from ptxas -v,
+  // are bounded by shared memory (2 on every row, see above; up to 167 registers × 128 threads would
+  // allow 3), the large ones by registers (171-172 × 256 threads: 1). Reasoned from ptxas -v,
   // not measured with the occupancy API on a GPU.
   int small_blocks;
   int large_blocks;
