@@ -26,10 +26,10 @@
 //    groups a k tile needs is staged as the covering aligned 32-bit words (SW of them), read back
 //    with the window's parity (window_index). Residual planes: BK/32 words a row.
 //  * Rows without a residual, and layers without one, read α = 0 and sign 0: Ŵ + (−0) = Ŵ.
-//  * Low-rank up-projection (t·L_upᵀ) in the epilogue from shared memory: t rows and lr_up rows
-//    staged once per block (in chunks of LR_CHUNK columns of r when r is larger), lr_up rows
-//    padded to an odd word count (conflict-free), sums in fused_epilogue's exact order; see the
-//    section "Low-rank up-projection" below.
+//  * Low-rank up-projection (t·L_upᵀ) in the epilogue from shared memory: lr_up rows staged
+//    once per block and t rows once per 16-row tile of x (in chunks of LR_CHUNK columns of r
+//    when r is larger), lr_up rows padded to an odd word count (conflict-free), sums in
+//    fused_epilogue's exact order; see the section "Low-rank up-projection" below.
 //  * Split-K across blocks (small grids; S from gemm_config.h plan_split): cut at k-tile
 //    boundaries, fp32 partials (S, m, n) in packed row order, reduced in the order s = 0..S-1 by
 //    the block that counts last; the section at split_range says why each choice.
