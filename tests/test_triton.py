@@ -140,6 +140,19 @@ def test_autotune_cache_round_trip(tmp_path):
     assert best == cands[1] and tuning._CACHE.get("key") == cands[1]
 
 
+@pytest.mark.parametrize("m,forced,which,paths", [
+    (1, "", "auto", {"gemv", "gemm"}), (16, "", "auto", {"gemv", "gemm"}),
+    (tuning.CROSSOVER_MAX_M + 1, "", "gemm", {"gemm"}), (4, "gemv", "gemv", {"gemv"}),
+    (4, "gemm", "gemm", {"gemm"})])
+def test_autotune_measures_the_crossover(monkeypatch, m, forced, which, paths):
+    """Near the crossover both paths are autotune candidates (the faster is cached); a forced
+    path, or an M far above it, tunes one path only."""
+    monkeypatch.setenv("BITFUSE_TRITON_PATH", forced)
+    key, cands = tuning.tuning_candidates(m, "h100")
+    assert key == which and {c.path for c in cands} == paths
+    assert len(set(cands)) == len(cands)  # no candidate measured twice
+
+
 # ---- compiled, on a GPU -------------------------------------------------------------------------
 
 @pytest.mark.gpu

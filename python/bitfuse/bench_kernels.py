@@ -166,7 +166,8 @@ def bench_case(name: str, n: int, k: int, ms: List[int], recipes: List[str], bw:
                results: list, dtype=torch.float16) -> None:
     import bitfuse
     from bitfuse import QuantConfig, QuantLinear
-    from bitfuse.kernels import fused_linear
+    from bitfuse.kernels import fused_linear, tuning
+    from bitfuse.kernels.launch import target_for
     from bitfuse import reference
 
     torch.manual_seed(0)
@@ -199,6 +200,12 @@ def bench_case(name: str, n: int, k: int, ms: List[int], recipes: List[str], bw:
                 row[f"{r}_cuda_speedup"] = base["us"] / tc["us"]
                 row[f"{r}_cuda_bw_frac"] = nbytes / (tc["us"] * 1e-6) / 1e9 / bw
         q4 = layers.get("w4g128")
+        if q4 is not None and m <= tuning.CROSSOVER_MAX_M:
+            # Both Triton paths at their table configs: the measured GEMV/GEMM crossover
+            # (tuning.GEMV_MAX_M is set from these columns).
+            for path in ("gemv", "gemm"):
+                cfg = tuning.table_config(path, m, target_for(x.device))
+                row[f"{path}_path_us"] = gpu_time_us(lambda: fused_linear(x, q4.packed, config=cfg))["us"]
         if q4 is not None:
             pw = q4.packed
             t = gpu_time_us(lambda: torch.nn.functional.linear(x, reference.dense_weight(pw).to(dtype)))
@@ -310,6 +317,13 @@ def write_outputs(results: list, env: dict, out_dir: str, bw: float) -> None:
                      + " | ".join(cells) + f" | {row.get('dequant_matmul_us', float('nan')):.1f} | "
                      + (f"{row['tinygemm_us']:.1f}" if "tinygemm_us" in row else "-") + " | "
                      + (f"{row['gemlite_us']:.1f}" if "gemlite_us" in row else "-") + " |")
+    cross = [r for r in results if "gemv_path_us" in r]
+    if cross:
+        lines += ["", "## Triton GEMV vs GEMM path (w4g128, table configs): the measured crossover", "",
+                  "| case | N | K | M | GEMV path µs | GEMM path µs | faster |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['case']} | {r['n']} | {r['k']} | {r['m']} | {r['gemv_path_us']:.1f} | "
+                  f"{r['gemm_path_us']:.1f} | {'gemv' if r['gemv_path_us'] <= r['gemm_path_us'] else 'gemm'} |"
+                  for r in cross]
     lines += conv_table(results)
     with open(os.path.join(out_dir, "kernels.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

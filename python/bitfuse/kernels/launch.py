@@ -114,12 +114,12 @@ def fused_linear(x: torch.Tensor, pw: PackedWeight, config: Optional[KernelConfi
         if interp:
             config = tuning.INTERPRETER[path]
         elif os.environ.get("BITFUSE_AUTOTUNE", "0") == "1" and x.device.type == "cuda":
-            key = "|".join(map(str, (torch.cuda.get_device_name(x.device), triton.__version__, path,
+            which, cands = tuning.tuning_candidates(m, target)  # both paths near the crossover
+            key = "|".join(map(str, (torch.cuda.get_device_name(x.device), triton.__version__, which,
                                      tuning.m_bucket(m), n, k, pw.group_size, bits, x.dtype,
                                      pw.rank > 0, pw.res_plane is not None)))
             from triton.testing import do_bench
-            config = tuning.autotune(key, tuning.candidates(path, m), launch,
-                                     lambda fn: do_bench(fn, warmup=5, rep=20))
+            config = tuning.autotune(key, cands, launch, lambda fn: do_bench(fn, warmup=5, rep=20))
         else:
             config = tuning.table_config(path, m, target)
     launch(config)

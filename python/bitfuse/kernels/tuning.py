@@ -28,8 +28,12 @@ class KernelConfig:
 
 
 # Largest M that takes the GEMV path per target (ARCHITECTURE.md §4: GEMV for M <= ~8). This is
-# the unmeasured default; BITFUSE_TRITON_PATH=gemv|gemm overrides it.
+# the unmeasured default; BITFUSE_TRITON_PATH=gemv|gemm overrides it. With BITFUSE_AUTOTUNE=1 the
+# crossover is measured instead: for M up to CROSSOVER_MAX_M both paths are candidates and the
+# faster one is cached per shape bucket (`bitfuse bench kernels` also records both paths' times
+# at small M, gemv_path_us / gemm_path_us, to set this table from measurements).
 GEMV_MAX_M = {"orin": 8, "rtx30": 8, "rtx40": 8, "h100": 8, "cpu": 8}
+CROSSOVER_MAX_M = 32
 
 # (M upper bound, config) per target; the first bucket whose bound is >= M applies.
 _GEMM = [
@@ -67,10 +71,8 @@ INTERPRETER = {
 
 
 def choose_path(m: int, target: str) -> str:
-    forced = os.environ.get("BITFUSE_TRITON_PATH", "").strip().lower()
+    forced = forced_path()
     if forced:
-        if forced not in ("gemv", "gemm"):
-            raise ValueError(f"BITFUSE_TRITON_PATH must be 'gemv' or 'gemm', got {forced!r}")
         return forced
     return "gemv" if m <= GEMV_MAX_M.get(target, 8) else "gemm"
 
@@ -104,6 +106,27 @@ def candidates(path: str, m: int) -> List[KernelConfig]:
                     for warps, stages in ((4, 3), (8, 3), (4, 4)):
                         out.append(KernelConfig("gemm", bm, bn, bk, num_warps=warps, num_stages=stages))
     return out
+
+
+def forced_path() -> Optional[str]:
+    forced = os.environ.get("BITFUSE_TRITON_PATH", "").strip().lower()
+    if forced and forced not in ("gemv", "gemm"):
+        raise ValueError(f"BITFUSE_TRITON_PATH must be 'gemv' or 'gemm', got {forced!r}")
+    return forced or None
+
+
+def tuning_candidates(m: int, target: str) -> Tuple[str, List[KernelConfig]]:
+    """(cache key part, candidates) for the autotuner: the chosen path's candidates, plus, for
+    M <= CROSSOVER_MAX_M and no forced path, the other path's table config and its variants, so
+    the GEMV/GEMM crossover is measured rather than assumed."""
+    forced = forced_path()
+    path = choose_path(m, target)
+    if forced or m > CROSSOVER_MAX_M:
+        return path, candidates(path, m)
+    other = "gemm" if path == "gemv" else "gemv"
+    base = table_config(other, m, target)
+    extra = [base] + [replace(base, split_k=sk) for sk in (0, 1, 4) if sk != base.split_k]
+    return "auto", candidates(path, m) + extra
 
 
 class AutotuneCache:
