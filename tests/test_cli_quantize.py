@@ -76,3 +76,8 @@ def test_quantize_cli_activation_aware_gptq(tmp_path):
         assert torch.isfinite(a(*unet_inputs(a)).sample).all()
     with pytest.raises(SystemExit, match="needs activations: add --calib"):
         main(["quantize", "--model", "tiny", "--rounding", "gptq", "--out", str(tmp_path / "x.safetensors")])
+    with pytest.raises(SystemExit, match="--calib must be >= 0 and --calib-steps >= 1, got -1 and 4"):
+        main(["quantize", "--model", "tiny", "--calib", "-1", "--out", str(tmp_path / "x.safetensors")])
+    with pytest.raises(SystemExit, match="got 2 and 0"):
+        main(["quantize", "--model", "tiny", "--calib", "2", "--calib-steps", "0", "--out", str(tmp_path / "x.safetensors")])
+    assert not (tmp_path / "x.safetensors").exists()

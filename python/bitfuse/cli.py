@@ -96,14 +96,17 @@ def quantize_cmd(args: argparse.Namespace) -> int:
 
     if args.recipe not in RECIPES:
         raise E2EError(f"unknown recipe {args.recipe!r}; choose one of {sorted(RECIPES)}")
+    if args.calib < 0 or args.calib_steps < 1:
+        raise SystemExit(f"bitfuse quantize: --calib must be >= 0 and --calib-steps >= 1, got "
+                         f"{args.calib} and {args.calib_steps}")
+    if args.rounding == "gptq" and not args.calib:
+        raise SystemExit("bitfuse quantize: --rounding gptq needs activations: add --calib N")
     t0 = time.perf_counter()
     model = build_denoiser(args.model, args.path).float()
     if torch.cuda.is_available():
         model = model.cuda()
     config = QuantConfig(target="auto", **RECIPES[args.recipe])
     calib = _synthetic_calibration(model, args) if args.calib else None
-    if args.rounding == "gptq" and not calib:
-        raise SystemExit("bitfuse quantize: --rounding gptq needs activations: add --calib N")
     options = {"rounding": args.rounding, "outlier_rule": args.outlier_rule}
     rows: list = []
     quantize_(model, config, calib_data=calib, calib_options=options, report=rows)
