@@ -89,6 +89,51 @@ void check_ptr(const char* who, std::uintptr_t p, const char* name, std::uintptr
     host::fail(std::string(who) + ": " + name + " must be " + std::to_string(align) +
                "-byte aligned");
 }
+
+// The layer operands of the fused kernels (GEMV and GEMM), checked alike: which branches the
+// layer has follows from which pointers are set. The alignments are each kernel's own: the GEMM
+// reads x in 16-byte chunks and the fp16 per-group tensors as 32-bit words, the GEMV 2 bytes.
+struct FusedBranches {
+  bool residual, lowrank;
+};
+FusedBranches check_fused_ptrs(const char* who, std::uintptr_t x_align, std::uintptr_t group_align,
+                               std::uintptr_t x, std::uintptr_t out, std::uintptr_t qweight,
+                               std::uintptr_t scales, std::uintptr_t zeros, std::uintptr_t perm,
+                               std::uintptr_t res_index, std::uintptr_t res_plane,
+                               std::uintptr_t res_alpha, std::uintptr_t t, std::uintptr_t lr_up,
+                               std::uintptr_t extra, std::uintptr_t bias, int r) {
+  check_ptr(who, x, "x_ptr", x_align, true);
+  check_ptr(who, out, "out_ptr", 2, true);
+  check_ptr(who, qweight, "qweight_ptr", 4, true);
+  check_ptr(who, scales, "scales_ptr", group_align, true);
+  check_ptr(who, zeros, "zeros_ptr", group_align, true);
+  check_ptr(who, perm, "perm_ptr", 4, false);
+  const bool residual = res_index != 0;
+  check_ptr(who, res_index, "res_index_ptr", 4, false);
+  check_ptr(who, res_plane, "res_plane_ptr", 4, residual);
+  check_ptr(who, res_alpha, "res_alpha_ptr", group_align, residual);
+  const bool lowrank = t != 0 || lr_up != 0;
+  check_ptr(who, t, "t_ptr", 4, lowrank);
+  check_ptr(who, lr_up, "lr_up_ptr", 2, lowrank);
+  if (lowrank && r < 1) host::fail(std::string(who) + ": the low-rank branch needs r >= 1");
+  check_ptr(who, extra, "extra_ptr", 4, false);
+  check_ptr(who, bias, "bias_ptr", 4, false);
+  return {residual, lowrank};
+}
+
+// The epilogue operands (low-rank t and L_up, the sparse product, bias) into gemv::Args or
+// gemm::Args (the same member names).
+template <class Args>
+void set_epilogue_pointers(Args& a, bool lowrank, std::uintptr_t t, std::uintptr_t lr_up, int r,
+                           std::uintptr_t extra, std::uintptr_t bias) {
+  if (lowrank) {
+    a.t = reinterpret_cast<const float*>(t);
+    a.lr_up = reinterpret_cast<const uint16_t*>(lr_up);
+    a.r = r;
+  }
+  a.extra = reinterpret_cast<const float*>(extra);
+  a.bias = reinterpret_cast<const float*>(bias);
+}
 #endif
 
 void dequantize_cuda(std::uintptr_t qweight, std::uintptr_t scales, std::uintptr_t zeros,
@@ -152,38 +197,15 @@ void gemv_cuda(std::uintptr_t x, std::uintptr_t out, std::uintptr_t qweight, std
   if (dtype != 1 && dtype != 2)
     host::fail(std::string(who) + ": dtype must be 1 (fp16) or 2 (bf16), got " + std::to_string(dtype));
   if (r < 0) host::fail(std::string(who) + ": r must be >= 0, got " + std::to_string(r));
-  auto need = [&](std::uintptr_t p, const char* name, std::uintptr_t align, bool required) {
-    check_ptr(who, p, name, align, required);
-  };
-  need(x, "x_ptr", 2, true);
-  need(out, "out_ptr", 2, true);
-  need(qweight, "qweight_ptr", 4, true);
-  need(scales, "scales_ptr", 2, true);
-  need(zeros, "zeros_ptr", 2, true);
-  need(perm, "perm_ptr", 4, false);
-  const bool residual = res_index != 0;
-  need(res_index, "res_index_ptr", 4, false);
-  need(res_plane, "res_plane_ptr", 4, residual);
-  need(res_alpha, "res_alpha_ptr", 2, residual);
-  const bool lowrank = t != 0 || lr_up != 0;
-  need(t, "t_ptr", 4, lowrank);
-  need(lr_up, "lr_up_ptr", 2, lowrank);
-  if (lowrank && r < 1) host::fail(std::string(who) + ": the low-rank branch needs r >= 1");
-  need(extra, "extra_ptr", 4, false);
-  need(bias, "bias_ptr", 4, false);
+  const FusedBranches br = check_fused_ptrs(who, 2, 2, x, out, qweight, scales, zeros, perm,
+                                            res_index, res_plane, res_alpha, t, lr_up, extra, bias, r);
 
   gemv::Args a{};
   host::fill_gemv_classes(a, table, k_pad, qweight, who);
   a.x = reinterpret_cast<const void*>(x);
   a.out = reinterpret_cast<void*>(out);
-  set_weight_pointers(a, qweight, scales, zeros, perm, residual, res_index, res_plane, res_alpha);
-  if (lowrank) {
-    a.t = reinterpret_cast<const float*>(t);
-    a.lr_up = reinterpret_cast<const uint16_t*>(lr_up);
-    a.r = r;
-  }
-  a.extra = reinterpret_cast<const float*>(extra);
-  a.bias = reinterpret_cast<const float*>(bias);
+  set_weight_pointers(a, qweight, scales, zeros, perm, br.residual, res_index, res_plane, res_alpha);
+  set_epilogue_pointers(a, br.lowrank, t, lr_up, r, extra, bias);
   a.m = m, a.n = n, a.k = k, a.k_pad = k_pad, a.group_size = group_size;
   a.x_vec = (x % 16 == 0) && (k % 8 == 0);  // 128-bit x loads, else 16-bit ones
   const std::string err = cuda::gemv(a, dtype, stream);
@@ -219,31 +241,14 @@ void gemm_cuda(std::uintptr_t x, std::int64_t lda, std::uintptr_t out, std::uint
                "(16-byte rows for cp.async), got lda=" + std::to_string(lda) + " for k=" +
                std::to_string(k));
   if (r < 0) host::fail(std::string(who) + ": r must be >= 0, got " + std::to_string(r));
-  auto need = [&](std::uintptr_t p, const char* name, std::uintptr_t align, bool required) {
-    check_ptr(who, p, name, align, required);
-  };
   // x in 16-byte chunks; the fp16 per-group tensors are read as aligned 32-bit words.
-  need(x, "x_ptr", 16, true);
-  need(out, "out_ptr", 2, true);
-  need(qweight, "qweight_ptr", 4, true);
-  need(scales, "scales_ptr", 4, true);
-  need(zeros, "zeros_ptr", 4, true);
-  need(perm, "perm_ptr", 4, false);
-  const bool residual = res_index != 0;
-  need(res_index, "res_index_ptr", 4, false);
-  need(res_plane, "res_plane_ptr", 4, residual);
-  need(res_alpha, "res_alpha_ptr", 4, residual);
-  if (residual && nr < 1)
+  const FusedBranches br = check_fused_ptrs(who, 16, 4, x, out, qweight, scales, zeros, perm,
+                                            res_index, res_plane, res_alpha, t, lr_up, extra, bias, r);
+  if (br.residual && nr < 1)
     host::fail(std::string(who) + ": the residual branch needs nr (residual rows) >= 1");
-  const bool lowrank = t != 0 || lr_up != 0;
-  need(t, "t_ptr", 4, lowrank);
-  need(lr_up, "lr_up_ptr", 2, lowrank);
-  if (lowrank && r < 1) host::fail(std::string(who) + ": the low-rank branch needs r >= 1");
-  need(extra, "extra_ptr", 4, false);
-  need(bias, "bias_ptr", 4, false);
   // Split-K's fp32 partials (16-byte aligned: torch allocations are) and per-tile counters.
-  need(workspace, "workspace_ptr", 16, false);
-  need(counters, "counters_ptr", 4, false);
+  check_ptr(who, workspace, "workspace_ptr", 16, false);
+  check_ptr(who, counters, "counters_ptr", 4, false);
   if (workspace_bytes < 0 || counters_len < 0)
     host::fail(std::string(who) + ": workspace_bytes and counters_len must be >= 0");
   if (split < 0)
@@ -255,15 +260,9 @@ void gemm_cuda(std::uintptr_t x, std::int64_t lda, std::uintptr_t out, std::uint
   a.x = reinterpret_cast<const void*>(x);
   a.lda = lda;
   a.out = reinterpret_cast<void*>(out);
-  set_weight_pointers(a, qweight, scales, zeros, perm, residual, res_index, res_plane, res_alpha);
-  a.nr = residual ? nr : 0;
-  if (lowrank) {
-    a.t = reinterpret_cast<const float*>(t);
-    a.lr_up = reinterpret_cast<const uint16_t*>(lr_up);
-    a.r = r;
-  }
-  a.extra = reinterpret_cast<const float*>(extra);
-  a.bias = reinterpret_cast<const float*>(bias);
+  set_weight_pointers(a, qweight, scales, zeros, perm, br.residual, res_index, res_plane, res_alpha);
+  a.nr = br.residual ? nr : 0;
+  set_epilogue_pointers(a, br.lowrank, t, lr_up, r, extra, bias);
   a.m = m, a.n = n, a.k = k, a.k_pad = k_pad, a.group_size = group_size;
   // The plan the launch will use (the same gemm_config.h call), to check the workspace against.
   cuda::GemmPlan plan;
