@@ -140,6 +140,40 @@ def test_autotune_cache_round_trip(tmp_path):
     assert best == cands[1] and tuning._CACHE.get("key") == cands[1]
 
 
+def test_a_config_the_gpu_refuses_is_shrunk_and_remembered(monkeypatch):
+    """OutOfResources (shared memory) at launch: fewer stages, then smaller tiles, until one
+    launches; the fitted config is reused without retrying, and a config that never fits raises."""
+    from triton.runtime.errors import OutOfResources
+
+    monkeypatch.setattr(tuning, "_FITTED", {})
+    ran = []
+
+    def launch(cfg):  # pretend only <= 2 stages and K tiles of 32 fit
+        ran.append(cfg)
+        if cfg.num_stages > 2 or cfg.block_k > 32:
+            raise OutOfResources(300000, 232448, "shared memory")
+
+    cfg = KernelConfig("gemm", 64, 64, 64, 1, 4, 4)
+    with pytest.warns(RuntimeWarning, match="does not fit"):
+        got = tuning.launch_fitting(("k",), cfg, launch)
+    assert got == KernelConfig("gemm", 64, 64, 32, 1, 4, 1)
+    assert [c.num_stages for c in ran] == [4, 3, 2, 1, 1] and ran[-1].block_k == 32
+    ran.clear()
+    assert tuning.launch_fitting(("k",), cfg, launch) == got and ran == [got]
+    def never(cfg):
+        raise OutOfResources(1, 0, "shared memory")
+
+    with pytest.warns(RuntimeWarning), pytest.raises(OutOfResources):
+        tuning.launch_fitting(("other",), cfg, never)
+    assert tuning.shrink(KernelConfig("gemv", 1, 16, 32, 1, 4, 1)) is None
+
+
+def test_block_k_must_hold_whole_runs():
+    q = layer(4, 32, "plain")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        fused_linear(torch.randn(2, K).half(), q.packed, KernelConfig("gemm", 16, 16, 16))
+
+
 @pytest.mark.parametrize("m,forced,which,paths", [
     (1, "", "auto", {"gemv", "gemm"}), (16, "", "auto", {"gemv", "gemm"}),
     (tuning.CROSSOVER_MAX_M + 1, "", "gemm", {"gemm"}), (4, "gemv", "gemv", {"gemv"}),

@@ -99,9 +99,9 @@ def _conv_k_loop(acc, x_ptr, xb_off, ih0, iw0, m_mask, K, H, W, stride_xc, strid
         offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
         a = _gather_a(x_ptr, xb_off, ih0, iw0, m_mask, offs_k, K, H, W, stride_xc, stride_xh,
                       stride_xw, KH, KW, DH, DW, A_M_MAJOR)
-        w = _dequant_tile(qw_ptr, word_base, offs_k, offs_n, n_mask, scales_ptr, zeros_ptr,
+        w = _dequant_tile(qw_ptr, word_base, kt * BLOCK_K, offs_n, n_mask, scales_ptr, zeros_ptr,
                           (kt * BLOCK_K) // GROUP, G, res_index_ptr, res_plane_ptr, res_alpha_ptr,
-                          KW1, BITS, HAS_RES)
+                          KW1, BITS, HAS_RES, BLOCK_K)
         acc += _mm(a, w, USE_DOT, DOT_DTYPE, DOT_FP32)
     return acc
 
@@ -144,25 +144,25 @@ def conv2d_kernel(
     # class's K loop specialised on its width, as in fused_linear_kernel.
     if N_CLASSES == 1:
         acc = _conv_k_loop(acc, x_ptr, xb_off, ih0, iw0, m_mask, K, H, W, stride_xc, stride_xh,
-                           stride_xw, kt0, kt1, qw_ptr, offs_n64 * (K_PAD * BITS0 // 32), offs_n,
+                           stride_xw, kt0, kt1, qw_ptr, offs_n64 * ((K_PAD // 32) * BITS0), offs_n,
                            n_mask, scales_ptr, zeros_ptr, G, res_index_ptr, res_plane_ptr,
                            res_alpha_ptr, KW1, KH, KW, DH, DW, A_M_MAJOR, BITS0, HAS_RES, GROUP,
                            BLOCK_K, USE_DOT, DOT_DTYPE, DOT_FP32)
     elif row0 < ROW1:
         acc = _conv_k_loop(acc, x_ptr, xb_off, ih0, iw0, m_mask, K, H, W, stride_xc, stride_xh,
-                           stride_xw, kt0, kt1, qw_ptr, offs_n64 * (K_PAD * BITS0 // 32), offs_n,
+                           stride_xw, kt0, kt1, qw_ptr, offs_n64 * ((K_PAD // 32) * BITS0), offs_n,
                            n_mask, scales_ptr, zeros_ptr, G, res_index_ptr, res_plane_ptr,
                            res_alpha_ptr, KW1, KH, KW, DH, DW, A_M_MAJOR, BITS0, HAS_RES, GROUP,
                            BLOCK_K, USE_DOT, DOT_DTYPE, DOT_FP32)
     elif row0 < ROW2:
         acc = _conv_k_loop(acc, x_ptr, xb_off, ih0, iw0, m_mask, K, H, W, stride_xc, stride_xh,
-                           stride_xw, kt0, kt1, qw_ptr, WORD1 + (offs_n64 - ROW1) * (K_PAD * BITS1 // 32),
+                           stride_xw, kt0, kt1, qw_ptr, WORD1 + (offs_n64 - ROW1) * ((K_PAD // 32) * BITS1),
                            offs_n, n_mask, scales_ptr, zeros_ptr, G, res_index_ptr, res_plane_ptr,
                            res_alpha_ptr, KW1, KH, KW, DH, DW, A_M_MAJOR, BITS1, HAS_RES, GROUP,
                            BLOCK_K, USE_DOT, DOT_DTYPE, DOT_FP32)
     else:
         acc = _conv_k_loop(acc, x_ptr, xb_off, ih0, iw0, m_mask, K, H, W, stride_xc, stride_xh,
-                           stride_xw, kt0, kt1, qw_ptr, WORD2 + (offs_n64 - ROW2) * (K_PAD * BITS2 // 32),
+                           stride_xw, kt0, kt1, qw_ptr, WORD2 + (offs_n64 - ROW2) * ((K_PAD // 32) * BITS2),
                            offs_n, n_mask, scales_ptr, zeros_ptr, G, res_index_ptr, res_plane_ptr,
                            res_alpha_ptr, KW1, KH, KW, DH, DW, A_M_MAJOR, BITS2, HAS_RES, GROUP,
                            BLOCK_K, USE_DOT, DOT_DTYPE, DOT_FP32)

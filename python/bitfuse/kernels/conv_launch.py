@@ -135,7 +135,9 @@ def conv2d_implicit(x: torch.Tensor, pw: PackedWeight, kernel_size, stride=1, pa
                                      lambda fn: do_bench(fn, warmup=5, rep=20))
         else:
             config = tuning.table_config(path, m, target)
-    launch(config)
+    key = ("conv2d", x.device, x.dtype, geom[:4], x.stride(3) == 1, tuple(pw.class_bits), pw.group_size,
+           pw.perm is not None, pw.res_plane is not None, pw.rank, pw.sp_values is not None, pw.bias is not None)
+    tuning.launch_fitting(key, config, launch)
     return out
 
 

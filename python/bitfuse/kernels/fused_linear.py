@@ -5,10 +5,12 @@ y = x·(Ŵ_b + R̂)ᵀ + (x·L_downᵀ·diag(lr_scale))·L_upᵀ + S·x + bias  
 Layout decisions, where they are used:
   * Weights are read in the canonical layout of docs/FORMAT.md (row-major, K-contiguous; inside
     each 32-column run, column c sits in slot run_slot(c), the mma fragment order of §3.1). A tile
-    is BLOCK_N packed rows × BLOCK_K codes; each column's slot is computed (`_slot`, the same
-    formula as pack.run_slot) and its word gathered with the same shift-and-mask as pack.py. A run
-    is one 4/2/3-word span, so the loads still coalesce along K; the slot order costs a few integer
-    ops per column and no extra memory traffic.
+    is BLOCK_N packed rows × BLOCK_K codes (BLOCK_K a multiple of 32, so a tile holds whole runs).
+    Each word is loaded once, as a [runs, words-per-run, BLOCK_N] tile, and unpacked into natural
+    column order by a broadcast against a shift table plus a reshape (`_dequant_tile`). Loading
+    one word per code instead (a gather by slot) made the software pipeliner stage 32/BITS copies
+    of every word in shared memory: the AOT compile check (kernels/aot.py) measured 270 KB a block
+    for a mixed-class layer at 64×64×64 on sm_90, over every arch's limit; now 59 KB.
   * BLOCK_K divides the group size, so one K tile sees one scale/offset per row: they are loaded
     once per tile as a BLOCK_N vector, and the dequant is one fma in fp32 (q·s is exact).
   * Mixed-precision classes are contiguous runs of packed rows whose boundaries are multiples of
@@ -48,31 +50,49 @@ def _mm(a, b, USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_FP32: tl.const
 
 
 @triton.jit
-def _slot(offs_k):
-    """Storage position of column offs_k: its run's base plus run_slot(c) (FORMAT.md §3.1)."""
-    c = offs_k % 32
-    return (offs_k - c) + 8 * ((c >> 1) & 3) + 4 * (c & 1) + 2 * ((c >> 4) & 1) + ((c >> 3) & 1)
-
-
-@triton.jit
-def _dequant_tile(qw_ptr, word_base, offs_k, offs_n, n_mask, scales_ptr, zeros_ptr, g_idx, G,
+def _dequant_tile(qw_ptr, word_base, k0, offs_n, n_mask, scales_ptr, zeros_ptr, g_idx, G,
                   res_index_ptr, res_plane_ptr, res_alpha_ptr, KW1,
-                  BITS: tl.constexpr, HAS_RES: tl.constexpr):
-    """Ŵ_b (+ R̂) for BLOCK_K codes × BLOCK_N packed rows, as fp32 [BLOCK_K, BLOCK_N]."""
+                  BITS: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Ŵ_b (+ R̂) for columns k0 .. k0 + BLOCK_K (k0 a multiple of 32) × BLOCK_N packed rows, as
+    fp32 [BLOCK_K, BLOCK_N] in natural column order.
+
+    Each packed word is loaded once (BITS·BLOCK_K/32 words per row, not one word per code: the
+    pipeliner stages what is loaded, so a per-code gather would stage 32/BITS copies of every
+    word). Codes are unpacked by broadcasting the words against a shift table and reshaping.
+    Inside a 32-column run, column c = 16·c4 + 8·c3 + 4·c2 + 2·c1 + c0 sits in slot
+    run_slot(c) = 16·c2 + 8·c1 + 4·c0 + 2·c4 + c3 (FORMAT.md §3.1). With v = 2·c4 + c3 the
+    tile's column index is run·32 + 8·v + (the rest of c), so the code tensor is laid out
+    [run, v, ..., BLOCK_N] and a row-major reshape gives natural order:
+      4-bit: word c2c1 (4 a run), nibble 4·c0 + v           -> [T, v, word, c0, N]
+      2-bit: word c2 (2 a run), pair 4·(2·c1 + c0) + v       -> [T, v, word, u=c1c0, N]
+      3-bit: low planes as 2-bit (words 3r, 3r+1), bit plane word 3r+2 bit run_slot(c)
+      residual: one word a run, bit run_slot(c) = 16·c2 + 4·u + v  -> [T, v, c2, u, N]
+    """
+    T: tl.constexpr = BLOCK_K // 32
     nm = n_mask[None, :]
-    pos = _slot(offs_k)
-    if BITS == 3:
-        # bit planes: per 32 slots, words 3t, 3t+1 hold the low 2 bits, word 3t+2 bit 2.
-        t = pos // 32
-        j = pos % 32
-        lo = tl.load(qw_ptr + word_base[None, :] + (3 * t + j // 16)[:, None], mask=nm, other=0)
-        hi = tl.load(qw_ptr + word_base[None, :] + (3 * t + 2)[:, None], mask=nm, other=0)
-        q = ((lo >> (2 * (j % 16))[:, None]) & 3) | (((hi >> j[:, None]) & 1) << 2)
+    runs = k0 // 32 + tl.arange(0, T)                       # [T] runs of this tile
+    v = tl.arange(0, 4)[None, :, None, None, None]          # 2·c4 + c3
+    c2 = tl.arange(0, 2)[None, None, :, None, None]
+    u = tl.arange(0, 4)[None, None, None, :, None]          # 2·c1 + c0
+    if BITS == 4:
+        wi = tl.arange(0, 4)
+        wd = tl.load(qw_ptr + word_base[None, None, :] + (4 * runs)[:, None, None] + wi[None, :, None],
+                     mask=nm[None, :, :], other=0)          # [T, 4 words, N]
+        c0 = tl.arange(0, 2)[None, None, None, :, None]
+        q = (wd[:, None, :, None, :] >> (4 * (4 * c0 + v))) & 15   # [T, v, word, c0, N]
+    elif BITS == 2:
+        wi = tl.arange(0, 2)
+        wd = tl.load(qw_ptr + word_base[None, None, :] + (2 * runs)[:, None, None] + wi[None, :, None],
+                     mask=nm[None, :, :], other=0)          # [T, 2 words, N]
+        q = (wd[:, None, :, None, :] >> (2 * (4 * u + v))) & 3     # [T, v, c2, u, N]
     else:
-        # 32/BITS codes a word, slot j at bits [BITS·(j % per), +BITS). The mask after the
-        # (arithmetic) shift drops any sign bits the int32 shift drags in.
-        wd = tl.load(qw_ptr + word_base[None, :] + (pos // (32 // BITS))[:, None], mask=nm, other=0)
-        q = (wd >> ((pos % (32 // BITS)) * BITS)[:, None]) & ((1 << BITS) - 1)
+        wi = tl.arange(0, 2)
+        lo = tl.load(qw_ptr + word_base[None, None, :] + (3 * runs)[:, None, None] + wi[None, :, None],
+                     mask=nm[None, :, :], other=0)          # [T, 2 words, N]
+        hi = tl.load(qw_ptr + word_base[None, :] + (3 * runs + 2)[:, None], mask=nm, other=0)  # [T, N]
+        q = ((lo[:, None, :, None, :] >> (2 * (4 * u + v))) & 3) \
+            | (((hi[:, None, None, None, :] >> (16 * c2 + 4 * u + v)) & 1) << 2)
+    q = tl.reshape(q, (BLOCK_K, q.shape[-1]))
     s = tl.load(scales_ptr + offs_n * G + g_idx, mask=n_mask, other=0.0).to(tl.float32)
     z = tl.load(zeros_ptr + offs_n * G + g_idx, mask=n_mask, other=0.0).to(tl.float32)
     w = q.to(tl.float32) * s[None, :] + z[None, :]
@@ -80,8 +100,9 @@ def _dequant_tile(qw_ptr, word_base, offs_k, offs_n, n_mask, scales_ptr, zeros_p
         ri = tl.load(res_index_ptr + offs_n, mask=n_mask, other=-1)
         has = ri >= 0
         ri = tl.where(has, ri, 0).to(tl.int64)
-        pw = tl.load(res_plane_ptr + ri[None, :] * KW1 + (pos // 32)[:, None], mask=has[None, :], other=0)
-        sign = ((pw >> (pos % 32)[:, None]) & 1).to(tl.float32) * 2.0 - 1.0
+        rw = tl.load(res_plane_ptr + ri[None, :] * KW1 + runs[:, None], mask=has[None, :], other=0)  # [T, N]
+        bit = (rw[:, None, None, None, :] >> (16 * c2 + 4 * u + v)) & 1
+        sign = tl.reshape(bit, (BLOCK_K, q.shape[-1])).to(tl.float32) * 2.0 - 1.0
         alpha = tl.load(res_alpha_ptr + ri * G + g_idx, mask=has, other=0.0).to(tl.float32)
         w += alpha[None, :] * sign
     return w
@@ -98,8 +119,9 @@ def _k_loop(acc, x_ptr, stride_xm, offs_m, m_mask, K, kt0, kt1,
         g_idx = (kt * BLOCK_K) // GROUP
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                      mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
-        w = _dequant_tile(qw_ptr, word_base, offs_k, offs_n, n_mask, scales_ptr, zeros_ptr, g_idx,
-                          G, res_index_ptr, res_plane_ptr, res_alpha_ptr, KW1, BITS, HAS_RES)
+        w = _dequant_tile(qw_ptr, word_base, kt * BLOCK_K, offs_n, n_mask, scales_ptr, zeros_ptr,
+                          g_idx, G, res_index_ptr, res_plane_ptr, res_alpha_ptr, KW1, BITS, HAS_RES,
+                          BLOCK_K)
         acc += _mm(xt, w, USE_DOT, DOT_DTYPE, DOT_FP32)
     return acc
 
@@ -163,26 +185,29 @@ def fused_linear_kernel(
     offs_n64 = offs_n.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     row0 = pid_n * BLOCK_N
+    # A row's words: (K_PAD // 32) runs × BITS words. Written this way (not K_PAD * BITS // 32)
+    # triton's divisibility analysis sees a multiple of BITS, so 4-bit words load as 16-byte
+    # vectors (cp.async 16 / ld.v4; the other form compiled to 8-byte loads, AOT check PTX).
     if N_CLASSES == 1:
         acc = _k_loop(acc, x_ptr, stride_xm, offs_m, m_mask, K, kt0, kt1, qw_ptr,
-                      offs_n64 * (K_PAD * BITS0 // 32), offs_n, n_mask, scales_ptr, zeros_ptr, G,
+                      offs_n64 * ((K_PAD // 32) * BITS0), offs_n, n_mask, scales_ptr, zeros_ptr, G,
                       res_index_ptr, res_plane_ptr, res_alpha_ptr, KW1, BITS0, HAS_RES, GROUP,
                       BLOCK_K, USE_DOT, DOT_DTYPE, DOT_FP32)
     else:
         # The tile's class, from its first row (tiles never straddle classes, see module doc).
         if row0 < ROW1:
             acc = _k_loop(acc, x_ptr, stride_xm, offs_m, m_mask, K, kt0, kt1, qw_ptr,
-                          offs_n64 * (K_PAD * BITS0 // 32), offs_n, n_mask, scales_ptr, zeros_ptr,
+                          offs_n64 * ((K_PAD // 32) * BITS0), offs_n, n_mask, scales_ptr, zeros_ptr,
                           G, res_index_ptr, res_plane_ptr, res_alpha_ptr, KW1, BITS0, HAS_RES,
                           GROUP, BLOCK_K, USE_DOT, DOT_DTYPE, DOT_FP32)
         elif row0 < ROW2:
             acc = _k_loop(acc, x_ptr, stride_xm, offs_m, m_mask, K, kt0, kt1, qw_ptr,
-                          WORD1 + (offs_n64 - ROW1) * (K_PAD * BITS1 // 32), offs_n, n_mask,
+                          WORD1 + (offs_n64 - ROW1) * ((K_PAD // 32) * BITS1), offs_n, n_mask,
                           scales_ptr, zeros_ptr, G, res_index_ptr, res_plane_ptr, res_alpha_ptr,
                           KW1, BITS1, HAS_RES, GROUP, BLOCK_K, USE_DOT, DOT_DTYPE, DOT_FP32)
         else:
             acc = _k_loop(acc, x_ptr, stride_xm, offs_m, m_mask, K, kt0, kt1, qw_ptr,
-                          WORD2 + (offs_n64 - ROW2) * (K_PAD * BITS2 // 32), offs_n, n_mask,
+                          WORD2 + (offs_n64 - ROW2) * ((K_PAD // 32) * BITS2), offs_n, n_mask,
                           scales_ptr, zeros_ptr, G, res_index_ptr, res_plane_ptr, res_alpha_ptr,
                           KW1, BITS2, HAS_RES, GROUP, BLOCK_K, USE_DOT, DOT_DTYPE, DOT_FP32)
     if SPLIT_K > 1:

@@ -60,6 +60,9 @@ def class_geometry(pw: PackedWeight):
 
 def _fit(cfg: KernelConfig, pw: PackedWeight, m: int, row1: int, row2: int, sms: int) -> KernelConfig:
     """Adapt a table config to this layer: tiles that respect groups and class boundaries."""
+    if cfg.block_k < 32 or cfg.block_k % 32:
+        raise ValueError(f"triton fused_linear: block_k must be a multiple of 32 (whole runs, "
+                         f"FORMAT.md §3.1), got {cfg.block_k}")
     bk = min(cfg.block_k, pw.group_size)  # one scale per row per K tile
     bn = cfg.block_n
     n = pw.out_features
@@ -122,7 +125,9 @@ def fused_linear(x: torch.Tensor, pw: PackedWeight, config: Optional[KernelConfi
             config = tuning.autotune(key, cands, launch, lambda fn: do_bench(fn, warmup=5, rep=20))
         else:
             config = tuning.table_config(path, m, target)
-    launch(config)
+    key = ("linear", x.device, x.dtype, tuple(pw.class_bits), pw.group_size, pw.perm is not None,
+           pw.res_plane is not None, pw.rank, pw.sp_values is not None, pw.bias is not None)
+    tuning.launch_fitting(key, config, launch)
     return out
 
 

@@ -42,11 +42,15 @@ _GEMM = [
     (256, KernelConfig("gemm", 64, 64, 64, num_warps=4, num_stages=3)),
     (1 << 62, KernelConfig("gemm", 128, 128, 32, num_warps=8, num_stages=3)),
 ]
-_GEMM_SMALL_SMEM = [  # sm_86/sm_89 have 100 KB of shared memory per SM: smaller big tiles
+# sm_86/sm_89 have 100 KB of shared memory per SM: 2 stages at M <= 256 keep 2+ blocks resident.
+# The large tile uses 8 warps as on the other targets: with 4 warps, 128×64 held 254 registers and
+# spilled for a mixed-class layer with every branch (AOT check, triton 3.6, sm_86/89); ptxas
+# reports 32-38 KB of shared memory for 128×128×32 × 3 stages there (kernels/aot.py).
+_GEMM_SMALL_SMEM = [
     (16, KernelConfig("gemm", 16, 64, 64, split_k=0, num_warps=4, num_stages=3)),
     (64, KernelConfig("gemm", 32, 64, 64, split_k=0, num_warps=4, num_stages=3)),
     (256, KernelConfig("gemm", 64, 64, 64, num_warps=4, num_stages=2)),
-    (1 << 62, KernelConfig("gemm", 128, 64, 32, num_warps=4, num_stages=3)),
+    (1 << 62, KernelConfig("gemm", 128, 128, 32, num_warps=8, num_stages=3)),
 ]
 _GEMV = [
     (1, KernelConfig("gemv", 1, 64, 128, split_k=0, num_warps=4, num_stages=2)),
@@ -190,6 +194,52 @@ def autotune(key: str, cands: List[KernelConfig], run: Callable[[KernelConfig], 
         raise RuntimeError(f"bitfuse autotune: no candidate config ran for {key}")
     _CACHE.put(key, best[1])
     return best[1]
+
+
+def shrink(cfg: KernelConfig) -> Optional[KernelConfig]:
+    """The next config needing less shared memory: one pipeline stage fewer, then half the K
+    tile (down to one 32-column run, the dequant's unit), then half the N tile, then half the M
+    tile; None when nothing is left to shrink."""
+    min_m = 16 if cfg.path == "gemm" else 1
+    if cfg.num_stages > 1:
+        return replace(cfg, num_stages=cfg.num_stages - 1)
+    if cfg.block_k > 32:
+        return replace(cfg, block_k=cfg.block_k // 2)
+    if cfg.block_n > 16:
+        return replace(cfg, block_n=cfg.block_n // 2)
+    if cfg.block_m > min_m:
+        return replace(cfg, block_m=cfg.block_m // 2)
+    return None
+
+
+_FITTED: Dict[tuple, KernelConfig] = {}
+
+
+def launch_fitting(key: tuple, cfg: KernelConfig, launch: Callable[[KernelConfig], None]) -> KernelConfig:
+    """launch(cfg), or, when the GPU refuses it for lack of shared memory (triton raises
+    OutOfResources before anything runs), the largest `shrink` of it that launches. The tables
+    are checked to fit every target arch ahead of time (kernels/aot.py, in CI), so this only
+    triggers on a triton version or GPU that check did not see; the fitted config is remembered
+    per (key, cfg) and a warning says so once. Returns the config that ran."""
+    from triton.runtime.errors import OutOfResources
+
+    tried = _FITTED.get((key, cfg), cfg)
+    while True:
+        try:
+            launch(tried)
+            break
+        except OutOfResources as e:
+            smaller = shrink(tried)
+            if smaller is None:
+                raise
+            if (key, cfg) not in _FITTED:
+                import warnings
+                warnings.warn(f"bitfuse triton: {tried} does not fit this GPU ({e}); trying smaller tiles",
+                              RuntimeWarning, stacklevel=3)
+            tried = smaller
+    if tried != cfg:
+        _FITTED[(key, cfg)] = tried
+    return tried
 
 
 def with_split(cfg: KernelConfig, split_k: int) -> KernelConfig:
