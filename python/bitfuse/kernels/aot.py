@@ -325,10 +325,25 @@ def check(archs: List[int], full: bool = False, families=("linear", "conv", "hbp
 
 
 def markdown(report: dict) -> str:
-    lines = [f"Triton {report['triton']} (ptxas {report['ptxas']}) ahead-of-time compile, archs {report['archs']} "
-             f"({len(report['kernels'])} kernels, {len(report['errors'])} errors, {report['seconds']} s)", "",
-             "| arch | kernel | case | warps | stages | smem B | regs | stack B | local B |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"# Triton {report['triton']} (ptxas {report['ptxas']}): ahead-of-time compile for "
+             f"sm_{', sm_'.join(map(str, report['archs']))}", "",
+             f"{len(report['kernels'])} kernels compiled, {len(report['errors'])} errors, "
+             f"{len(report['smem_over'])} over the shared memory limit, {report['seconds']} s wall (kernels "
+             "already in triton's cache are not recompiled). Compiler "
+             "facts from `python -m bitfuse.kernels.aot` (no GPU; nothing ran): shared memory per block, "
+             "registers per thread, stack frame per thread (where spills go).", "",
+             "## Worst case per arch and kernel", "",
+             "| arch | kernel | compiled | max smem B (limit) | max regs | max stack B |", "|---|---|---|---|---|---|"]
+    worst: Dict[tuple, list] = {}
+    for k in report["kernels"]:
+        w = worst.setdefault((k["arch"], k["kernel"]), [0, 0, 0, 0])
+        w[0] += 1
+        w[1], w[2], w[3] = max(w[1], k["shared"]), max(w[2], k["regs"]), max(w[3], k["stack_bytes"])
+    for (arch, name), (n, smem, regs, stack) in sorted(worst.items()):
+        lines.append(f"| sm_{arch} | {name} | {n} | {smem} ({SMEM_OPTIN[arch]}) | {regs} | {stack} |")
+    lines += ["", "## Every compiled kernel", "",
+              "| arch | kernel | case | warps | stages | smem B | regs | stack B | local B |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for k in report["kernels"]:
         flag = "" if k["smem_ok"] else " **over the limit**"
         lines.append(f"| sm_{k['arch']} | {k['kernel']} | {k['case']} | {k['num_warps']} | {k['num_stages']} | "
