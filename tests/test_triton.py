@@ -156,8 +156,9 @@ def test_a_config_the_gpu_refuses_is_shrunk_and_remembered(monkeypatch):
     cfg = KernelConfig("gemm", 64, 64, 64, 1, 4, 4)
     with pytest.warns(RuntimeWarning, match="does not fit"):
         got = tuning.launch_fitting(("k",), cfg, launch)
-    assert got == KernelConfig("gemm", 64, 64, 32, 1, 4, 1)
-    assert [c.num_stages for c in ran] == [4, 3, 2, 1, 1] and ran[-1].block_k == 32
+    # stages down to 2 first, then the K tile; a single stage only when the tiles cannot shrink
+    assert got == KernelConfig("gemm", 64, 64, 32, 1, 4, 2)
+    assert [(c.num_stages, c.block_k) for c in ran] == [(4, 64), (3, 64), (2, 64), (2, 32)]
     ran.clear()
     assert tuning.launch_fitting(("k",), cfg, launch) == got and ran == [got]
     def never(cfg):
@@ -165,13 +166,38 @@ def test_a_config_the_gpu_refuses_is_shrunk_and_remembered(monkeypatch):
 
     with pytest.warns(RuntimeWarning), pytest.raises(OutOfResources):
         tuning.launch_fitting(("other",), cfg, never)
+    assert tuning.shrink(KernelConfig("gemv", 1, 16, 32, 1, 4, 2)) == KernelConfig("gemv", 1, 16, 32, 1, 4, 1)
     assert tuning.shrink(KernelConfig("gemv", 1, 16, 32, 1, 4, 1)) is None
+
+
+def test_an_explicit_config_is_launched_as_given(monkeypatch):
+    """Benchmarks label timings with the config they pass: it must not be swapped for a fitted one."""
+    called = []
+    monkeypatch.setattr(tuning, "launch_fitting", lambda *a: called.append(a))
+    q = layer(4, 32, "plain")
+    fused_linear(torch.randn(2, K).half(), q.packed, KernelConfig("gemv", 2, 16, 32, split_k=1))
+    assert called == []
+    fused_linear(torch.randn(2, K).half(), q.packed)
+    assert len(called) == 1
 
 
 def test_block_k_must_hold_whole_runs():
     q = layer(4, 32, "plain")
-    with pytest.raises(ValueError, match="multiple of 32"):
-        fused_linear(torch.randn(2, K).half(), q.packed, KernelConfig("gemm", 16, 16, 16))
+    for bk in (16, 96):
+        with pytest.raises(ValueError, match="power of two >= 32"):
+            fused_linear(torch.randn(2, K).half(), q.packed, KernelConfig("gemm", 16, 16, bk))
+
+
+@pytest.mark.parametrize("path", ["gemv", "gemm"])
+@pytest.mark.parametrize("bits,branch", [(4, "all"), (3, "mixed"), (3, "all"), (2, "residual")])
+def test_k_tiles_of_several_runs(path, bits, branch):
+    """The CI configs use 32-column K tiles (one run each); the GPU tables use 64 and 128. Tiles of
+    2 and 4 runs at group 128 (the dequant unpacks each run of a tile from its own words)."""
+    q = layer(bits, 128, branch, n=160, k=300)
+    x = torch.randn(5, 300).half()
+    for bk in (64, 128):
+        cfg = KernelConfig(path, 4 if path == "gemv" else 16, 16, bk, split_k=2)
+        check(q, x, fused_linear(x, q.packed, cfg), path, f"W{bits} {branch} {path} block_k={bk}")
 
 
 @pytest.mark.parametrize("m,forced,which,paths", [

@@ -173,24 +173,41 @@ def _constexpr_text(fn, consts) -> str:
 # ---------------------------------------------------------------- what gets compiled
 
 
-def _layer(bits, group, *, mixed: bool, branches: bool, k: int = 512, n: int = 1024):
-    """A packed layer with every branch the kernels specialise on (or none). N = 1024 gives
-    mixed classes the 64-row alignment of real layers (pack.row_align_for), so the tiles are the
-    ones such layers get."""
+# Layers whose launches cover every specialization the kernels have: each code width's loop
+# (BITS 2/3/4), one to three bit classes, and every branch. Heavy-tailed weights, so the mixed
+# recipes really split into classes (checked below).
+LAYERS = {
+    #  name: (bits, group, mixed_bits, avg_bits, branches, expected class widths)
+    "w4g128": (4, 128, None, None, False, [4]),
+    "mixed3": (3, 64, (2, 3, 4), 3.0, False, [4, 2, 3]),
+    "mixed+all": (3, 64, (2, 3, 4), 3.5, True, [4, 3]),
+}
+FULL_LAYERS = {
+    "w3g32+all": (3, 32, None, None, True, [3]),
+    "w2g64": (2, 64, None, None, False, [2]),
+}
+
+
+def _layer(name: str, k: int = 512, n: int = 1024):
+    """A packed layer from LAYERS/FULL_LAYERS. N = 1024 gives mixed classes the 64-row alignment
+    of real layers (pack.row_align_for), so the tiles are the ones such layers get."""
     import torch
 
     from ..calibrate import calibrate
     from ..config import QuantConfig
+    from ..synthetic import heavy_tailed
 
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(n, k, generator=g)
-    kw = dict(bits=bits, group_size=group)
-    if mixed:
-        kw.update(mixed_bits=(2, 3, 4), avg_bits=3.0)
+    bits, group, mixed_bits, avg_bits, branches, classes = {**LAYERS, **FULL_LAYERS}[name]
+    w = heavy_tailed(n, k, seed=3, outlier_channels=8)
+    kw = dict(bits=bits, group_size=group, mixed_bits=mixed_bits, avg_bits=avg_bits)
     if branches:
         kw.update(residual=True, rank=8, outliers=0.002)
-    bias = torch.randn(n, generator=g) if branches else None
-    return calibrate(w, QuantConfig(**kw), bias=bias, method="rtn")
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(0)) if branches else None
+    pw = calibrate(w, QuantConfig(**kw), bias=bias, method="rtn")
+    if list(pw.class_bits) != classes:  # the cases would silently cover less than they claim
+        raise RuntimeError(f"bitfuse aot: layer {name} calibrated to classes {pw.class_bits}, "
+                           f"expected {classes}")
+    return pw
 
 
 def linear_cases(arch: int, full: bool):
@@ -198,42 +215,41 @@ def linear_cases(arch: int, full: bool):
     import torch
 
     from . import launch, tuning
+    from ..targets import PROFILES
 
     target = TARGET_BY_ARCH[arch]
-    from ..targets import PROFILES
     sms = PROFILES[target].sms
-    layers = {
-        "w4g128": _layer(4, 128, mixed=False, branches=False),
-        "mixed+all": _layer(4, 64, mixed=True, branches=True),
-    }
-    if full:
-        layers["w3g32+all"] = _layer(3, 32, mixed=False, branches=True)
-        layers["w2g64"] = _layer(2, 64, mixed=False, branches=False)
+    names = list(LAYERS) + (list(FULL_LAYERS) if full else [])
     cases = []
-    for lname, pw in layers.items():
-        bits, row1, row2, word1, word2 = launch.class_geometry(pw)
+    for lname in names:
+        pw = _layer(lname)
+        geo = launch.class_geometry(pw)
         for dtype in (torch.float16, torch.bfloat16):
-            for path in ("gemv", "gemm"):
+            # bf16 changes only the tl.dot operands: the GEMV path multiplies in fp32 either way.
+            for path in ("gemv", "gemm") if dtype == torch.float16 or full else ("gemm",):
                 cfgs = [(bound, cfg) for bound, cfg in tuning.TABLES[target][path]]
                 if full:
                     cfgs += [(min(bound, 1024), c) for bound, _ in cfgs for c in tuning.candidates(path, bound)]
                 done = set()
                 for bound, cfg in cfgs:
                     m = min(bound, 1024) if path == "gemm" else bound
-                    fitted = launch._fit(cfg, pw, m, row1, row2, sms)
+                    fitted = launch._fit(cfg, pw, m, geo[1], geo[2], sms)
                     if (fitted, m > 64) in done:
                         continue
                     done.add((fitted, m > 64))
 
-                    def thunk(pw=pw, dtype=dtype, m=m, fitted=fitted):
+                    # Everything the launch needs is bound now: the thunks run after the loop.
+                    def thunk(pw=pw, geo=geo, dtype=dtype, m=m, fitted=fitted):
                         x = torch.zeros(m, pw.in_features, dtype=dtype)
                         out = torch.empty(m, pw.out_features, dtype=dtype)
-                        launch._launch(x, pw, out, fitted, bits, row1, row2, word1, word2, False)
+                        launch._launch(x, pw, out, fitted, *geo, False)
                     cases.append((f"linear {lname} {str(dtype)[6:]} M={m} {_cfg_text(fitted)}", thunk))
     return cases
 
 
 def conv_cases(arch: int, full: bool):
+    """A 3×3 conv (mixed classes, every branch) with every table config, NCHW input, plus
+    channels-last input (the other A-tile order) at the largest tile."""
     import torch
 
     from . import conv_launch, launch, tuning
@@ -242,22 +258,25 @@ def conv_cases(arch: int, full: bool):
     target = TARGET_BY_ARCH[arch]
     sms = PROFILES[target].sms
     cases = []
-    pw = _layer(4, 64, mixed=True, branches=True, k=9 * 64)
-    bits, row1, row2, word1, word2 = launch.class_geometry(pw)
+    pw = _layer("mixed+all", k=9 * 64)
+    geo = launch.class_geometry(pw)
     for dtype in (torch.float16, torch.bfloat16):
-        for path, hw in (("gemv", 2), ("gemm", 16)):
-            for bound, cfg in tuning.TABLES[target][path]:
-                x = torch.zeros(1, 64, hw, hw, dtype=dtype)
-                m = hw * hw
-                fitted = launch._fit(cfg, pw, m, row1, row2, sms)
-                geom = ((3, 3), (1, 1), (1, 1), (1, 1), hw, hw)
+        for path in ("gemv", "gemm") if dtype == torch.float16 else ("gemm",):  # bf16 matters to tl.dot
+            table = tuning.TABLES[target][path]
+            for i, (bound, cfg) in enumerate(table):
+                m = min(bound, 1024)
+                layouts = ("nchw", "channels_last") if path == "gemm" and i == len(table) - 1 else ("nchw",)
+                for layout in layouts:
+                    x = torch.zeros(1, 64, 1, m, dtype=dtype)  # a 1 × m image: M = m output pixels
+                    if layout == "channels_last":
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    fitted = launch._fit(cfg, pw, m, geo[1], geo[2], sms)
+                    geom = ((3, 3), (1, 1), (1, 1), (1, 1), 1, m)
 
-                def thunk(x=x, fitted=fitted, geom=geom, n=pw.out_features):
-                    out = torch.empty(1, geom[4], geom[5], n, dtype=x.dtype)
-                    conv_launch._launch(x, pw, out, fitted, bits, row1, row2, word1, word2, geom, False)
-                cases.append((f"conv3x3 mixed+all {str(dtype)[6:]} M={m} {_cfg_text(fitted)}", thunk))
-                if not full:
-                    break
+                    def thunk(x=x, fitted=fitted, geom=geom):
+                        out = torch.empty(1, geom[4], geom[5], pw.out_features, dtype=x.dtype)
+                        conv_launch._launch(x, pw, out, fitted, *geo, geom, False)
+                    cases.append((f"conv3x3 mixed+all {layout} {str(dtype)[6:]} M={m} {_cfg_text(fitted)}", thunk))
     return cases
 
 
@@ -353,6 +372,32 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _check_in_processes(archs: List[int], args) -> dict:
+    """check() with the archs split over args.jobs child processes (ptxas and triton's passes are
+    single-threaded), merged into one report."""
+    t0 = time.time()
+    jobs = min(args.jobs, len(archs))
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        for j in range(jobs):
+            part = archs[j::jobs]
+            out = os.path.join(tmp, f"{j}.json")
+            cmd = [sys.executable, "-m", "bitfuse.kernels.aot", "--arch", ",".join(map(str, part)),
+                   "--families", args.families, "--json", out, "--quiet"] + (["--full"] if args.full else [])
+            procs.append((subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), out))
+        parts = []
+        for proc, out in procs:
+            _, err = proc.communicate()
+            if not os.path.exists(out):
+                raise RuntimeError(f"bitfuse aot: a child process failed (rc {proc.returncode}):\n{err[-4000:]}")
+            with open(out) as f:
+                parts.append(json.load(f))
+    report = dict(parts[0], archs=archs, seconds=round(time.time() - t0, 1))
+    for key in ("kernels", "errors", "smem_over", "local_memory"):
+        report[key] = [item for part in parts for item in part[key]]
+    return report
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bitfuse.kernels.aot", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="86,87,89,90", help="comma-separated: 86,87,89,90")
@@ -360,11 +405,15 @@ def main(argv=None) -> int:
     p.add_argument("--families", default="linear,conv,hbp")
     p.add_argument("--json", help="write the report here")
     p.add_argument("--markdown", help="write a table here")
+    p.add_argument("--jobs", type=int, default=1, help="compile the archs in this many processes")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     archs = [int(a) for a in args.arch.split(",") if a]
-    prog = None if args.quiet else (lambda arch, label: print(f"sm_{arch}: {label}", file=sys.stderr, flush=True))
-    report = check(archs, args.full, tuple(args.families.split(",")), prog)
+    if args.jobs > 1 and len(archs) > 1:
+        report = _check_in_processes(archs, args)
+    else:
+        prog = None if args.quiet else (lambda arch, label: print(f"sm_{arch}: {label}", file=sys.stderr, flush=True))
+        report = check(archs, args.full, tuple(args.families.split(",")), prog)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

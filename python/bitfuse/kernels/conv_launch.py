@@ -121,23 +121,26 @@ def conv2d_implicit(x: torch.Tensor, pw: PackedWeight, kernel_size, stride=1, pa
     def launch(cfg: KernelConfig) -> None:
         _launch(x, pw, out, _fit(cfg, pw, m, row1, row2, sms), bits, row1, row2, word1, word2, geom, interp)
 
-    if config is None:
-        path = tuning.choose_path(m, target)
-        if interp:
-            config = INTERPRETER_GEMM if path == "gemm" else tuning.INTERPRETER[path]
-        elif os.environ.get("BITFUSE_AUTOTUNE", "0") == "1" and x.device.type == "cuda":
-            key = "|".join(map(str, ("conv2d", torch.cuda.get_device_name(x.device), triton.__version__,
-                                     path, tuning.m_bucket(m), n, pw.in_features, geom[:4],
-                                     x.is_contiguous(), pw.group_size, bits, x.dtype, pw.rank > 0,
-                                     pw.res_plane is not None)))
-            from triton.testing import do_bench
-            config = tuning.autotune(key, tuning.candidates(path, m), launch,
-                                     lambda fn: do_bench(fn, warmup=5, rep=20))
-        else:
-            config = tuning.table_config(path, m, target)
-    key = ("conv2d", x.device, x.dtype, geom[:4], x.stride(3) == 1, tuple(pw.class_bits), pw.group_size,
-           pw.perm is not None, pw.res_plane is not None, pw.rank, pw.sp_values is not None, pw.bias is not None)
-    tuning.launch_fitting(key, config, launch)
+    if config is not None:  # as given (benchmarks and tests time or check exactly this config)
+        launch(config)
+        return out
+    path = tuning.choose_path(m, target)
+    if interp:
+        config = INTERPRETER_GEMM if path == "gemm" else tuning.INTERPRETER[path]
+    elif os.environ.get("BITFUSE_AUTOTUNE", "0") == "1" and x.device.type == "cuda":
+        key = "|".join(map(str, ("conv2d", torch.cuda.get_device_name(x.device), triton.__version__,
+                                 path, tuning.m_bucket(m), n, pw.in_features, geom[:4],
+                                 x.is_contiguous(), pw.group_size, bits, x.dtype, pw.rank > 0,
+                                 pw.res_plane is not None)))
+        from triton.testing import do_bench
+        config = tuning.autotune(key, tuning.candidates(path, m), launch,
+                                 lambda fn: do_bench(fn, warmup=5, rep=20))
+    else:
+        config = tuning.table_config(path, m, target)
+    key = ("conv2d", x.device, x.dtype, geom, x.stride(3) == 1, n, pw.in_features, tuple(pw.class_bits),
+           tuple(pw.class_rows), pw.group_size, pw.perm is not None, pw.res_plane is not None, pw.rank,
+           pw.sp_values is not None, pw.bias is not None)
+    tuning.launch_fitting(key, _fit(config, pw, m, row1, row2, sms), launch)
     return out
 
 

@@ -36,10 +36,13 @@ GEMV_MAX_M = {"orin": 8, "rtx30": 8, "rtx40": 8, "h100": 8, "cpu": 8}
 CROSSOVER_MAX_M = 32
 
 # (M upper bound, config) per target; the first bucket whose bound is >= M applies.
+# The 64×64×64 bucket uses 8 warps: with 4, a mixed-class layer with every branch compiled to
+# 240-255 registers a thread (triton 3.4, 3.6; spills for the conv kernel under 3.4), with 8 to
+# about 128 (AOT check, benchmarks/results/compile/).
 _GEMM = [
     (16, KernelConfig("gemm", 16, 64, 64, split_k=0, num_warps=4, num_stages=3)),
     (64, KernelConfig("gemm", 32, 64, 64, split_k=0, num_warps=4, num_stages=3)),
-    (256, KernelConfig("gemm", 64, 64, 64, num_warps=4, num_stages=3)),
+    (256, KernelConfig("gemm", 64, 64, 64, num_warps=8, num_stages=3)),
     (1 << 62, KernelConfig("gemm", 128, 128, 32, num_warps=8, num_stages=3)),
 ]
 # sm_86/sm_89 have 100 KB of shared memory per SM: 2 stages at M <= 256 keep 2+ blocks resident.
@@ -49,7 +52,7 @@ _GEMM = [
 _GEMM_SMALL_SMEM = [
     (16, KernelConfig("gemm", 16, 64, 64, split_k=0, num_warps=4, num_stages=3)),
     (64, KernelConfig("gemm", 32, 64, 64, split_k=0, num_warps=4, num_stages=3)),
-    (256, KernelConfig("gemm", 64, 64, 64, num_warps=4, num_stages=2)),
+    (256, KernelConfig("gemm", 64, 64, 64, num_warps=8, num_stages=2)),
     (1 << 62, KernelConfig("gemm", 128, 128, 32, num_warps=8, num_stages=3)),
 ]
 _GEMV = [
@@ -197,11 +200,11 @@ def autotune(key: str, cands: List[KernelConfig], run: Callable[[KernelConfig], 
 
 
 def shrink(cfg: KernelConfig) -> Optional[KernelConfig]:
-    """The next config needing less shared memory: one pipeline stage fewer, then half the K
-    tile (down to one 32-column run, the dequant's unit), then half the N tile, then half the M
-    tile; None when nothing is left to shrink."""
+    """The next config needing less shared memory: pipeline stages down to 2, then half the K
+    tile (down to one 32-column run, the dequant's unit), half the N tile, half the M tile, and
+    only then a single stage (no pipelining at all); None when nothing is left to shrink."""
     min_m = 16 if cfg.path == "gemm" else 1
-    if cfg.num_stages > 1:
+    if cfg.num_stages > 2:
         return replace(cfg, num_stages=cfg.num_stages - 1)
     if cfg.block_k > 32:
         return replace(cfg, block_k=cfg.block_k // 2)
@@ -209,6 +212,8 @@ def shrink(cfg: KernelConfig) -> Optional[KernelConfig]:
         return replace(cfg, block_n=cfg.block_n // 2)
     if cfg.block_m > min_m:
         return replace(cfg, block_m=cfg.block_m // 2)
+    if cfg.num_stages > 1:
+        return replace(cfg, num_stages=1)
     return None
 
 
@@ -217,10 +222,11 @@ _FITTED: Dict[tuple, KernelConfig] = {}
 
 def launch_fitting(key: tuple, cfg: KernelConfig, launch: Callable[[KernelConfig], None]) -> KernelConfig:
     """launch(cfg), or, when the GPU refuses it for lack of shared memory (triton raises
-    OutOfResources before anything runs), the largest `shrink` of it that launches. The tables
-    are checked to fit every target arch ahead of time (kernels/aot.py, in CI), so this only
-    triggers on a triton version or GPU that check did not see; the fitted config is remembered
-    per (key, cfg) and a warning says so once. Returns the config that ran."""
+    OutOfResources before anything runs), the first `shrink` of it that launches. cfg should be
+    already fitted to the layer (launch._fit), so every shrink step changes the kernel. The
+    tables are checked to fit every target arch ahead of time (kernels/aot.py, in CI), so this
+    only triggers on a triton version or GPU that check did not see; the config that ran is
+    remembered per (key, cfg), with one warning. Returns the config that ran."""
     from triton.runtime.errors import OutOfResources
 
     tried = _FITTED.get((key, cfg), cfg)
@@ -232,9 +238,9 @@ def launch_fitting(key: tuple, cfg: KernelConfig, launch: Callable[[KernelConfig
             smaller = shrink(tried)
             if smaller is None:
                 raise
-            if (key, cfg) not in _FITTED:
+            if tried == cfg:
                 import warnings
-                warnings.warn(f"bitfuse triton: {tried} does not fit this GPU ({e}); trying smaller tiles",
+                warnings.warn(f"bitfuse triton: {cfg} does not fit this GPU ({e}); using smaller tiles",
                               RuntimeWarning, stacklevel=3)
             tried = smaller
     if tried != cfg:
