@@ -188,6 +188,20 @@ def test_block_k_must_hold_whole_runs():
             fused_linear(torch.randn(2, K).half(), q.packed, KernelConfig("gemm", 16, 16, bk))
 
 
+@pytest.mark.parametrize("table", ["h100", "rtx30"])
+@pytest.mark.parametrize("path", ["gemv", "gemm"])
+def test_every_gpu_table_config_under_the_interpreter(table, path):
+    """The configs a GPU launches (the tables per target; orin shares h100's, rtx40 rtx30's), not
+    only the interpreter's small ones: real tile sizes, split-K from the grid, 8 warps, N tiles
+    clipped at mixed-class boundaries (N = 1088 gives the 64-row class alignment of real layers)."""
+    q = layer(4, 64, "all", n=1088, k=300)
+    assert q.class_rows[0] % 128 == 64  # a 128-row N tile must be clipped there
+    for bound, cfg in tuning.TABLES[table][path]:
+        m = bound if path == "gemv" else min(bound, 70)
+        x = torch.randn(m, 300, generator=torch.Generator().manual_seed(m)).half()
+        check(q, x, fused_linear(x, q.packed, cfg), path, f"{table} {cfg} M={m}")
+
+
 @pytest.mark.parametrize("path", ["gemv", "gemm"])
 @pytest.mark.parametrize("bits,branch", [(4, "all"), (3, "mixed"), (3, "all"), (2, "residual")])
 def test_k_tiles_of_several_runs(path, bits, branch):
