@@ -173,6 +173,21 @@ def test_paths_and_split_k(config):
     check(q, x, y1, f"{config}", gemm=config is not None and config.path == "gemm")
 
 
+@pytest.mark.parametrize("table,channels_last", [("h100", False), ("rtx30", True)])
+def test_every_gpu_table_gemm_config_under_the_interpreter(table, channels_last):
+    """The GEMM configs a GPU launches (not only the interpreter's): 16- to 128-row M tiles of
+    gathered pixels, 64/128-column N tiles clipped at a class boundary at row 320 (not a multiple
+    of 128), K tiles of 32 and 64 over a 3×3 × 40-channel K, 8 warps, every branch; one input
+    layout per table (both layouts are covered at the small configs above)."""
+    from bitfuse.kernels import tuning
+
+    q = random_conv(384, 40, 3, classes=((3, 320), (4, None)), group=64, residual=True, rank=4,
+                    nnz=60, bias=True, padding=1, seed=11)
+    x = image(1, 40, 5, 26, channels_last=channels_last)  # M = 130: partial tiles of every size
+    for _, cfg in tuning.TABLES[table]["gemm"]:
+        check(q, x, run(q, x, cfg), f"{table} {cfg}")
+
+
 def test_module_forward_runs_the_implicit_gemm(monkeypatch):
     """BITFUSE_BACKEND=triton: QuantConv2d (calibrated from an nn.Conv2d) takes the implicit GEMM
     for k×k convs, returns NCHW-shaped channels-last output; the torch path stays im2col."""
