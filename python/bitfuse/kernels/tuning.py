@@ -98,11 +98,16 @@ def m_bucket(m: int) -> int:
 
 def candidates(path: str, m: int) -> List[KernelConfig]:
     """What the autotuner tries for one M bucket."""
+    # Pruned by the AOT compile check (triton 3.6, sm_86/90, every candidate): GEMV tiles whose
+    # broadcast product holds more than 128 fp32 values a thread, and 128-row GEMM tiles on 4
+    # warps, spilled registers (up to 4 KB of stack a thread); they are not worth timing.
     out = []
     if path == "gemv":
         bm = min(8, m_bucket(m))
         for bn in (32, 64, 128):
             for bk in (32, 64, 128):
+                if bm * bn * bk > 128 * 128:
+                    continue
                 for sk in (0, 1, 4):
                     out.append(KernelConfig("gemv", bm, bn, bk, split_k=sk))
     else:
@@ -110,7 +115,7 @@ def candidates(path: str, m: int) -> List[KernelConfig]:
         for bm in bms:
             for bn in (64, 128):
                 for bk in (32, 64):
-                    for warps, stages in ((4, 3), (8, 3), (4, 4)):
+                    for warps, stages in ((8, 3), (8, 4)) if bm == 128 else ((4, 3), (8, 3), (4, 4)):
                         out.append(KernelConfig("gemm", bm, bn, bk, num_warps=warps, num_stages=stages))
     return out
 
