@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Dict, Iterator, List, Optional
 
 # Per-block dynamic shared memory opt-in limit (bytes), CUDA C Programming Guide, "Technical
