@@ -34,7 +34,12 @@ from typing import Dict, Iterator, List, Optional
 # Per-block dynamic shared memory opt-in limit (bytes), CUDA C Programming Guide, "Technical
 # Specifications per Compute Capability": 8.6/8.9 → 99 KB, 8.7 → 163 KB, 9.0 → 227 KB.
 SMEM_OPTIN = {86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
-TARGET_BY_ARCH = {86: "rtx30", 87: "orin", 89: "rtx40", 90: "h100"}
+
+def _target(arch: int) -> str:
+    """The target profile whose config tables a GPU of this arch gets (launch.target_for)."""
+    from .launch import _TARGET_BY_CAPABILITY
+    return _TARGET_BY_CAPABILITY[divmod(arch, 10)]
+
 
 
 @dataclass
@@ -217,7 +222,7 @@ def linear_cases(arch: int, full: bool):
     from . import launch, tuning
     from ..targets import PROFILES
 
-    target = TARGET_BY_ARCH[arch]
+    target = _target(arch)
     sms = PROFILES[target].sms
     names = list(LAYERS) + (list(FULL_LAYERS) if full else [])
     cases = []
@@ -255,7 +260,7 @@ def conv_cases(arch: int, full: bool):
     from . import conv_launch, launch, tuning
     from ..targets import PROFILES
 
-    target = TARGET_BY_ARCH[arch]
+    target = _target(arch)
     sms = PROFILES[target].sms
     cases = []
     pw = _layer("mixed+all", k=9 * 64)
@@ -290,14 +295,13 @@ def hbp_cases(arch: int, full: bool):
     cases = []
     # Narrow column tiles, so rows span several tiles and the split-row reduction kernel runs too.
     a = sp.random(200, 300, density=0.05, format="csr", random_state=0)
-    for vdtype, xdtype in ((torch.float16, torch.float16), (torch.float32, torch.float32),
-                           (torch.float64, torch.float64)):
-        h = HBPMatrix.from_scipy(a, dtype=vdtype, tile_cols=64)
+    for dtype in (torch.float16, torch.float32, torch.float64):  # x has the matrix's dtype
+        h = HBPMatrix.from_scipy(a, dtype=dtype, tile_cols=64)
         for m in (1, 8):
-            def thunk(h=h, m=m, xdtype=xdtype):
-                x = torch.zeros(h.shape[1], m, dtype=xdtype)
+            def thunk(h=h, m=m, dtype=dtype):
+                x = torch.zeros(h.shape[1], m, dtype=dtype)
                 hbp.hbp_spmm(h.device_arrays(), x, h.shape, h.tile_shape[1])
-            cases.append((f"hbp {str(vdtype)[6:]} m={m}", thunk))
+            cases.append((f"hbp {str(dtype)[6:]} m={m}", thunk))
     return cases
 
 

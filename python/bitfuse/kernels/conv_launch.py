@@ -18,7 +18,8 @@ from ..reference import sparse_coo
 from . import tuning
 from .conv2d import conv2d_kernel, conv_lowrank_down_kernel
 from .fused_linear import splitk_epilogue_kernel
-from .launch import _DOT_DTYPES, _fit, _next_pow2, _or, class_geometry, interpreting, target_for
+from .launch import (_DOT_DTYPES, _fit, _next_pow2, _or, class_geometry, interpreting, layer_signature,
+                     target_for)
 from .tuning import KernelConfig
 
 _INT32_MAX = 2**31 - 1
@@ -118,8 +119,11 @@ def conv2d_implicit(x: torch.Tensor, pw: PackedWeight, kernel_size, stride=1, pa
     interp = interpreting()
     geom = (ks, st, pd, dl, ho, wo)
 
+    def run(fitted: KernelConfig) -> None:
+        _launch(x, pw, out, fitted, bits, row1, row2, word1, word2, geom, interp)
+
     def launch(cfg: KernelConfig) -> None:
-        _launch(x, pw, out, _fit(cfg, pw, m, row1, row2, sms), bits, row1, row2, word1, word2, geom, interp)
+        run(_fit(cfg, pw, m, row1, row2, sms))
 
     if config is not None:  # as given (benchmarks and tests time or check exactly this config)
         launch(config)
@@ -137,10 +141,8 @@ def conv2d_implicit(x: torch.Tensor, pw: PackedWeight, kernel_size, stride=1, pa
                                  lambda fn: do_bench(fn, warmup=5, rep=20))
     else:
         config = tuning.table_config(path, m, target)
-    key = ("conv2d", x.device, x.dtype, geom, x.stride(3) == 1, n, pw.in_features, tuple(pw.class_bits),
-           tuple(pw.class_rows), pw.group_size, pw.perm is not None, pw.res_plane is not None, pw.rank,
-           pw.sp_values is not None, pw.bias is not None)
-    tuning.launch_fitting(key, _fit(config, pw, m, row1, row2, sms), launch)
+    tuning.launch_fitting(("conv2d", x.device, x.dtype, geom, x.stride(3) == 1) + layer_signature(pw),
+                          _fit(config, pw, m, row1, row2, sms), run)
     return out
 
 

@@ -58,6 +58,13 @@ def class_geometry(pw: PackedWeight):
     return bits, row_starts[1], row_starts[2], word_starts[1], word_starts[2]
 
 
+def layer_signature(pw: PackedWeight) -> tuple:
+    """What makes two layers compile to the same kernels and tiles (the fitted-config cache key)."""
+    return (pw.out_features, pw.in_features, tuple(pw.class_bits), tuple(pw.class_rows), pw.group_size,
+            pw.perm is not None, pw.res_plane is not None, pw.rank, pw.sp_values is not None,
+            pw.bias is not None)
+
+
 def _fit(cfg: KernelConfig, pw: PackedWeight, m: int, row1: int, row2: int, sms: int) -> KernelConfig:
     """Adapt a table config to this layer: tiles that respect groups and class boundaries."""
     if cfg.block_k < 32 or cfg.block_k & (cfg.block_k - 1):
@@ -109,8 +116,11 @@ def fused_linear(x: torch.Tensor, pw: PackedWeight, config: Optional[KernelConfi
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     interp = interpreting()
 
+    def run(fitted: KernelConfig) -> None:
+        _launch(x, pw, out, fitted, bits, row1, row2, word1, word2, interp)
+
     def launch(cfg: KernelConfig) -> None:
-        _launch(x, pw, out, _fit(cfg, pw, m, row1, row2, sms), bits, row1, row2, word1, word2, interp)
+        run(_fit(cfg, pw, m, row1, row2, sms))
 
     if config is not None:  # as given (benchmarks and tests time or check exactly this config)
         launch(config)
@@ -127,9 +137,9 @@ def fused_linear(x: torch.Tensor, pw: PackedWeight, config: Optional[KernelConfi
         config = tuning.autotune(key, cands, launch, lambda fn: do_bench(fn, warmup=5, rep=20))
     else:
         config = tuning.table_config(path, m, target)
-    key = ("linear", x.device, x.dtype, n, k, tuple(pw.class_bits), tuple(pw.class_rows), pw.group_size,
-           pw.perm is not None, pw.res_plane is not None, pw.rank, pw.sp_values is not None, pw.bias is not None)
-    tuning.launch_fitting(key, _fit(config, pw, m, row1, row2, sms), launch)
+    # Shrinking a fitted config keeps it fitted (powers of two, never larger), so no refit.
+    tuning.launch_fitting(("linear", x.device, x.dtype) + layer_signature(pw),
+                          _fit(config, pw, m, row1, row2, sms), run)
     return out
 
 

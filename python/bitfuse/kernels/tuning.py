@@ -15,6 +15,8 @@ import threading
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
+from triton.runtime.errors import OutOfResources
+
 
 @dataclass(frozen=True)
 class KernelConfig:
@@ -232,8 +234,6 @@ def launch_fitting(key: tuple, cfg: KernelConfig, launch: Callable[[KernelConfig
     tables are checked to fit every target arch ahead of time (kernels/aot.py, in CI), so this
     only triggers on a triton version or GPU that check did not see; the config that ran is
     remembered per (key, cfg), with one warning. Returns the config that ran."""
-    from triton.runtime.errors import OutOfResources
-
     tried = _FITTED.get((key, cfg), cfg)
     while True:
         try:
