@@ -122,3 +122,11 @@ def test_compile_only_refuses_interpreted_kernels():
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         with aot.compile_only(90, [], [""]):
             pass
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--arch", "80"], "--arch must name some of"), (["--arch", "sm90"], "comma-separated numbers"),
+    (["--families", "linear,gemv"], "--families must name some of")])
+def test_bad_arguments_are_refused_with_the_choices(tmp_path, args, message):
+    r = _run(["-m", "bitfuse.kernels.aot", *args], tmp_path, timeout=300)
+    assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]

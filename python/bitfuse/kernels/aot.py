@@ -305,6 +305,9 @@ def hbp_cases(arch: int, full: bool):
     return cases
 
 
+FAMILIES = ("linear", "conv", "hbp")
+
+
 def _cfg_text(cfg) -> str:
     return (f"{cfg.path} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} split={cfg.split_k} "
             f"w={cfg.num_warps} s={cfg.num_stages}")
@@ -316,6 +319,7 @@ def check(archs: List[int], full: bool = False, families=("linear", "conv", "hbp
     import triton
 
     makers = {"linear": linear_cases, "conv": conv_cases, "hbp": hbp_cases}
+    assert tuple(makers) == FAMILIES
     record: List[CompiledInfo] = []
     errors = []
     t0 = time.time()
@@ -412,12 +416,22 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="compile the archs in this many processes")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    archs = [int(a) for a in args.arch.split(",") if a]
+    try:
+        archs = [int(a) for a in args.arch.split(",") if a]
+    except ValueError:
+        p.error(f"--arch takes comma-separated numbers such as 86,90, got {args.arch!r}")
+    if not archs or set(archs) - set(SMEM_OPTIN):
+        p.error(f"--arch must name some of {sorted(SMEM_OPTIN)}, got {args.arch!r}")
+    families = tuple(f for f in args.families.split(",") if f)
+    if not families or set(families) - set(FAMILIES):
+        p.error(f"--families must name some of {','.join(FAMILIES)}, got {args.families!r}")
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        p.error("unset TRITON_INTERPRET: kernels defined under the interpreter cannot be compiled")
     if args.jobs > 1 and len(archs) > 1:
         report = _check_in_processes(archs, args)
     else:
         prog = None if args.quiet else (lambda arch, label: print(f"sm_{arch}: {label}", file=sys.stderr, flush=True))
-        report = check(archs, args.full, tuple(args.families.split(",")), prog)
+        report = check(archs, args.full, families, prog)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
