@@ -384,6 +384,41 @@ def test_gptq_round_matches_the_obs_math():
     assert torch.equal(allx.target, w)
 
 
+def test_gptq_act_order():
+    gptq = __import__("importlib").import_module("bitfuse.calibrate.gptq")
+    torch.manual_seed(1)
+    rows, k, g = 16, 96, 32
+    w = torch.randn(rows, k)
+    # each group its own grid: a sweep that looked up the group by sweep position would misround
+    scales = torch.tensor([0.25, 0.5, 1.0], dtype=torch.float16).repeat(rows, 1)
+    zeros = torch.tensor([-0.875, -1.75, -3.5], dtype=torch.float16).repeat(rows, 1)
+    qmax = torch.full((rows,), 7.0)
+    h = torch.diag(torch.rand(k) + 0.5)  # decoupled columns: any order is nearest rounding
+    order = gptq.sweep_order(h, "act")
+    assert torch.equal(h.diagonal()[order], h.diagonal().sort(descending=True).values)
+    res = gptq.gptq_round(w, gptq.inverse_hessian_factor(h, order=order), scales, zeros, qmax, g,
+                          order=order)
+    s, z = scales.float().repeat_interleave(g, 1), zeros.float().repeat_interleave(g, 1)
+    assert torch.equal(res.codes, torch.clamp(torch.round((w - z) / s), 0, 7).to(torch.uint8))
+    assert torch.equal(res.target, w)
+    # a coupled H: the act-order sweep is the natural sweep of the permuted problem, unpermuted
+    x = correlated_activations(400, k, seed=3)
+    hc = ActivationStats.from_tensor(x, k).hessian()
+    order = gptq.sweep_order(hc, "act")
+    assert not torch.equal(order, torch.arange(k))
+    got = gptq.gptq_round(w, gptq.inverse_hessian_factor(hc, order=order), scales, zeros, qmax, g,
+                          order=order)
+    perm_w, back = w[:, order], torch.argsort(order)
+    # the permuted problem has one group per column (its grid gathered by the column's group)
+    s_cols, z_cols = scales.repeat_interleave(g, 1)[:, order], zeros.repeat_interleave(g, 1)[:, order]
+    want = gptq.gptq_round(perm_w, gptq.inverse_hessian_factor(hc[order][:, order]), s_cols, z_cols,
+                           qmax, 1)
+    assert torch.equal(got.codes, want.codes[:, back])
+    assert gptq.sweep_order(hc, "natural") is None
+    with pytest.raises(ValueError, match="gptq_order must be one of"):
+        calibrate(w, QuantConfig(bits=3, group_size=32), activations=x, rounding="gptq", gptq_order="random")
+
+
 def test_gptq_needs_the_full_hessian(small):
     w, x, _, _ = small
     cfg = QuantConfig(bits=3, group_size=64)
@@ -534,3 +569,17 @@ def test_gptq_layers_without_calibration_data_fall_back_to_nearest(small, caplog
     assert torch.equal(model[0].packed.qweight, calibrate(w, cfg, activations=x, rounding="gptq").qweight)
     assert torch.equal(model[2].packed.qweight, calibrate(w.t().contiguous(), cfg).qweight)
     assert "1 layer(s) without calib_data were rounded to nearest: 2" in caplog.text
+
+
+@pytest.mark.parametrize("method", ["rtn", "search"])
+def test_fitted_group_is_smaller_and_more_accurate(method):
+    # K = 320 pads to 384 at g128; fitted to g64 the layer stores fewer bits and its groups are
+    # finer, so the weight error cannot grow.
+    w = heavy_tailed(64, 320, seed=3)
+    fitted = calibrate(w, QuantConfig(bits=4, group_size=128), method=method)
+    padded = calibrate(w, QuantConfig(bits=4, group_size=128, fit_group=False), method=method)
+    assert (fitted.group_size, padded.group_size) == (64, 128)
+    assert fitted.bpw < padded.bpw
+    err = lambda pw: float((reference.dequantize(pw) - w).square().sum())  # noqa: E731
+    assert err(fitted) < err(padded)
+    assert fitted.config["group_size"] == 128 and fitted.config["fit_group"] is True

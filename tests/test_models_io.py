@@ -74,10 +74,20 @@ def test_quantize_dit_save_load(tmp_path):
 def test_small_layers_are_skipped_with_a_log_line(caplog):
     dit = tiny_dit()
     with caplog.at_level(logging.INFO, logger="bitfuse"):
-        bitfuse.quantize_(dit, QuantConfig(bits=4, group_size=128))
+        bitfuse.quantize_(dit, QuantConfig(bits=4, group_size=128, fit_group=False))
     assert "skipping" in caplog.text and "too small to gain" in caplog.text
     assert isinstance(dit.transformer_blocks[0].ff.net[2], QuantLinear)       # 256 inputs
     assert isinstance(dit.transformer_blocks[0].attn1.to_q, torch.nn.Linear)  # 64 < 128 inputs
+    # With the group fitted to K (the default), the 64-input layers are one g64 group wide.
+    dit = tiny_dit()
+    bitfuse.quantize_(dit, QuantConfig(bits=4, group_size=128))
+    q = dit.transformer_blocks[0].attn1.to_q
+    assert isinstance(q, QuantLinear) and q.group_size == 64 and q.config["group_size"] == 128
+    # Narrower than the smallest group is still too small.
+    model = torch.nn.Sequential(torch.nn.Linear(24, 64))
+    with caplog.at_level(logging.INFO, logger="bitfuse"):
+        bitfuse.quantize_(model, QuantConfig(bits=4, group_size=32))
+    assert isinstance(model[0], torch.nn.Linear) and "in_features=24 < group_size=32" in caplog.text
 
 
 def test_filter_fn_and_calib_data():

@@ -115,3 +115,30 @@ def test_padded_k():
     assert pack.padded_k(200, 64) == 256 and pack.padded_k(256, 64) == 256 and pack.padded_k(1, 32) == 32
     with pytest.raises(pack.PackError):
         pack.padded_k(0, 32)
+
+
+@given(k=st.integers(1, 5000), g=st.sampled_from([32, 64, 128]), bits=st.sampled_from([2, 3, 4]))
+def test_fitted_group_size_stores_fewest_bits(k, g, bits):
+    def stored(gg):  # code bits over k_pad + one fp16 scale and one fp16 offset per group
+        kp = pack.padded_k(k, gg)
+        return kp * bits + 32 * (kp // gg)
+
+    f = pack.fitted_group_size(k, g, bits)
+    smaller_or_equal = [gg for gg in (32, 64, 128) if gg <= g]
+    assert f in smaller_or_equal
+    assert stored(f) == min(stored(gg) for gg in smaller_or_equal)
+    assert stored(f) <= stored(g)
+    if k % g == 0:
+        assert f == g  # no padding to save: a smaller group only adds scale pairs
+
+
+def test_fitted_group_size_examples():
+    # SD1.5's 320-channel layers pad to 384 at g128; g64 fits exactly and stores fewer bits.
+    assert pack.fitted_group_size(320, 128, 4) == 64
+    assert pack.fitted_group_size(64, 128, 4) == 64
+    assert pack.fitted_group_size(96, 128, 3) == 32
+    assert pack.fitted_group_size(1152, 128, 4) == 128
+    # K = 960 at 2-bit: 1024 codes + 8 pairs (2304 bits) beat 960 codes + 15 pairs (2400 bits).
+    assert pack.fitted_group_size(960, 128, 2) == 128 and pack.fitted_group_size(960, 128, 4) == 64
+    with pytest.raises(pack.PackError, match="group size must be one of"):
+        pack.fitted_group_size(64, 48, 4)

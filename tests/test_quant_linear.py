@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import bitfuse
-from bitfuse import QuantConfig, QuantLinear, reference
+from bitfuse import QuantConfig, QuantLinear, pack, reference
 from _tolerance import assert_within, branch_magnitudes, matmul_bound
 from synthetic import heavy_tailed, linear_from
 
@@ -191,13 +191,17 @@ from hypothesis import strategies as st  # noqa: E402
 @given(n=st.integers(1, 70), k=st.integers(1, 150), bits=st.sampled_from([2, 3, 4]),
        g=st.sampled_from([32, 64, 128]), residual=st.sampled_from([False, True, 0.3]),
        rank=st.integers(0, 3), outliers=st.sampled_from([0.0, 0.02]), m=st.integers(1, 4),
-       seed=st.integers(0, 10_000))
-def test_odd_shapes_pad_and_match(n, k, bits, g, residual, rank, outliers, m, seed):
+       seed=st.integers(0, 10_000), fit_group=st.booleans())
+def test_odd_shapes_pad_and_match(n, k, bits, g, residual, rank, outliers, m, seed, fit_group):
     torch.manual_seed(seed)
     lin = torch.nn.Linear(k, n)
-    cfg = QuantConfig(bits=bits, group_size=g, residual=residual, rank=rank, outliers=outliers)
+    cfg = QuantConfig(bits=bits, group_size=g, residual=residual, rank=rank, outliers=outliers,
+                      fit_group=fit_group)
     q = QuantLinear.from_linear(lin, cfg)
-    assert q.packed.k_pad % g == 0 and q.packed.k_pad >= k
+    # The layer's group is the one asked for, or (fit_group) a smaller one storing fewer bits.
+    assert q.group_size == (pack.fitted_group_size(k, g, bits) if fit_group else g) <= g
+    assert q.packed.k_pad % q.group_size == 0 and q.packed.k_pad >= k
+    assert q.config["group_size"] == g  # the checkpoint keeps the recipe as asked
     W = q.dequantize()
     assert W.shape == (n, k)
     # the quantized weight stays within one quantization step (plus the branches) of the float one

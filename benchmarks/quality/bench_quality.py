@@ -74,11 +74,14 @@ def hqq_dequantize(quantizer, w: torch.Tensor, bits: int, group_size: int):
     proximal L_p (p = 0.7) objective on the weights alone, data-free. Groups run along the input
     dimension (axis=1), as bitfuse's do. Scale and zero are then rounded to fp16, the precision
     HQQLinear stores them in, so the dequantized weight is what an fp16 deployment would see.
-    K is padded to a multiple of the group by repeating the row's first columns (padding with
-    zeros would pull the zero-point fit towards 0), and the padded codes are counted, exactly
-    as bitfuse counts its own padding: bpw = (bits·k_pad + 32·k_pad/g) / K (code bits + fp16
-    scale + fp16 zero per group)."""
+    The group is the one bitfuse would use for this K (QuantConfig.layer_group_size: a smaller
+    group where that stores fewer bits), so both pay the same padding. K is padded to a multiple
+    of the group by repeating the row's first columns (padding with zeros would pull the
+    zero-point fit towards 0), and the padded codes are counted, exactly as bitfuse counts its
+    own padding: bpw = (bits·k_pad + 32·k_pad/g) / K (code bits + fp16 scale + fp16 zero per
+    group)."""
     n, k = w.shape
+    group_size = QuantConfig(bits=bits, group_size=group_size).layer_group_size(k)
     kp = -(-k // group_size) * group_size
     wp = w if kp == k else torch.cat([w, w.repeat(1, -(-kp // k))[:, : kp - k]], dim=1)
     q, meta = quantizer.quantize(wp.float().contiguous(), nbits=bits, group_size=group_size, axis=1,

@@ -29,13 +29,14 @@ def _in_out(layer: nn.Module):
 def too_small_reason(layer: nn.Module, config: QuantConfig) -> Optional[str]:
     """Why a layer is not worth quantizing, or None if it is.
 
-    A layer narrower than one group would be mostly padding; one with fewer than 16 outputs
-    cannot fill a kernel tile and its weight is too small for the memory saved to matter.
-    (For a conv, "inputs" are the C·kh·kw values of a patch.)
+    A layer narrower than one group (the layer's own, config.layer_group_size) would be mostly
+    padding; one with fewer than 16 outputs cannot fill a kernel tile and its weight is too small
+    for the memory saved to matter. (For a conv, "inputs" are the C·kh·kw values of a patch.)
     """
     k, n = _in_out(layer)
-    if k < config.group_size:
-        return f"in_features={k} < group_size={config.group_size}"
+    g = config.layer_group_size(k)
+    if k < g:
+        return f"in_features={k} < group_size={g}"
     if n < 16:
         return f"out_features={n} < 16"
     return None
@@ -68,7 +69,8 @@ def quantize_(
     "sensitivity" | "measured"), kurtosis_smoothing (None or SmoothQuant's α; needs
     activations) and rounding ("nearest" | "gptq": GPTQ error-feedback rounding on the same
     grid, same bpw; needs calib_data with the full XᵀX: layers calib_data does not cover are
-    rounded to nearest with a warning, no calib_data at all is an error); docs/CALIBRATION.md
+    rounded to nearest with a warning, no calib_data at all is an error), gptq_order ("act",
+    the default, or "natural": the sweep's column order); docs/CALIBRATION.md
     says what each was measured to do. progress: a tqdm bar over layers (None: only on a terminal). report: a list
     to append one dict per quantized layer to (bits, bpw, weight/output error, seconds), or a
     path to write them to as JSON. Returns the model.

@@ -47,6 +47,10 @@ class QuantConfig:
     outliers:    fraction of weights kept exactly in a sparse fp16 branch, 0 to 0.05.
     target:      hardware profile, one of "auto", "orin", "rtx30", "rtx40", "h100", "cpu".
     convs:       quantize_ also replaces nn.Conv2d layers (groups=1) with QuantConv2d.
+    fit_group:   a layer whose in_features is not a multiple of group_size uses the smaller group
+                 (64 or 32) when that stores it in fewer bits (pack.fitted_group_size: less
+                 padding, finer scales); False pads K to group_size everywhere. The layer's
+                 PackedWeight.group_size is the one used; this config keeps the one asked for.
     """
 
     bits: int = 4
@@ -58,6 +62,7 @@ class QuantConfig:
     outliers: float = 0.0
     target: str = "auto"
     convs: bool = False
+    fit_group: bool = True
 
     def __post_init__(self) -> None:
         if not _is_int(self.bits) or self.bits not in ALLOWED_BITS:
@@ -111,12 +116,21 @@ class QuantConfig:
                 f"QuantConfig.outliers must be a fraction in [0, {MAX_OUTLIER_FRACTION}], got {o!r}"
             )
         object.__setattr__(self, "outliers", float(o))
-        if not isinstance(self.convs, bool):
-            raise ConfigError(f"QuantConfig.convs must be True or False, got {self.convs!r}")
+        for flag in ("convs", "fit_group"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"QuantConfig.{flag} must be True or False, got {getattr(self, flag)!r}")
         if self.target not in ALLOWED_TARGETS:
             raise ConfigError(
                 f"QuantConfig.target must be one of {ALLOWED_TARGETS}, got {self.target!r}"
             )
+
+    def layer_group_size(self, in_features: int) -> int:
+        """The group size a layer with `in_features` inputs is quantized with (see fit_group)."""
+        if not self.fit_group:
+            return self.group_size
+        from .pack import fitted_group_size  # pack imports this module
+
+        return fitted_group_size(in_features, self.group_size, self.bits)
 
     @property
     def effective_avg_bits(self) -> float:

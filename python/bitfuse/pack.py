@@ -23,6 +23,8 @@ from typing import Sequence
 
 import torch
 
+from .config import ALLOWED_GROUP_SIZES
+
 WORD_BITS = 32
 RUN = 32  # columns per run: the unit of the slot permutation (a multiple of every group size's divisor)
 _MASK32 = 0xFFFFFFFF
@@ -76,6 +78,29 @@ def padded_k(k: int, group_size: int) -> int:
     if k <= 0:
         raise PackError(f"K must be positive, got {k}")
     return -(-k // group_size) * group_size
+
+
+SCALE_OFFSET_BITS = 32  # one fp16 scale + one fp16 offset per (row, group)
+
+
+def fitted_group_size(k: int, group_size: int, bits: int) -> int:
+    """The group size, at most `group_size`, that stores a K-wide row of `bits`-bit codes in the
+    fewest bits: codes over k_pad plus a scale/offset pair per group. Ties go to the smaller group.
+
+    Why: K is padded to whole groups (padded_k), and padding costs code bits and scale bits for
+    columns that do not exist. At K = 320 with g128 a row stores 384 codes + 3 scale pairs
+    (1632 bits at 4-bit); g64 stores 320 codes + 5 pairs (1440 bits) and has finer groups, so it is
+    both smaller and at least as accurate. When K is a multiple of `group_size` the answer is always
+    `group_size` (a smaller group only adds scale pairs).
+    """
+    if group_size not in ALLOWED_GROUP_SIZES:
+        raise PackError(f"group size must be one of {ALLOWED_GROUP_SIZES}, got {group_size}")
+
+    def cost(g: int) -> int:
+        kp = padded_k(k, g)
+        return kp * bits + (kp // g) * SCALE_OFFSET_BITS
+
+    return min((g for g in ALLOWED_GROUP_SIZES if g <= group_size), key=lambda g: (cost(g), g))
 
 
 def words_per_row(bits: int, k_pad: int) -> int:

@@ -72,7 +72,7 @@ def error_spectrum(weight: torch.Tensor, config: QuantConfig, probe_rank: int, *
                    method: str = "rtn", niter: int = 2, seed: int = 0,
                    activations: Union[None, torch.Tensor, ActivationStats] = None) -> torch.Tensor:
     """Top `probe_rank` singular values of W − Q(W) (Q: dense quantization at config.bits and
-    config.group_size), by torch.svd_lowrank with `niter` power iterations and a fixed seed.
+    the layer's group size, config.layer_group_size), by torch.svd_lowrank with `niter` power iterations and a fixed seed.
 
     With activations (a (…, K) tensor or ActivationStats), the spectrum is that of the whitened
     error (W − Q(W))·C, C = chol(H + λI) with H = XᵀX/M shrunk towards mean(diag H)·I by
@@ -82,7 +82,8 @@ def error_spectrum(weight: torch.Tensor, config: QuantConfig, probe_rank: int, *
     w = weight.detach().float()
     n, k = w.shape
     stats = as_stats(activations, k, device=w.device)
-    kp = pack.padded_k(k, config.group_size)
+    g = config.layer_group_size(k)
+    kp = pack.padded_k(k, g)
     wp = torch.zeros(n, kp)
     wp[:, :k] = w
     valid = torch.zeros(n, kp, dtype=torch.bool)
@@ -91,7 +92,7 @@ def error_spectrum(weight: torch.Tensor, config: QuantConfig, probe_rank: int, *
     if stats is not None:
         col_weight = torch.ones(kp)
         col_weight[:k] = stats.mean_square() + 1e-4 * float(stats.mean_square().mean()) + 1e-30
-    e = (w - quantize(wp, valid, config.bits, config.group_size, method, col_weight)[3][:, :k])
+    e = (w - quantize(wp, valid, config.bits, g, method, col_weight)[3][:, :k])
     if stats is not None:
         # Few calibration rows pin down few directions of XᵀX (2 rows for a time embedding at
         # batch 2): shrink towards mean(diag)·I by K/(M + K), so a layer is not judged on

@@ -22,6 +22,7 @@ Order of the steps, and why:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from ..config import QuantConfig
 from ..format import PackedWeight
 from ..targets import resolve_target
 from .errors import CalibrationError
-from .gptq import ROUNDINGS, gptq_round, inverse_hessian_factor
+from .gptq import ROUNDINGS, SWEEP_ORDERS, gptq_round, inverse_hessian_factor, sweep_order
 from .lowrank import lowrank_from_error
 from .mixed import choose_split, classes_for_split, kurtosis, smooth_for_ranking
 from .outliers import resolve_rule, select_outliers
@@ -93,6 +94,7 @@ class _Context:
     residual_rounds: int
     rounding: str = "nearest"
     gptq_factor: Optional[torch.Tensor] = None  # (K, K) upper chol((H + λI)⁻¹), rounding="gptq"
+    gptq_order: Optional[torch.Tensor] = None   # (K,) the sweep's column order, None = natural
 
     def row_error(self, e: torch.Tensor) -> torch.Tensor:
         """(rows, K) weight error -> (rows,) output error (e·H·eᵀ), or its proxies without H."""
@@ -130,6 +132,7 @@ def calibrate(
     outlier_rule: str = "auto",
     kurtosis_smoothing: Optional[float] = None,
     rounding: str = "nearest",
+    gptq_order: str = "act",
 ) -> PackedWeight:
     """Quantize one (out, in) weight into a PackedWeight with every branch `config` asks for.
 
@@ -154,6 +157,9 @@ def calibrate(
         residual's α are those nearest rounding would use ("static groups"), so the format is
         unchanged. Needs activations with the full XᵀX (a raw tensor, or ActivationStats with
         full=True).
+    gptq_order: the column order of rounding="gptq"'s sweep: "act" (GPTQ's act-order, the
+        default: columns by decreasing E[x_j²], so the costliest columns are rounded while the
+        most columns are left to absorb their error) or "natural" (left to right).
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a bitfuse.QuantConfig, got {type(config).__name__}")
@@ -172,10 +178,16 @@ def calibrate(
                          f"got {kurtosis_smoothing!r}")
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    if gptq_order not in SWEEP_ORDERS:
+        raise ValueError(f"gptq_order must be one of {SWEEP_ORDERS}, got {gptq_order!r}")
     w = _check_weight(weight)
     outlier_rule = resolve_rule(outlier_rule, activations is not None)
     n, k = w.shape
-    g = config.group_size
+    g = config.layer_group_size(k)
+    recipe = config
+    if g != config.group_size:
+        # Every step below works in the layer's own group size; the checkpoint keeps the recipe.
+        config = dataclasses.replace(config, group_size=g)
     kp = pack.padded_k(k, g)
     stats = as_stats(activations, k, device=w.device)
     if bias is not None:
@@ -196,7 +208,8 @@ def calibrate(
                 "rounding='gptq' needs calibration activations with the full XᵀX: pass the layer's "
                 "inputs (a (…, K) tensor) or ActivationStats(full=True); got "
                 + ("no activations" if stats is None else "diagonal-only ActivationStats (full=False)"))
-        ctx.gptq_factor = inverse_hessian_factor(hessian)
+        ctx.gptq_order = sweep_order(hessian, gptq_order)
+        ctx.gptq_factor = inverse_hessian_factor(hessian, order=ctx.gptq_order)
         if ctx.gptq_factor is None:
             log.info("rounding='gptq': the activations carry no signal (H = 0); rounding to nearest")
 
@@ -251,7 +264,7 @@ def calibrate(
 
     pw = PackedWeight(
         out_features=n, in_features=k, group_size=g, class_bits=class_bits, class_rows=class_rows,
-        row_align=row_align, config=config.to_dict(), target=resolve_target(config.target),
+        row_align=row_align, config=recipe.to_dict(), target=resolve_target(config.target),
         tensors={name: t.contiguous() for name, t in tensors.items()},
     )
     return pw.validate()
@@ -354,7 +367,7 @@ def _gptq_codes(wq, vq, class_bits, class_rows, codes, scales, zeros, res_rows, 
         plane_alpha = torch.zeros_like(alpha)
         plane_alpha[res_rows] = alpha[res_rows]
     res = gptq_round(wq[:, :k], ctx.gptq_factor, scales, zeros, qmax, g, alpha=plane_alpha,
-                     exact=~vq[:, :k])
+                     exact=~vq[:, :k], order=ctx.gptq_order)
     full = torch.cat(codes)
     full[:, :k] = res.codes
     if res.signs is not None:

@@ -8,7 +8,9 @@ signs) change.
 Why rounding each weight to its nearest code is not the best one can do. With H = XᵀX/M the
 output error of a weight error E is tr(E·H·Eᵀ) = Σ_rows e·H·eᵀ: rows are independent and share H,
 so the same column sweep serves every row at once (vectorised over rows, mixed bit widths
-included: each row clamps to its own 2^bits − 1). Columns are rounded left to right. Once column
+included: each row clamps to its own 2^bits − 1). Columns are rounded in the sweep order:
+GPTQ's act-order by default (decreasing H_jj; sweep_order), or left to right. The grid is fixed,
+so any order keeps every column on its own group's scale and offset. Once column
 j is rounded with error δ = w_j − ŵ_j, the columns not yet rounded (F = j+1 … K−1) can still
 move to cancel it; the best move, for a quadratic error, is Optimal Brain Surgeon's
 
@@ -48,12 +50,29 @@ log = logging.getLogger("bitfuse.calibrate")
 PERCDAMP = 0.01
 BLOCK_SIZE = 128
 ROUNDINGS = ("nearest", "gptq")
+SWEEP_ORDERS = ("act", "natural")
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = PERCDAMP) -> Optional[torch.Tensor]:
-    """Upper Cholesky factor U of (H + λI)⁻¹ = UᵀU, float64 (K, K); None when H carries no signal
-    (all-zero activations) or cannot be factored even with 1000× the dampening."""
+def sweep_order(hessian: torch.Tensor, order: str) -> Optional[torch.Tensor]:
+    """The column order of the sweep: None for "natural" (left to right), or for "act" GPTQ's
+    act-order: columns by decreasing H_jj, ties by index. Why: the first columns are rounded with
+    the most columns left to absorb their error, so the columns whose error costs most (large
+    H_jj) go first."""
+    if order not in SWEEP_ORDERS:
+        raise ValueError(f"gptq_order must be one of {SWEEP_ORDERS}, got {order!r}")
+    if order == "natural":
+        return None
+    return torch.argsort(hessian.diagonal(), descending=True, stable=True)
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = PERCDAMP,
+                           order: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """Upper Cholesky factor U of (H + λI)⁻¹ = UᵀU, float64 (K, K), with H's rows and columns
+    taken in `order` (sweep_order) when given; None when H carries no signal (all-zero
+    activations) or cannot be factored even with 1000× the dampening."""
     h = hessian.detach().double().clone()
+    if order is not None:
+        h = h[order][:, order]
     diag = h.diagonal()
     mean_diag = float(diag.mean())
     if not mean_diag > 0:
@@ -91,18 +110,30 @@ def _nearest(t, s, z, pos, safe, qmax):
 def gptq_round(
     w: torch.Tensor, factor: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     qmax: torch.Tensor, group_size: int, *, alpha: Optional[torch.Tensor] = None,
-    exact: Optional[torch.Tensor] = None, block_size: int = BLOCK_SIZE,
+    exact: Optional[torch.Tensor] = None, order: Optional[torch.Tensor] = None,
+    block_size: int = BLOCK_SIZE, _columns: Optional[torch.Tensor] = None,
 ) -> GPTQResult:
     """Round `w` (rows, K) column by column with error feedback through `factor` (the
-    inverse_hessian_factor of the layer's H).
+    inverse_hessian_factor of the layer's H, taken in the same `order`).
 
     scales, zeros (rows, G) fp16 with G·group_size ≥ K: the fixed grid; qmax (rows,) each row's
     largest code; alpha (rows, G) or None: the residual plane's α (0 on rows without a plane);
-    exact (rows, K) bool or None: entries reproduced exactly elsewhere (sparse outliers).
+    exact (rows, K) bool or None: entries reproduced exactly elsewhere (sparse outliers);
+    order (K,) or None: the sweep's column order (sweep_order). Each column keeps its own
+    group's grid whatever the order; the results come back in the original column order.
     """
     rows, k = w.shape
     if factor.shape != (k, k):
         raise ValueError(f"inverse-Hessian factor must be ({k}, {k}), got {tuple(factor.shape)}")
+    if order is not None:
+        res = gptq_round(w[:, order], factor, scales, zeros, qmax, group_size, alpha=alpha,
+                         exact=None if exact is None else exact[:, order],
+                         block_size=block_size, _columns=order)
+        back = torch.argsort(order)
+        return GPTQResult(res.codes[:, back], None if res.signs is None else res.signs[:, back],
+                          res.target[:, back])
+    # Column j of this sweep is original column _columns[j]: its grid is that column's group's.
+    group_of = [c // group_size for c in (_columns.tolist() if _columns is not None else range(k))]
     u = factor.to(device=w.device, dtype=torch.float32)
     work = w.detach().float().clone()
     codes = torch.empty(rows, k, dtype=torch.uint8, device=w.device)
@@ -117,7 +148,7 @@ def gptq_round(
         err = torch.zeros(rows, b1 - b0, device=w.device)
         for c in range(b1 - b0):
             j = b0 + c
-            gi = j // group_size
+            gi = group_of[j]
             s, z = s_all[:, gi], z_all[:, gi]
             pos = s > 0
             safe = torch.where(pos, s, torch.ones_like(s))
