@@ -72,6 +72,12 @@ def test_quantize_cli_activation_aware_gptq(tmp_path):
     name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     qa, qf = a.get_submodule(name).packed, f.get_submodule(name).packed
     assert not torch.equal(qa.qweight, qf.qweight)
+    # --gptq-order natural reaches calibrate(): the act-order default rounds differently
+    natural = tmp_path / "natural.safetensors"
+    assert main(["quantize", "--model", "tiny", "--recipe", "w4-linear", "--calib", "2", "--calib-steps", "2",
+                 "--rounding", "gptq", "--gptq-order", "natural", "--out", str(natural)]) == 0
+    qn = bitfuse.load_quantized(tiny_unet(seed=7), str(natural)).get_submodule(name).packed
+    assert not torch.equal(qa.qweight, qn.qweight)
     with torch.no_grad():
         assert torch.isfinite(a(*unet_inputs(a)).sample).all()
     with pytest.raises(SystemExit, match="needs activations: add --calib"):

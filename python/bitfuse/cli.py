@@ -107,7 +107,7 @@ def quantize_cmd(args: argparse.Namespace) -> int:
         model = model.cuda()
     config = QuantConfig(target="auto", **RECIPES[args.recipe])
     calib = _synthetic_calibration(model, args) if args.calib else None
-    options = {"rounding": args.rounding, "outlier_rule": args.outlier_rule}
+    options = {"rounding": args.rounding, "gptq_order": args.gptq_order, "outlier_rule": args.outlier_rule}
     rows: list = []
     quantize_(model, config, calib_data=calib, calib_options=options, report=rows)
     save_quantized(model, args.out)
@@ -198,6 +198,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     qz.add_argument("--calib-steps", type=int, default=4, help="timesteps sampled per calibration input")
     qz.add_argument("--rounding", choices=("nearest", "gptq"), default="nearest",
                     help="gptq: error-feedback rounding (needs --calib; layers without statistics, e.g. convs, stay nearest)")
+    qz.add_argument("--gptq-order", choices=("act", "natural"), default="act",
+                    help="the column order of --rounding gptq: act-order (default) or left to right")
     qz.add_argument("--outlier-rule", default="auto",
                     choices=("auto", "magnitude", "act_norm", "sensitivity", "measured"),
                     help="how outliers are chosen when the recipe has them (docs/CALIBRATION.md)")
