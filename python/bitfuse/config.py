@@ -49,7 +49,8 @@ class QuantConfig:
     convs:       quantize_ also replaces nn.Conv2d layers (groups=1) with QuantConv2d.
     fit_group:   a layer whose in_features is not a multiple of group_size uses the smaller group
                  (64 or 32) when that stores it in fewer bits (pack.fitted_group_size: less
-                 padding, finer scales); False pads K to group_size everywhere. The layer's
+                 padding, finer scales) without costing the kernels their 16-byte row loads;
+                 False pads K to group_size everywhere. The layer's
                  PackedWeight.group_size is the one used; this config keeps the one asked for.
     """
 
@@ -130,7 +131,7 @@ class QuantConfig:
             return self.group_size
         from .pack import fitted_group_size  # pack imports this module
 
-        return fitted_group_size(in_features, self.group_size, self.bits)
+        return fitted_group_size(in_features, self.group_size, self.bits, self.mixed_bits or ())
 
     @property
     def effective_avg_bits(self) -> float:

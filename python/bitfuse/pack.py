@@ -81,9 +81,10 @@ def padded_k(k: int, group_size: int) -> int:
 
 
 SCALE_OFFSET_BITS = 32  # one fp16 scale + one fp16 offset per (row, group)
+VECTOR_ROWS_MIN_SAVING = 0.25  # fitted_group_size: what losing 16-byte rows must save (unmeasured)
 
 
-def fitted_group_size(k: int, group_size: int, bits: int) -> int:
+def fitted_group_size(k: int, group_size: int, bits: int, widths: Sequence[int] = ()) -> int:
     """The group size, at most `group_size`, that stores a K-wide row of `bits`-bit codes in the
     fewest bits: codes over k_pad plus a scale/offset pair per group. Ties go to the smaller group.
 
@@ -92,15 +93,33 @@ def fitted_group_size(k: int, group_size: int, bits: int) -> int:
     (1632 bits at 4-bit); g64 stores 320 codes + 5 pairs (1440 bits) and has finer groups, so it is
     both smaller and at least as accurate. When K is a multiple of `group_size` the answer is always
     `group_size` (a smaller group only adds scale pairs).
+
+    Rows of a multiple of 4 words (16 bytes) are read with 128-bit loads, others with 32-bit loads
+    (csrc gemv.h class_vec_ok; the Triton kernels' 16-byte-aligned row stride). A smaller group
+    that would lose those for some code width (`bits` or any of `widths`, e.g. mixed_bits) while
+    `group_size` keeps them is taken only if it saves at least VECTOR_ROWS_MIN_SAVING of the bits:
+    K = 320 at 3-bit stays at g128 (g64 saves 10% but has 30-word rows), K = 64 at 3-bit takes g64
+    (46% fewer bits). The threshold is reasoned, not measured: a GPU run should set it.
     """
     if group_size not in ALLOWED_GROUP_SIZES:
         raise PackError(f"group size must be one of {ALLOWED_GROUP_SIZES}, got {group_size}")
+    all_widths = {bits, *widths}
 
     def cost(g: int) -> int:
         kp = padded_k(k, g)
         return kp * bits + (kp // g) * SCALE_OFFSET_BITS
 
-    return min((g for g in ALLOWED_GROUP_SIZES if g <= group_size), key=lambda g: (cost(g), g))
+    def vector_rows(g: int, b: int) -> bool:
+        return words_per_row(b, padded_k(k, g)) % 4 == 0
+
+    def keeps_vector_rows(g: int) -> bool:
+        return all(vector_rows(g, b) or not vector_rows(group_size, b) for b in all_widths)
+
+    def allowed(g: int) -> bool:
+        return keeps_vector_rows(g) or cost(g) <= (1 - VECTOR_ROWS_MIN_SAVING) * cost(group_size)
+
+    candidates = [g for g in ALLOWED_GROUP_SIZES if g <= group_size and allowed(g)]
+    return min(candidates, key=lambda g: (cost(g), g))
 
 
 def words_per_row(bits: int, k_pad: int) -> int:
