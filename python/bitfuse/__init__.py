@@ -15,9 +15,11 @@ from . import ops  # registers torch.ops.bitfuse.*
 from .nn import QuantLinear, set_reference_cache
 from .api import quantize_
 from .io import CheckpointError, load_quantized, save_quantized
+from .lora import LoraLoadReport, list_loras, load_lora, remove_lora, set_lora_scale
 
 __all__ = [
     "__version__", "QuantConfig", "ConfigError", "PackedWeight", "FormatError", "FORMAT_VERSION",
     "backends", "BackendUnavailableError", "calibrate", "CalibrationError", "QuantLinear",
     "set_reference_cache", "quantize_", "save_quantized", "load_quantized", "CheckpointError",
+    "load_lora", "set_lora_scale", "remove_lora", "list_loras", "LoraLoadReport",
 ]

@@ -14,6 +14,7 @@ Row space vs output space:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -55,6 +56,26 @@ class FormatError(ValueError):
     """A PackedWeight (or checkpoint entry) whose parts are missing or inconsistent."""
 
 
+def lora_strength(scale: float, alpha: float, rank: int) -> float:
+    """The lr_scale value of each component of a LoRA adapter: scale · alpha / rank. One helper,
+    so that writing (QuantLinear.add_lora / set_lora_scale) and checking (validate) agree."""
+    return float(scale) * float(alpha) / int(rank)
+
+
+def _lora_entry(e) -> dict:
+    """One adapter-table entry from checkpoint JSON, with its types checked."""
+    if not isinstance(e, dict) or not isinstance(e.get("name"), str) or not e["name"]:
+        raise FormatError(f"malformed adapter table entry {e!r}: needs a non-empty string 'name'")
+    try:
+        out = {"name": e["name"], "offset": int(e["offset"]), "rank": int(e["rank"]),
+               "alpha": float(e["alpha"]), "scale": float(e["scale"])}
+    except (KeyError, TypeError, ValueError) as err:
+        raise FormatError(f"malformed adapter table entry {e!r}: {err!r}") from None
+    if not all(math.isfinite(out[k]) for k in ("alpha", "scale")):
+        raise FormatError(f"adapter '{out['name']}' has a non-finite alpha or scale")
+    return out
+
+
 @dataclass
 class PackedWeight:
     """One quantized layer. See docs/FORMAT.md for the meaning of every field."""
@@ -69,6 +90,9 @@ class PackedWeight:
     target: str
     tensors: Dict[str, torch.Tensor] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    # LoRA adapters held in the low-rank branch (FORMAT.md §7): [{"name", "offset", "rank",
+    # "alpha", "scale"}, ...] in component order. Empty: every component is the calibrated branch.
+    lora: List[dict] = field(default_factory=list)
 
     # ---- derived geometry -------------------------------------------------------------------
     @property
@@ -136,6 +160,10 @@ class PackedWeight:
             "n_residual_rows": self.n_residual_rows,
             "tensors": sorted(self.tensors),
             "bpw": self.bpw,
+            # Optional key, written only when adapters are present: a layer without adapters
+            # gets exactly the metadata earlier versions wrote, and a reader that ignores the key
+            # still computes the right output (the strengths are in lr_scale).
+            **({"lora": [dict(e) for e in self.lora]} if self.lora else {}),
         }
 
     def expected_shapes(self) -> Dict[str, Tuple[int, ...]]:
@@ -182,6 +210,7 @@ class PackedWeight:
             )
             present = list(meta["tensors"])
             rank, nnz, rr = int(meta["rank"]), int(meta["nnz"]), int(meta["n_residual_rows"])
+            pw.lora = [_lora_entry(e) for e in meta.get("lora", [])]
         except (KeyError, TypeError, ValueError) as e:
             if isinstance(e, FormatError):
                 raise
@@ -236,6 +265,7 @@ class PackedWeight:
                                   f"{[x for x, h in zip(names, have) if h]}")
         if len(self.class_bits) > 1 and "perm" not in self.tensors:
             raise FormatError("a layer with several bit classes needs 'perm'")
+        self._validate_lora_table()
         shapes = self.expected_shapes()
         dev = self.tensors["qweight"].device
         for name, t in self.tensors.items():
@@ -250,12 +280,48 @@ class PackedWeight:
             self._validate_values()
         return self
 
+    def _validate_lora_table(self) -> None:
+        """The adapter table must tile the tail of the low-rank components: adapters in order,
+        back to back, the last ending at rank; the calibrated branch is what comes before."""
+        if not self.lora:
+            return
+        if "lr_down" not in self.tensors:
+            raise FormatError(f"the adapter table lists {[e.get('name') for e in self.lora]} but the "
+                              f"layer has no low-rank tensors (lr_down, lr_up, lr_scale)")
+        r = self.rank
+        names = [e["name"] for e in self.lora]
+        if len(set(names)) != len(names):
+            raise FormatError(f"the adapter table repeats a name: {names}")
+        end = r - sum(e["rank"] for e in self.lora)
+        if end < 0:
+            raise FormatError(f"the adapters {names} hold {sum(e['rank'] for e in self.lora)} "
+                              f"components, the low-rank branch has rank {r}")
+        for e in self.lora:
+            if e["rank"] < 1 or e["offset"] != end:
+                raise FormatError(
+                    f"adapter '{e['name']}' has offset {e['offset']} and rank {e['rank']}; adapters "
+                    f"must follow each other back to back after the calibrated components and end at "
+                    f"rank {r} (expected offset {end}, rank >= 1)")
+            end += e["rank"]
+
     def _validate_values(self) -> None:
         n, k = self.out_features, self.in_features
         t = self.tensors
         for name in ("scales", "zeros", "res_alpha", "lr_down", "lr_up", "lr_scale", "sp_values", "bias"):
             if name in t and not bool(torch.isfinite(t[name]).all()):
                 raise FormatError(f"tensor '{name}' holds NaN or Inf")
+        for e in self.lora:
+            # The invariant that makes the table trustworthy: an adapter's strength lives in its
+            # lr_scale entries, scale·alpha/rank each (in fp32).
+            o, r = e["offset"], e["rank"]
+            got = t["lr_scale"][o:o + r]
+            want = torch.full((r,), lora_strength(e["scale"], e["alpha"], r), dtype=torch.float32,
+                              device=got.device)
+            if not torch.equal(got, want):
+                raise FormatError(
+                    f"adapter '{e['name']}': lr_scale[{o}:{o + r}] = {got.tolist()} disagrees with the "
+                    f"adapter table (scale {e['scale']} · alpha {e['alpha']} / rank {r} = "
+                    f"{float(want[0])})")
         if "perm" in t:
             p = t["perm"].long()
             if not torch.equal(torch.sort(p).values, torch.arange(n, device=p.device)):
@@ -277,7 +343,8 @@ class PackedWeight:
 
     # ---- movement ----------------------------------------------------------------------------
     def to(self, device) -> "PackedWeight":
-        return dataclasses.replace(self, tensors={n: t.to(device) for n, t in self.tensors.items()})
+        return dataclasses.replace(self, tensors={n: t.to(device) for n, t in self.tensors.items()},
+                                   lora=[dict(e) for e in self.lora])
 
     @property
     def quant_config(self) -> QuantConfig:

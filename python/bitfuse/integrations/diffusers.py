@@ -1,6 +1,7 @@
 """diffusers integration: quantize_pipeline / save_pipeline / load_pipeline (from .pipelines),
-activation capture across timesteps (collect), and tiny denoisers built from configs (no
-downloads) for demos and tests.
+LoRA on a quantized pipeline (load_lora, set_lora_scale, remove_lora, list_loras), activation
+capture across timesteps (collect), and tiny denoisers built from configs (no downloads) for
+demos and tests.
 
 Why there is no `DiffusersQuantizer` backend (`from_pretrained(..., quantization_config=...)`):
 diffusers 0.42 resolves `quantization_config.quant_method` through two module-level dicts in
@@ -78,6 +79,117 @@ from .pipelines import (  # noqa: E402,F401
     load_pipeline, quantize_pipeline, save_pipeline, tiny_dit_pipeline, tiny_pixart_pipeline,
     tiny_sd_pipeline, tiny_vae,
 )
+
+
+# ---- LoRA on a quantized pipeline ----------------------------------------------------------------
+# pipe.load_lora_weights goes through PEFT, which injects its own wrappers around nn.Linear /
+# nn.Conv2d and does not know QuantLinear: its dispatch raises "Target module … is not
+# supported" on a quantized layer. load_lora below routes the keys to the components and applies them as
+# bitfuse adapters (bitfuse.lora), which never repack the codes.
+
+# (key prefix, component, strip the prefix). Dotted prefixes are diffusers' own; lora_* are
+# kohya's, which bitfuse.lora resolves itself (so they are kept).
+_LORA_ROUTES = (
+    ("unet.", "unet", True), ("transformer.", "transformer", True),
+    ("text_encoder_2.", "text_encoder_2", True), ("text_encoder.", "text_encoder", True),
+    ("lora_unet_", "unet", False), ("lora_transformer_", "transformer", False),
+    ("lora_te2_", "text_encoder_2", False), ("lora_te1_", "text_encoder", False),
+    ("lora_te_", "text_encoder", False),
+)
+
+
+def _route_lora_key(key: str, denoiser):
+    """(component, key as that component sees it). Unprefixed keys go to the denoiser, as in
+    diffusers (older LoRA files name the UNet's modules without a prefix)."""
+    for prefix, comp, strip in _LORA_ROUTES:
+        if key.startswith(prefix):
+            return comp, key[len(prefix):] if strip else key
+    return denoiser, key
+
+
+def load_lora(pipe, source, adapter_name: str = "default", scale: float = 1.0, components=None, **kw):
+    """Apply a LoRA file (or dict) to a pipeline's quantized components as adapter `adapter_name`.
+
+    Keys prefixed `unet.` / `transformer.` / `text_encoder.` / `text_encoder_2.` (diffusers) or
+    `lora_unet_` / `lora_transformer_` / `lora_te_` / `lora_te1_` / `lora_te2_` (kohya) go to that
+    component; unprefixed keys to the denoiser. `components`, if given, limits which components
+    receive keys (the others' keys are reported as skipped, not as errors). **kw: `alpha`,
+    `strict` as for bitfuse.load_lora; with strict=True a problem in any component means nothing
+    is applied to any. Returns one LoraLoadReport whose module names are "<component>.<module>".
+    Use this rather than pipe.load_lora_weights, which goes through PEFT and does not know
+    QuantLinear. set_lora_scale / remove_lora / list_loras from bitfuse take a component
+    (pipe.unet) or use bitfuse.integrations.diffusers.set_lora_scale(pipe, ...)."""
+    from .. import lora as _lora
+    from .pipelines import _component_names
+
+    alpha, strict = kw.pop("alpha", None), kw.pop("strict", True)
+    if kw:
+        raise TypeError(f"load_lora got unexpected keyword arguments {sorted(kw)}")
+    state = _lora._load_source(source)
+    have = _component_names(pipe)
+    denoiser = next((c for c in ("unet", "transformer") if c in have), None)
+    wanted = None if components is None else ([components] if isinstance(components, str) else list(components))
+    if wanted is not None:
+        missing = [c for c in wanted if c not in have]
+        if missing:
+            raise ValueError(f"pipeline has no component(s) {missing}; its nn.Module components are {have}")
+    routed, original, problems, notes = {}, {}, [], []
+    for key, t in state.items():
+        comp, sub = _route_lora_key(key, denoiser)
+        if comp is None:
+            problems.append((key, f"unprefixed key, and the pipeline has no 'unet' or 'transformer' (it has {have})"))
+        elif wanted is not None and comp not in wanted:
+            notes.append((key, f"for component '{comp}', not among components={wanted}"))
+        elif comp not in have:
+            problems.append((key, f"for component '{comp}', which this pipeline does not have (it has {have})"))
+        else:
+            routed.setdefault(comp, {})[sub] = t
+            original[(comp, sub)] = key
+    plans = []
+    for comp, sub_state in routed.items():
+        plan = _lora.plan_lora(getattr(pipe, comp), sub_state, adapter_name, scale, alpha, where=f"{comp}.")
+        problems += [(original.get((comp, k), k), why) for k, why in plan.problems]
+        plans.append(plan)
+    _lora._raise_or_skip(problems, strict, adapter_name)
+    report = _lora.LoraLoadReport(adapter_name, skipped=problems + notes)
+    return _lora.apply_plans(plans, report)
+
+
+def _lora_components(pipe):
+    from .pipelines import _component_names
+
+    return [(c, getattr(pipe, c)) for c in _component_names(pipe)]
+
+
+def set_lora_scale(pipe, adapter_name: str, scale: float) -> list:
+    """bitfuse.set_lora_scale over every component of the pipeline that has the adapter (in place,
+    graph-safe). Returns "<component>.<module>" names."""
+    from .. import lora as _lora
+
+    hits = [(c, m) for c, m in _lora_components(pipe) if adapter_name in _lora.list_loras(m)]
+    if not hits:
+        raise KeyError(f"no component of the pipeline has a LoRA adapter '{adapter_name}'")
+    for _, m in hits:  # check all before changing any
+        for _, layer in _lora._with_adapter(m, adapter_name):
+            layer._rescaled(adapter_name, scale)
+    return [f"{c}.{n}" for c, m in hits for n in _lora.set_lora_scale(m, adapter_name, scale)]
+
+
+def remove_lora(pipe, adapter_name: str) -> list:
+    """bitfuse.remove_lora over every component of the pipeline that has the adapter."""
+    from .. import lora as _lora
+
+    hits = [(c, m) for c, m in _lora_components(pipe) if adapter_name in _lora.list_loras(m)]
+    if not hits:
+        raise KeyError(f"no component of the pipeline has a LoRA adapter '{adapter_name}'")
+    return [f"{c}.{n}" for c, m in hits for n in _lora.remove_lora(m, adapter_name)]
+
+
+def list_loras(pipe) -> dict:
+    """component -> bitfuse.list_loras(component), for components that hold adapters."""
+    from .. import lora as _lora
+
+    return {c: found for c, m in _lora_components(pipe) if (found := _lora.list_loras(m))}
 
 
 # ---- activation capture across timesteps (issue #5) -------------------------------------------

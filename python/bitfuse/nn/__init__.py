@@ -1,6 +1,6 @@
 """nn.Module drop-ins backed by packed low-bit weights."""
 
 from .conv import QuantConv2d, conv_unsupported_reason
-from .linear import QuantLinear, set_reference_cache
+from .linear import LoraInfo, QuantLinear, set_reference_cache
 
-__all__ = ["QuantLinear", "QuantConv2d", "conv_unsupported_reason", "set_reference_cache"]
+__all__ = ["QuantLinear", "QuantConv2d", "LoraInfo", "conv_unsupported_reason", "set_reference_cache"]

@@ -89,6 +89,18 @@ class QuantConv2d(QuantLinear):
                 "stride": list(self.stride), "padding": list(self.padding),
                 "dilation": list(self.dilation)}
 
+    def _lora_factor_shapes(self, down: torch.Tensor, up: torch.Tensor):
+        # A conv LoRA is a down conv (r, C, kh, kw) with this conv's kernel, then a 1×1 up conv
+        # (O, r, 1, 1); (r, C·kh·kw) is its linear form in F.unfold's order, the packed K order.
+        if down.dim() == 4 and tuple(down.shape[1:]) == (self.in_channels, *self.kernel_size):
+            down = down.reshape(down.shape[0], -1)
+        return super()._lora_factor_shapes(down, up)
+
+    def _lora_shape_hint(self) -> str:
+        kh, kw = self.kernel_size
+        return (f" (for this conv also down (r, {self.in_channels}, {kh}, {kw}) and up "
+                f"({self.out_channels}, r, 1, 1))")
+
     def dequantize_conv(self) -> torch.Tensor:
         """The dense (out, in, kh, kw) fp32 weight, all branches included."""
         return self.dequantize().reshape(self.out_channels, self.in_channels, *self.kernel_size)
@@ -120,7 +132,7 @@ class QuantConv2d(QuantLinear):
         if torch.compiler.is_compiling() or select_backend(x.device, "conv") == "triton":
             # The op's (B, Ho, Wo, O) output is returned as NCHW with channels-last strides, as
             # the 1×1 path does (no transpose copy).
-            y = ops.conv2d(x, *ops.op_args(self.packed), list(self.kernel_size), list(self.stride),
+            y = ops.conv2d(x, *ops.op_args(self._view()), list(self.kernel_size), list(self.stride),
                            list(self.padding), list(self.dilation))
             return y.permute(0, 3, 1, 2)
         cols = F.unfold(x, (kh, kw), dilation=(dh, dw), padding=(ph, pw), stride=(sh, sw))
