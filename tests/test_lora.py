@@ -7,6 +7,7 @@ bound of tests/_tolerance.py over every summed branch (adapters included), not a
 """
 
 import copy
+import functools
 import json
 import re
 import struct
@@ -713,6 +714,16 @@ def test_pipeline_load_lora_routes_components(tmp_path):
 # ---- on a GPU (`pytest -m gpu`; none has been lent yet) ------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)
+def _gpu_layer():
+    # Built once (rtn: the kernels, not the calibration, are under test; the GPU session's time
+    # is short), copied by each test.
+    w = heavy_tailed(1088, 1000, seed=5, outlier_channels=8)
+    return QuantLinear.from_linear(linear_from(w), QuantConfig(bits=3, group_size=64, mixed_bits=(2, 3, 4),
+                                                               rank=8, residual=0.5, outliers=0.005),
+                                   method="rtn")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("m", [1, 5, 64])
@@ -726,9 +737,7 @@ def test_gpu_adapters_on_each_backend(monkeypatch, backend, m, dtype):
         pytest.fail(f"GPU present but the {backend} backend is unavailable: "
                     f"{bitfuse.backends()[backend]['reason']}")
     monkeypatch.setenv("BITFUSE_BACKEND", backend)
-    w = heavy_tailed(1088, 1000, seed=5, outlier_channels=8)
-    q = QuantLinear.from_linear(linear_from(w), QuantConfig(bits=3, group_size=64, mixed_bits=(2, 3, 4),
-                                                            rank=8, residual=0.5, outliers=0.005)).cuda()
+    q = copy.deepcopy(_gpu_layer()).cuda()
     w0 = q.dequantize().cpu()
     x = torch.randn(m, 1000, generator=torch.Generator().manual_seed(m)).to(dtype).cuda()
     y_plain = q(x)
@@ -763,7 +772,7 @@ def test_gpu_set_lora_scale_inside_a_cuda_graph(monkeypatch, backend):
         pytest.fail(f"GPU present but the {backend} backend is unavailable")
     monkeypatch.setenv("BITFUSE_BACKEND", backend)
     w = heavy_tailed(512, 384, seed=6)
-    q = QuantLinear.from_linear(linear_from(w), QuantConfig(bits=4, group_size=64, rank=4)).cuda()
+    q = QuantLinear.from_linear(linear_from(w), QuantConfig(bits=4, group_size=64, rank=4), method="rtn").cuda()
     q.add_lora("style", *factors(8, 512, 384, seed=3), scale=1.0)
     for m in (1, 32):  # GEMV and GEMM paths
         x = torch.randn(m, 384, generator=torch.Generator().manual_seed(m)).half().cuda()
