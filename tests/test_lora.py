@@ -671,7 +671,15 @@ def test_pipeline_load_lora_routes_components(tmp_path):
     from bitfuse.integrations import diffusers as bd
 
     pipe = bd.tiny_sd_pipeline(str(tmp_path))
-    for comp in (pipe.unet, pipe.text_encoder):
+    bitfuse.quantize_(pipe.unet, QuantConfig(bits=4, group_size=32), progress=False, calib_options={"method": "rtn"})
+    # a component left in float (the text encoder, usually): its keys get one clear reason
+    te_key = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+    only_te = {f"{te_key}.lora_A.weight": torch.zeros(2, 32), f"{te_key}.lora_B.weight": torch.zeros(32, 2)}
+    with pytest.raises(ValueError, match=r"component 'text_encoder' is not quantized .* pass components=\[\] "):
+        bd.load_lora(pipe, only_te, "te")
+    report = bd.load_lora(pipe, only_te, "te", strict=False)
+    assert not report.applied and len(report.skipped) == 2 and not bd.list_loras(pipe)
+    for comp in (pipe.text_encoder,):
         bitfuse.quantize_(comp, QuantConfig(bits=4, group_size=32), progress=False, calib_options={"method": "rtn"})
     ref_unet, ref_te = copy.deepcopy(pipe.unet), copy.deepcopy(pipe.text_encoder)
     unet_t = lora_tensors(pipe.unet, seed=7, targets=TARGETS[:3])

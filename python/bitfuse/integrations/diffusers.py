@@ -120,6 +120,7 @@ def load_lora(pipe, source, adapter_name: str = "default", scale: float = 1.0, c
     QuantLinear. set_lora_scale / remove_lora / list_loras from bitfuse take a component
     (pipe.unet) or use bitfuse.integrations.diffusers.set_lora_scale(pipe, ...)."""
     from .. import lora as _lora
+    from ..nn import QuantLinear
     from .pipelines import _component_names
 
     alpha, strict = kw.pop("alpha", None), kw.pop("strict", True)
@@ -146,7 +147,16 @@ def load_lora(pipe, source, adapter_name: str = "default", scale: float = 1.0, c
             routed.setdefault(comp, {})[sub] = t
             original[(comp, sub)] = key
     plans = []
-    for comp, sub_state in routed.items():
+    for comp, sub_state in list(routed.items()):
+        if not any(isinstance(m, QuantLinear) for m in getattr(pipe, comp).modules()):
+            # The common case (a UNet quantized, its text encoder not) gets one clear reason per
+            # key instead of "is a Linear, not a QuantLinear" module by module.
+            others = [c for c in routed if c != comp]
+            problems += [(original[(comp, k)],
+                          f"component '{comp}' is not quantized (LoRA applies to quantized layers "
+                          f"only): pass components={others} to leave its keys out, or quantize it "
+                          f"too") for k in sub_state]
+            continue
         plan = _lora.plan_lora(getattr(pipe, comp), sub_state, adapter_name, scale, alpha, where=f"{comp}.")
         problems += [(original.get((comp, k), k), why) for k, why in plan.problems]
         plans.append(plan)
