@@ -456,3 +456,21 @@ def test_twin_rejects_bad_arguments():
                       (dict(mt=4), "mt")]:
         with pytest.raises(ValueError, match=msg):
             _C.hbp_spmm_twin(h.layout, x, **{**ok, **over})
+
+
+def test_outlier_hbp_cache_follows_in_place_loads():
+    # The HBP form is built once per layer and cached on the CSR tensors' identity. An in-place
+    # load_state_dict keeps the tensors and changes their values: the cache must follow.
+    cfg = QuantConfig(bits=4, group_size=64, outliers=0.01)
+    torch.manual_seed(0)
+    a = QuantLinear.from_linear(torch.nn.Linear(64, 32), cfg)
+    b = QuantLinear.from_linear(torch.nn.Linear(64, 32), cfg)
+    assert a.sp_values.numel() == b.sp_values.numel()  # same shapes: the load is in place
+    h1 = outliers.prepare(a._view())
+    assert outliers.prepare(a._view()) is h1  # built once
+    a.load_state_dict(b.state_dict())
+    h2 = outliers.prepare(a._view())
+    assert h2 is not h1
+    x = torch.randn(64, 3, dtype=torch.float64)
+    want = reference.sparse_weight(b._view()).double() @ x
+    assert torch.allclose(torch.as_tensor(h2 @ x.half()).double(), want, rtol=1e-2, atol=1e-3)

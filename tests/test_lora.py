@@ -712,6 +712,14 @@ def test_pipeline_load_lora_routes_components(tmp_path):
     assert len(bd.remove_lora(pipe, "p")) == 5 and not bd.list_loras(pipe)
     assert _same_state(pipe.unet, ref_unet) and _same_state(pipe.text_encoder, ref_te)
 
+    # two keys naming one module ("unet.x" and the unprefixed "x") are a problem, not an overwrite
+    first = next(k for k in sd if k.startswith("unet."))
+    dup = dict(sd)
+    dup[first[len("unet."):]] = sd[first] * 100
+    with pytest.raises(ValueError, match=re.escape(f"names the same 'unet' key '{first[len('unet.'):]}' as {first}")):
+        bd.load_lora(pipe, dup, "d")
+    assert not bd.list_loras(pipe)
+
     # components= limits the targets; the other component's keys are reported, not errors
     report = bd.load_lora(pipe, sd, "u", components=["unet"])
     assert sorted(report.applied) == sorted(f"unet.{f}" for f in unet_t)
@@ -799,3 +807,79 @@ def test_gpu_set_lora_scale_inside_a_cuda_graph(monkeypatch, backend):
             g.replay()
             torch.cuda.synchronize()
             assert torch.equal(y_graph, q(x)), f"{backend} M={m} scale {scale}"
+
+
+# ---- found by review (2026-11-29) --------------------------------------------------------------
+
+
+def test_swaps_never_reuse_a_stale_reference_cache():
+    # The CPU forward caches the dense weight. It was keyed on buffer addresses: remove + add
+    # often got the freed addresses back, and the layer kept the removed adapter's output
+    # (1-2 swaps in 20 here, before the fix).
+    q = QuantLinear.from_linear(linear_from(heavy_tailed(32, 64, seed=1)), QuantConfig(bits=4, group_size=64),
+                                method="rtn")
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(0))
+
+    def fp16_factors(seed):
+        down, up = factors(4, 32, 64, seed=seed, mag=1.0)
+        return down.half(), (10 * up).half()
+
+    for i in range(40):
+        q.add_lora("a", *fp16_factors(2 * i))
+        q(x)
+        q.remove_lora("a")
+        q.add_lora("b", *fp16_factors(2 * i + 1))
+        y, y_op = q(x), bitfuse.reference.linear(x, q._view())  # cached vs uncached
+        assert torch.allclose(y, y_op, rtol=1e-4, atol=1e-4), f"swap {i}: stale cached weight"
+        q.remove_lora("b")
+
+
+def test_adapter_factors_are_copies():
+    q = QuantLinear.from_linear(linear_from(heavy_tailed(32, 64, seed=1)), QuantConfig(bits=4, group_size=32),
+                                method="rtn")
+    down, up = (t.half().contiguous() for t in factors(2, 32, 64, seed=3))
+    q.add_lora("a", down, up)
+    before = q(torch.ones(1, 64))
+    down.mul_(10)
+    up.mul_(10)
+    assert torch.equal(q(torch.ones(1, 64)), before)
+
+
+def test_load_state_dict_keeps_the_adapter_table_true():
+    a = QuantLinear.from_linear(linear_from(heavy_tailed(32, 64, seed=1)), QuantConfig(bits=4, group_size=32),
+                                method="rtn")
+    a.add_lora("s", *factors(4, 32, 64, seed=4), alpha=2.0, scale=1.0)
+    b = copy.deepcopy(a)
+    b.set_lora_scale("s", 0.25)
+    b.load_state_dict(a.state_dict())  # in place: lr_scale now holds a's strength
+    assert b.loras["s"].scale == 1.0
+    x = torch.randn(2, 64)
+    assert torch.equal(b(x), a(x))
+    b.packed.validate()  # the table agrees with the tensors, so save_quantized writes a loadable file
+    # a loaded lr_scale that is not one strength per adapter cannot be described by the table
+    bad = {k: v.clone() for k, v in a.state_dict().items()}
+    bad["lr_scale"][1] = 3.0
+    with pytest.raises(RuntimeError, match=r"load_state_dict replaced the low-rank tensors under LoRA adapters \['s'\]"):
+        b.load_state_dict(bad)
+
+
+def test_inference_mode_layers_and_adapters():
+    # Adapters are often loaded inside inference code: the layer must keep working outside it,
+    # and set_lora_scale must still write in place. (A layer quantized inside inference_mode has
+    # inference buffers without version counters: its CPU forward skips the dense cache.)
+    x = torch.randn(2, 64)
+    down, up = factors(4, 32, 64, seed=5)
+    with torch.inference_mode():
+        q = QuantLinear.from_linear(linear_from(heavy_tailed(32, 64, seed=1)),
+                                    QuantConfig(bits=4, group_size=32), method="rtn")
+        w0 = q.dequantize()
+        q.add_lora("t", down, up)
+        y_in = q(x)
+    bound = matmul_bound(x, branch_magnitudes(q), x.dtype, bias=q.bias)
+    assert_within(y_in, oracle_linear(w0, q.bias, x, [(down, up, None, 1.0)]), bound, "inside")
+    assert_within(q(x), oracle_linear(w0, q.bias, x, [(down, up, None, 1.0)]), bound, "outside")
+    q.set_lora_scale("t", 0.5)
+    assert_within(q(x), oracle_linear(w0, q.bias, x, [(down, up, None, 0.5)]), bound, "rescaled")
+    with torch.inference_mode():
+        q.set_lora_scale("t", 0.0)
+        assert_within(q(x), oracle_linear(w0, q.bias, x, []), bound, "off, inside")

@@ -229,3 +229,15 @@ def test_model_dtype_conversion_keeps_the_packed_format(convert):
     x = torch.randn(2, 64)
     dtype = {"half": torch.float16, "bfloat16": torch.bfloat16, "float": torch.float32}[convert]
     assert model(x.to(dtype)).dtype == dtype
+
+
+def test_quant_config_of_a_layer_recorded_before_fit_group():
+    # A checkpoint written before fit_group existed was quantized without it: its recorded
+    # config must not claim the fit (re-quantizing from it would change the group).
+    q = QuantLinear.from_linear(torch.nn.Linear(320, 32), QuantConfig(bits=4, group_size=128))
+    assert q.group_size == 64 and q.packed.quant_config.fit_group is True
+    old = dict(q.config)
+    del old["fit_group"]
+    q.config = old
+    assert q.packed.quant_config.fit_group is False
+    assert q.packed.quant_config.layer_group_size(320) == 128

@@ -46,12 +46,13 @@ CONV_SD15 = [
     ("sd15.conv1280@8", 1280, 1280, 8, 1), ("sd15.up960->320@64", 960, 320, 64, 1),
 ]
 CONV_BATCH = 2
+# fit_group=False: a kernel case runs the group its name says (K = 320 would otherwise take g64).
 RECIPES = {
-    "w4g128": dict(bits=4, group_size=128),
-    "w3g128": dict(bits=3, group_size=128),
-    "w2g128": dict(bits=2, group_size=128),
-    "w3g128+res": dict(bits=3, group_size=128, residual=True),
-    "w4g128+r32": dict(bits=4, group_size=128, rank=32),
+    "w4g128": dict(bits=4, group_size=128, fit_group=False),
+    "w3g128": dict(bits=3, group_size=128, fit_group=False),
+    "w2g128": dict(bits=2, group_size=128, fit_group=False),
+    "w3g128+res": dict(bits=3, group_size=128, residual=True, fit_group=False),
+    "w4g128+r32": dict(bits=4, group_size=128, rank=32, fit_group=False),
 }
 
 

@@ -33,6 +33,8 @@ from .version import __version__
 # Named recipes; convs too, since a UNet's resnet convs hold most of its weights.
 RECIPES: Dict[str, dict] = {
     "w4": dict(bits=4, group_size=64, convs=True),
+    # The group a recipe names is the one asked for: QuantConfig.fit_group may give a layer whose
+    # K pads badly a smaller one (its PackedWeight.group_size, the quantize report's group_size).
     "w4g128": dict(bits=4, group_size=128, convs=True),
     "w3res": dict(bits=3, group_size=64, residual=True, convs=True),
     "w3mix": dict(bits=3, group_size=64, mixed_bits=(2, 3, 4), residual=0.5, convs=True),

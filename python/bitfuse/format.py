@@ -348,4 +348,5 @@ class PackedWeight:
 
     @property
     def quant_config(self) -> QuantConfig:
-        return QuantConfig.from_dict(self.config)
+        # A config recorded before fit_group existed was applied without it.
+        return QuantConfig.from_dict({"fit_group": False, **self.config})

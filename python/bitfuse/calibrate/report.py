@@ -25,6 +25,7 @@ def layer_report(weight: torch.Tensor, packed: PackedWeight, activations=None,
     bits = sum(b * r for b, r in zip(packed.class_bits, packed.class_rows)) / n
     rep = {
         "name": name, "out_features": n, "in_features": packed.in_features,
+        "group_size": packed.group_size,  # the layer's own (QuantConfig.fit_group may lower it)
         "class_bits": list(packed.class_bits), "class_rows": list(packed.class_rows),
         "bits": bits, "bpw": packed.bpw, "rank": packed.rank, "nnz": packed.nnz,
         "residual_rows": packed.n_residual_rows, "target": packed.target,

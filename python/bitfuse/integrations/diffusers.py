@@ -143,6 +143,8 @@ def load_lora(pipe, source, adapter_name: str = "default", scale: float = 1.0, c
             notes.append((key, f"for component '{comp}', not among components={wanted}"))
         elif comp not in have:
             problems.append((key, f"for component '{comp}', which this pipeline does not have (it has {have})"))
+        elif (comp, sub) in original:  # "unet.x" and an unprefixed "x" name the same module
+            problems.append((key, f"names the same '{comp}' key '{sub}' as {original[(comp, sub)]}"))
         else:
             routed.setdefault(comp, {})[sub] = t
             original[(comp, sub)] = key

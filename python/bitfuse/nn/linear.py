@@ -230,7 +230,11 @@ class QuantLinear(nn.Module):
         """Components in the low-rank branch: the calibrated ones plus every adapter's."""
         return 0 if self.lr_down is None else int(self.lr_down.shape[0])
 
+    @torch.inference_mode(False)
     def _append_lora(self, down16: torch.Tensor, up16: torch.Tensor, info: LoraInfo) -> None:
+        # Outside inference mode even when called inside it: an inference-mode buffer could not
+        # be rescaled in place later (set_lora_scale) outside it.
+        down16, up16 = down16.clone(), up16.clone()  # never the caller's tensor itself
         scale = torch.full((info.rank,), info.strength, dtype=torch.float32, device=down16.device)
         if self.lr_down is None:
             self.lr_down, self.lr_up, self.lr_scale = down16, up16, scale
@@ -239,6 +243,7 @@ class QuantLinear(nn.Module):
             self.lr_up = torch.cat([self.lr_up, up16], 1).contiguous()
             self.lr_scale = torch.cat([self.lr_scale, scale], 0)
         self._loras[info.name] = info
+        self._cache, self._cache_key = None, None
 
     def add_lora(self, name: str, down: torch.Tensor, up: torch.Tensor, *, alpha=None,
                  scale: float = 1.0) -> LoraInfo:
@@ -273,12 +278,14 @@ class QuantLinear(nn.Module):
                              f"fp32 strength (scale · alpha / rank)")
         return new
 
+    @torch.inference_mode(False)
     def remove_lora(self, name: str) -> None:
         """Drop an adapter's components (later adapters move down). When nothing remains, the
         low-rank tensors are dropped: the layer is then exactly what it was before any adapter.
         Like add_lora, this replaces buffers (re-capture CUDA graphs, recompile)."""
         info = self._get_lora(name)
         o, r, total = info.offset, info.rank, self._lr_rank()
+        self._cache, self._cache_key = None, None
         if total == r:
             self.lr_down = self.lr_up = self.lr_scale = None
         else:
@@ -292,6 +299,38 @@ class QuantLinear(nn.Module):
             if a.offset > o:
                 self._loras[k] = dataclasses.replace(a, offset=a.offset - r)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._cache, self._cache_key = None, None
+        if self._loras:
+            self._reconcile_loras()
+
+    def _reconcile_loras(self) -> None:
+        """After load_state_dict copied new low-rank tensors in: the adapter table (names, ranks,
+        alphas) stays this module's, each adapter's scale is read back from the loaded lr_scale,
+        and tensors that no longer fit the table are an error (the table would describe a branch
+        the layer does not have; save_quantized/load_quantized carry adapters with a model)."""
+        total = sum(a.rank for a in self._loras.values())
+        r = self._lr_rank()
+        end = max(a.offset + a.rank for a in self._loras.values())
+        problem = None
+        if r < total or end != r:
+            problem = f"the loaded low-rank branch has rank {r}, the adapters need their last to end at rank {r}"
+        else:
+            for name, a in list(self._loras.items()):
+                entries = self.lr_scale[a.offset:a.offset + a.rank].float()
+                if not bool((entries == entries[0]).all()):
+                    problem = f"adapter '{name}': the loaded lr_scale[{a.offset}:{a.offset + a.rank}] is not one strength"
+                    break
+                strength = float(entries[0])
+                if strength == float(torch.tensor(a.strength, dtype=torch.float32)) or a.alpha == 0:
+                    continue  # the table's scale already gives this fp32 strength: keep it exact
+                self._loras[name] = dataclasses.replace(a, scale=strength * a.rank / a.alpha)
+        if problem:
+            raise RuntimeError(f"{self._describe()}: load_state_dict replaced the low-rank tensors under "
+                               f"LoRA adapters {list(self._loras)}: {problem}. remove_lora them before "
+                               f"loading, or use bitfuse.load_quantized, which carries the adapter table")
+
     def _get_lora(self, name: str) -> LoraInfo:
         if name not in self._loras:
             raise KeyError(f"{self._describe()} has no LoRA adapter '{name}'; it has {list(self._loras)}")
@@ -302,13 +341,20 @@ class QuantLinear(nn.Module):
             return None
         if self.out_features * self.in_features * 4 > _cache_limit_bytes():
             return None
-        # Keyed on each buffer's storage and version counter: an in-place update (for example
-        # load_state_dict) or a move to another device invalidates the cache.
-        key = tuple((t.data_ptr(), t._version) for t in self.buffers())
-        if self._cache is None or key != self._cache_key:
+        bufs = tuple(self.buffers())
+        if any(t.is_inference() for t in bufs):
+            return None  # inference tensors have no version counter to key on: no cache
+        # Keyed on the buffer tensors themselves and their version counters: an in-place update
+        # (load_state_dict, set_lora_scale) bumps a version; a replaced buffer (add/remove_lora,
+        # a move) is another object. Holding the objects, not their addresses, matters: a freed
+        # buffer's memory is often handed to its replacement, and an address key would match.
+        versions = tuple(t._version for t in bufs)
+        if self._cache is None or self._cache_key is None or versions != self._cache_key[1] \
+                or len(bufs) != len(self._cache_key[0]) \
+                or any(a is not b for a, b in zip(bufs, self._cache_key[0])):
             with torch.no_grad():
                 self._cache = reference.dequantize(self._view()).contiguous()
-            self._cache_key = key
+            self._cache_key = (bufs, versions)
         return self._cache
 
     def _apply(self, fn, recurse=True):

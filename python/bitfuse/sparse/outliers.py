@@ -43,7 +43,9 @@ def prepare(pw: PackedWeight) -> Optional[HBPMatrix]:
     vals = pw.sp_values
     if vals is None:
         return None
-    key = (id(pw.sp_indptr), id(pw.sp_indices))
+    # The versions too: load_state_dict copies new outliers into the same tensors.
+    key = (id(pw.sp_indptr), id(pw.sp_indices), vals._version, pw.sp_indptr._version,
+           pw.sp_indices._version)
     hit = _CACHE.get(id(vals))
     if hit is not None and hit[0]() is vals and hit[1] == key:
         return hit[2]
