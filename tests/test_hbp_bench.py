@@ -30,3 +30,19 @@ def test_summary_geomeans():
     s = bench.summarize(rows)["hbp_cuda"]
     assert s["cases"] == 3
     assert math.isclose(s["geomean_power_law"], 4.0) and math.isclose(s["geomean_all"], 2.0)
+
+
+def test_preprocess_bench_small_suite(tmp_path):
+    """benchmarks/bench_sparse_preprocess.py: whole-build and ordering-step times per method, both
+    tables written; the ordering step is part of the build, so never longer than it."""
+    script = __import__("pathlib").Path(__file__).parents[1] / "benchmarks" / "bench_sparse_preprocess.py"
+    r = subprocess.run([sys.executable, str(script), "--size", "small", "--repeats", "1", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    data = json.loads((tmp_path / "sparse_preprocess.json").read_text())
+    for row in data["rows"]:
+        for m in ("hash", "sort", "dp"):
+            assert 0 <= row[f"{m}_order_s"] <= row[f"{m}_s"] + 1e-5, (row["matrix"], m)  # (s rounded to 5 digits)
+    assert set(data["meta"]["geomean"]) == {"sort_over_hash", "dp_over_hash", "order_sort_over_hash",
+                                            "order_dp_over_hash"}
+    assert "## The ordering step alone" in (tmp_path / "sparse_preprocess.md").read_text()

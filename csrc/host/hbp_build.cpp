@@ -3,6 +3,7 @@
 // their length bucket (hbp::length_key), O(rows), then cut into interleaved groups of 32.
 // kSort and kDP replace only the in-tile ordering step, for the preprocessing comparison.
 #include <algorithm>
+#include <chrono>
 #include <numeric>
 
 #include "bitfuse/hbp.h"
@@ -89,7 +90,9 @@ template <typename Idx>
 void emit_tile(Layout& L, const Idx* indices, const Run* runs, int n, int32_t tr, int32_t ct,
                Method method, std::vector<int32_t>& ord, std::vector<int32_t>& sizes,
                std::vector<int32_t>& counts, std::vector<int64_t>& dp, std::vector<int32_t>& arg) {
+  const auto t0 = std::chrono::steady_clock::now();
   order_runs(runs, n, method, ord, sizes, counts, dp, arg);
+  L.order_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const int64_t c0 = int64_t(ct) * L.tile_cols;
   const int64_t first_slot = int64_t(L.cols.size());
   int pos = 0;

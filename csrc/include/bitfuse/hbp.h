@@ -245,6 +245,9 @@ struct Layout {
   std::vector<int32_t> multi_rows;      // rows split into >= 2 pieces (several column tiles, or a long run inside one)
   std::vector<int64_t> multi_ptr;       // their partial-slot ranges, n_multi + 1
   std::vector<int32_t> empty_rows;      // rows with no stored nonzero (the product writes 0)
+  // Diagnostics, not format: seconds spent ordering and grouping rows inside tiles (order_runs),
+  // the one step in which hash, sort and DP differ; the rest of the build is shared.
+  double order_seconds = 0.0;
 };
 
 // Builds the layout from a canonical CSR (sorted, unique columns; checked by the caller).
