@@ -205,3 +205,28 @@ def test_spmm_rejects_corrupt_layouts():
         _C.hbp_spmm(L, x.astype(np.float32))
     with pytest.raises(ValueError, match="shape"):
         _C.hbp_spmm(L, np.zeros((41, 1)))
+
+
+def test_hypersparse_tiles_grow_taller():
+    # 2 nonzeros a row over 2048 column tiles of 32: 1024-row tiles hold ~1.6 nonzeros each, in
+    # 32-lane groups (95% padding). The build counts the occupied tiles and doubles the height
+    # while the tiles stay many (>= 1024) and under ~4096 nonzeros: here up to the full 4096 rows.
+    rng = np.random.default_rng(0)
+    n_rows, n_cols = 4096, 65536
+    rows = np.repeat(np.arange(n_rows), 2)
+    a = sp.csr_matrix((rng.standard_normal(2 * n_rows).astype(np.float32),
+                       (rows, rng.integers(0, n_cols, 2 * n_rows))), shape=(n_rows, n_cols))
+    a.sum_duplicates()
+    assert _C.hbp_tile_shape(n_rows, n_cols, a.nnz, 4, 48 * 1024)[0] == 1024  # the shape-only guess
+    tall, short = _build(a, tile_cols=32), _build(a, tile_cols=32, tile_rows=1024)
+    assert tall["tile_rows"] == 4096 and short["tile_rows"] == 1024
+    _C.hbp_validate(tall)  # the layout invariants (check_layout, in Python, is slow at this size)
+    assert tall["cols"].shape[0] < 0.5 * short["cols"].shape[0]  # far fewer padding slots
+    x = rng.standard_normal((n_cols, 3)).astype(np.float32)
+    want = a @ x
+    for layout in (tall, short):
+        got = _C.hbp_spmm(layout, x)
+        assert np.allclose(got, want, rtol=1e-5, atol=1e-5)
+    # structured matrices keep the shape-only height: their occupied tiles are already full
+    band = generate.poisson2d(200)  # 40000 rows, 5 a row around the diagonal
+    assert _build(band.astype(np.float32))["tile_rows"] == _C.hbp_tile_shape(40000, 40000, band.nnz, 4, 48 * 1024)[0]

@@ -239,6 +239,33 @@ Layout build(const int64_t* indptr, const Idx* indices, int64_t n_rows, int64_t 
   return L;
 }
 
+template <typename Idx>
+int64_t tall_tile_rows(const int64_t* indptr, const Idx* indices, int64_t n_rows, TileShape t) {
+  if (t.rows < 1024 || n_rows <= t.rows) return t.rows;  // already ~4096 a tile, or one tile tall
+  const int64_t nnz = indptr[n_rows];
+  int64_t max_ct = 0;
+  for (int64_t p = 0; p < nnz; ++p) max_ct = std::max(max_ct, int64_t(indices[p]) / t.cols);
+  std::vector<int64_t> stamp(size_t(max_ct + 1), -1);  // last tile row that touched each column tile
+  int64_t occupied = 0;
+  for (int64_t r = 0; r < n_rows; ++r) {
+    const int64_t tr = r / t.rows;
+    for (int64_t p = indptr[r]; p < indptr[r + 1]; ++p) {
+      int64_t& s = stamp[size_t(int64_t(indices[p]) / t.cols)];
+      if (s != tr) s = tr, ++occupied;
+    }
+  }
+  if (occupied == 0) return t.rows;
+  const double mean = double(nnz) / double(occupied);
+  const int64_t fit = ((n_rows + kGroup - 1) / kGroup) * kGroup;
+  int64_t r = t.rows;
+  while (2 * r <= kMaxTileRows && r < fit && mean * double(r / t.rows) < 4096.0 &&
+         occupied / (2 * r / t.rows) >= kMinTilesTall)
+    r *= 2;
+  return std::min(r, fit);
+}
+
+template int64_t tall_tile_rows<int32_t>(const int64_t*, const int32_t*, int64_t, TileShape);
+template int64_t tall_tile_rows<int64_t>(const int64_t*, const int64_t*, int64_t, TileShape);
 template Layout build<int32_t>(const int64_t*, const int32_t*, int64_t, int64_t, TileShape, Method);
 template Layout build<int64_t>(const int64_t*, const int64_t*, int64_t, int64_t, TileShape, Method);
 

@@ -164,6 +164,10 @@ py::dict build(const py::array& indptr_in, const py::array& indices_in, const py
       fail("bitfuse hbp: tile_cols must be in [1, 32768], got " + num(tile_cols));
     ts.cols = tile_cols;
   }
+  if (tile_rows == 0) {  // the height from the tiles really occupied (hypersparse: taller)
+    py::gil_scoped_release nogil;
+    ts.rows = with_indices(idx, [&](auto p) { return hbp::tall_tile_rows(ip.data(), p, n_rows, ts); });
+  }
   hbp::Layout L;
   {
     py::gil_scoped_release nogil;
@@ -392,7 +396,8 @@ void register_hbp_ops(py::module_& m) {
           return py::make_tuple(t.rows, t.cols);
         },
         py::arg("n_rows"), py::arg("n_cols"), py::arg("nnz"), py::arg("value_bytes"),
-        py::arg("smem_bytes"), "(tile_rows, tile_cols) the HBP build picks (docs/HBP.md §1).");
+        py::arg("smem_bytes"), "(tile_rows, tile_cols) from the shape alone (docs/HBP.md §1); the build "
+        "may make hypersparse matrices' tiles taller after counting the tiles occupied.");
   m.def("hbp_canonicalize", &canonicalize, py::arg("indptr"), py::arg("indices"),
         py::arg("n_rows"), py::arg("n_cols"),
         "Validate a CSR structure. None if columns are sorted and unique per row, else "
