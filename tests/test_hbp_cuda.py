@@ -474,3 +474,12 @@ def test_outlier_hbp_cache_follows_in_place_loads():
     x = torch.randn(64, 3, dtype=torch.float64)
     want = reference.sparse_weight(b._view()).double() @ x
     assert torch.allclose(torch.as_tensor(h2 @ x.half()).double(), want, rtol=1e-2, atol=1e-3)
+
+
+def test_outlier_hbp_cache_with_inference_tensors():
+    # A layer quantized inside inference_mode holds inference tensors, which have no version
+    # counter: the cache keys on identity alone for them (and still builds once).
+    with torch.inference_mode():
+        q = QuantLinear.from_linear(torch.nn.Linear(64, 32), QuantConfig(bits=4, group_size=64, outliers=0.01))
+    h = outliers.prepare(q._view())
+    assert h is not None and outliers.prepare(q._view()) is h

@@ -230,3 +230,12 @@ def test_hypersparse_tiles_grow_taller():
     # structured matrices keep the shape-only height: their occupied tiles are already full
     band = generate.poisson2d(200)  # 40000 rows, 5 a row around the diagonal
     assert _build(band.astype(np.float32))["tile_rows"] == _C.hbp_tile_shape(40000, 40000, band.nnz, 4, 48 * 1024)[0]
+
+
+def test_tall_tiles_stay_within_the_target():
+    # ~2300 nonzeros per occupied 1024-row tile: doubling would make ~4600, over the ~4096 target,
+    # so the height stays (the first version checked the mean before doubling, not after).
+    a = sp.random(8192, 8192, density=0.07, format="csr", dtype=np.float32, random_state=1)
+    L = _build(a, tile_cols=32)
+    assert L["tile_rows"] == 1024
+    assert a.nnz / L["tile_work"].shape[0] <= 4096

@@ -859,8 +859,13 @@ def test_load_state_dict_keeps_the_adapter_table_true():
     # a loaded lr_scale that is not one strength per adapter cannot be described by the table
     bad = {k: v.clone() for k, v in a.state_dict().items()}
     bad["lr_scale"][1] = 3.0
-    with pytest.raises(RuntimeError, match=r"load_state_dict replaced the low-rank tensors under LoRA adapters \['s'\]"):
+    bad["bias"] += 1
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"do not fit the LoRA adapters \['s'\]"):
         b.load_state_dict(bad)
+    # refused before anything was copied: the layer is as it was
+    assert all(torch.equal(v, before[k]) for k, v in b.state_dict().items())
+    b.packed.validate()
 
 
 def test_inference_mode_layers_and_adapters():
@@ -883,3 +888,33 @@ def test_inference_mode_layers_and_adapters():
     with torch.inference_mode():
         q.set_lora_scale("t", 0.0)
         assert_within(q(x), oracle_linear(w0, q.bias, x, []), bound, "off, inside")
+
+
+def test_copies_never_reuse_the_original_cache():
+    # deepcopy (and pickling) used to carry the dense-weight cache with a key naming the copy's
+    # fresh buffers: after the same number of in-place updates the copy returned the original's
+    # weight.
+    q = QuantLinear.from_linear(linear_from(heavy_tailed(32, 64, seed=1)), QuantConfig(bits=4, group_size=32),
+                                method="rtn")
+    down, up = factors(4, 32, 64, seed=6)
+    w0 = q.dequantize()
+    q.add_lora("s", down, up)
+    x = torch.randn(2, 64)
+    q.set_lora_scale("s", 0.5)
+    q(x)  # cached at 0.5
+    c = copy.deepcopy(q)
+    c.set_lora_scale("s", 3.0)
+    bound = matmul_bound(x, branch_magnitudes(c), x.dtype, bias=c.bias)
+    assert_within(c(x), oracle_linear(w0, c.bias, x, [(down, up, None, 3.0)]), bound, "copy at 3.0")
+
+
+def test_cache_built_in_inference_mode_serves_autograd_later():
+    q = QuantLinear.from_linear(linear_from(heavy_tailed(32, 64, seed=1)), QuantConfig(bits=4, group_size=32),
+                                method="rtn")
+    x = torch.randn(2, 64)
+    with torch.inference_mode():
+        y0 = q(x)
+    xg = x.clone().requires_grad_(True)
+    y = q(xg)
+    y.sum().backward()  # would fail on a cached inference tensor
+    assert torch.equal(y.detach(), y0) and xg.grad is not None

@@ -258,7 +258,7 @@ int64_t tall_tile_rows(const int64_t* indptr, const Idx* indices, int64_t n_rows
   const double mean = double(nnz) / double(occupied);
   const int64_t fit = ((n_rows + kGroup - 1) / kGroup) * kGroup;
   int64_t r = t.rows;
-  while (2 * r <= kMaxTileRows && r < fit && mean * double(r / t.rows) < 4096.0 &&
+  while (2 * r <= kMaxTileRows && r < fit && mean * double(2 * r / t.rows) <= 4096.0 &&
          occupied / (2 * r / t.rows) >= kMinTilesTall)
     r *= 2;
   return std::min(r, fit);

@@ -80,9 +80,19 @@ std::vector<int64_t> read_indptr(const py::array& indptr_in, int64_t n_rows) {
   return out;
 }
 
-template <typename F> auto with_indices(const py::array& idx, F&& f) {
-  return idx.itemsize() == 4 ? f(static_cast<const int32_t*>(idx.data()))
-                             : f(static_cast<const int64_t*>(idx.data()));
+// An index array's pointer and width, read while the GIL is held: py::array::itemsize() goes
+// through its dtype object (reference counts), which must not happen with the GIL released.
+struct IndexView {
+  const void* data;
+  bool wide;  // int64 indices (else int32)
+};
+inline IndexView index_view(const py::array& idx) { return IndexView{idx.data(), idx.itemsize() == 8}; }
+
+template <typename F> auto with_indices(const IndexView& v, F&& f) {
+  return v.wide ? f(static_cast<const int64_t*>(v.data)) : f(static_cast<const int32_t*>(v.data));
+}
+template <typename F> auto with_indices(const py::array& idx, F&& f) {  // with the GIL held
+  return with_indices(index_view(idx), std::forward<F>(f));
 }
 
 template <typename T> py::array_t<T> to_numpy(const std::vector<T>& v) {
@@ -153,25 +163,23 @@ py::dict build(const py::array& indptr_in, const py::array& indices_in, const py
     fail("bitfuse hbp: column indices must be sorted and unique within each row; "
          "canonicalize first (HBPMatrix.from_csr does: duplicates are summed)");
   if (smem_bytes < 256) fail("bitfuse hbp: smem_bytes must be >= 256, got " + num(smem_bytes));
-  hbp::TileShape ts = hbp::choose_tiles(n_rows, n_cols, nnz, vb, smem_bytes);
+  if (tile_cols != 0 && (tile_cols < 1 || tile_cols > hbp::kMaxTileCols))
+    fail("bitfuse hbp: tile_cols must be in [1, 32768], got " + num(tile_cols));
+  hbp::TileShape ts = hbp::choose_tiles(n_rows, n_cols, nnz, vb, smem_bytes, tile_cols);
   if (tile_rows != 0) {
     if (tile_rows < 0 || tile_rows % hbp::kGroup || tile_rows > kInt32Max)
       fail("bitfuse hbp: tile_rows must be a positive multiple of 32, got " + num(tile_rows));
     ts.rows = tile_rows;
   }
-  if (tile_cols != 0) {
-    if (tile_cols < 1 || tile_cols > hbp::kMaxTileCols)
-      fail("bitfuse hbp: tile_cols must be in [1, 32768], got " + num(tile_cols));
-    ts.cols = tile_cols;
-  }
+  const IndexView iv = index_view(idx);
   if (tile_rows == 0) {  // the height from the tiles really occupied (hypersparse: taller)
     py::gil_scoped_release nogil;
-    ts.rows = with_indices(idx, [&](auto p) { return hbp::tall_tile_rows(ip.data(), p, n_rows, ts); });
+    ts.rows = with_indices(iv, [&](auto p) { return hbp::tall_tile_rows(ip.data(), p, n_rows, ts); });
   }
   hbp::Layout L;
   {
     py::gil_scoped_release nogil;
-    L = with_indices(idx, [&](auto p) { return hbp::build(ip.data(), p, n_rows, n_cols, ts, meth); });
+    L = with_indices(iv, [&](auto p) { return hbp::build(ip.data(), p, n_rows, n_cols, ts, meth); });
   }
   // Gather the values into the interleaved order: raw bytes, padding = +0.0 in every format.
   py::array vals(dt, py::ssize_t(L.src.size()));

@@ -54,12 +54,13 @@ struct TileShape {
 // shape alone; the build then counts the tiles really occupied and makes hypersparse matrices'
 // tiles taller (tall_tile_rows).
 inline TileShape choose_tiles(int64_t n_rows, int64_t n_cols, int64_t nnz, int value_bytes,
-                              int64_t smem_bytes) {
+                              int64_t smem_bytes, int64_t forced_cols = 0) {
   const int64_t acc_bytes = value_bytes == 8 ? 8 : 4;
   int64_t cap = 32;
   while (cap * 2 * acc_bytes <= smem_bytes && cap * 2 <= kMaxTileCols) cap *= 2;
   TileShape t;
   t.cols = n_cols <= cap ? (n_cols > 0 ? n_cols : 1) : cap;
+  if (forced_cols > 0) t.cols = forced_cols;  // the height below follows the width used
   const int64_t col_tiles = (n_cols + t.cols - 1) / t.cols;
   const double per_row = n_rows > 0 && col_tiles > 0 ? double(nnz) / double(n_rows) / col_tiles : 0;
   int64_t r = 64;
@@ -256,9 +257,9 @@ struct Layout {
 // tile; a power-law or few-per-row matrix leaves its 1024-row tiles nearly empty (rmat scale 20:
 // ~62 nonzeros a tile, mostly 1-long runs, so its 32-lane groups were 74% padding: 3.8× the
 // slots of nnz). Counting the tiles occupied at `t.rows` (one pass, O(nnz + column tiles)) gives
-// the real mean per tile; the height doubles while that mean (assumed to grow with the height,
-// as tiles of spread-out nonzeros stay occupied) stays under 4096 and the estimated tiles stay at
-// least kMinTilesTall, so a GPU keeps several work items per resident block. Banded and
+// the real mean per tile; the height doubles while the doubled tiles' mean (assumed to grow with
+// the height, as tiles of spread-out nonzeros stay occupied) stays at most 4096 and the estimated
+// tiles stay at least kMinTilesTall, so a GPU keeps several work items per resident block. Banded and
 // structured matrices, whose occupied tiles are already full, keep t.rows.
 constexpr int64_t kMaxTileRows = 65536;
 constexpr int64_t kMinTilesTall = 1024;

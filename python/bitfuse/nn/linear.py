@@ -299,37 +299,47 @@ class QuantLinear(nn.Module):
             if a.offset > o:
                 self._loras[k] = dataclasses.replace(a, offset=a.offset - r)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._cache, self._cache_key = None, None
-        if self._loras:
-            self._reconcile_loras()
+    def __getstate__(self):
+        # deepcopy / pickle: never carry the dense-weight cache (its key names this module's
+        # buffers, and a copy's fresh buffers could match it; nor should torch.save write it).
+        state = self.__dict__.copy()
+        state["_cache"], state["_cache_key"] = None, None
+        return state
 
-    def _reconcile_loras(self) -> None:
-        """After load_state_dict copied new low-rank tensors in: the adapter table (names, ranks,
-        alphas) stays this module's, each adapter's scale is read back from the loaded lr_scale,
-        and tensors that no longer fit the table are an error (the table would describe a branch
-        the layer does not have; save_quantized/load_quantized carry adapters with a model)."""
-        total = sum(a.rank for a in self._loras.values())
-        r = self._lr_rank()
-        end = max(a.offset + a.rank for a in self._loras.values())
-        problem = None
-        if r < total or end != r:
-            problem = f"the loaded low-rank branch has rank {r}, the adapters need their last to end at rank {r}"
-        else:
-            for name, a in list(self._loras.items()):
-                entries = self.lr_scale[a.offset:a.offset + a.rank].float()
-                if not bool((entries == entries[0]).all()):
-                    problem = f"adapter '{name}': the loaded lr_scale[{a.offset}:{a.offset + a.rank}] is not one strength"
-                    break
-                strength = float(entries[0])
-                if strength == float(torch.tensor(a.strength, dtype=torch.float32)) or a.alpha == 0:
-                    continue  # the table's scale already gives this fp32 strength: keep it exact
-                self._loras[name] = dataclasses.replace(a, scale=strength * a.rank / a.alpha)
-        if problem:
-            raise RuntimeError(f"{self._describe()}: load_state_dict replaced the low-rank tensors under "
-                               f"LoRA adapters {list(self._loras)}: {problem}. remove_lora them before "
-                               f"loading, or use bitfuse.load_quantized, which carries the adapter table")
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # The adapter table (names, ranks, alphas) is this module's, not the state dict's: check
+        # the incoming lr_scale against it before anything is copied, so a refused load leaves
+        # the layer as it was; after the copy, read each adapter's scale back.
+        loaded = state_dict.get(prefix + "lr_scale")
+        if self._loras and loaded is not None and self.lr_scale is not None \
+                and tuple(loaded.shape) == tuple(self.lr_scale.shape):
+            problem = self._lora_table_problem(loaded)
+            if problem:
+                error_msgs.append(
+                    f"{prefix or 'QuantLinear'}: the state dict's low-rank tensors do not fit the LoRA "
+                    f"adapters {list(self._loras)} of {self._describe()}: {problem}. remove_lora them "
+                    f"before loading, or use bitfuse.load_quantized, which carries the adapter table")
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        self._cache, self._cache_key = None, None
+        if self._loras and self.lr_scale is not None:
+            self._read_back_lora_scales()
+
+    def _lora_table_problem(self, lr_scale: torch.Tensor) -> Optional[str]:
+        for name, a in self._loras.items():
+            entries = lr_scale[a.offset:a.offset + a.rank].float()
+            if not bool((entries == entries[0]).all()):
+                return f"adapter '{name}': lr_scale[{a.offset}:{a.offset + a.rank}] is not one strength"
+        return None
+
+    def _read_back_lora_scales(self) -> None:
+        for name, a in list(self._loras.items()):
+            strength = float(self.lr_scale[a.offset].float())
+            if strength == float(torch.tensor(a.strength, dtype=torch.float32)) or a.alpha == 0:
+                continue  # the table's scale already gives this fp32 strength: keep it exact
+            self._loras[name] = dataclasses.replace(a, scale=strength * a.rank / a.alpha)
 
     def _get_lora(self, name: str) -> LoraInfo:
         if name not in self._loras:
@@ -352,7 +362,9 @@ class QuantLinear(nn.Module):
         if self._cache is None or self._cache_key is None or versions != self._cache_key[1] \
                 or len(bufs) != len(self._cache_key[0]) \
                 or any(a is not b for a, b in zip(bufs, self._cache_key[0])):
-            with torch.no_grad():
+            # A normal tensor even when this forward runs under inference_mode: a later forward
+            # with autograd could not use an inference tensor.
+            with torch.inference_mode(False), torch.no_grad():
                 self._cache = reference.dequantize(self._view()).contiguous()
             self._cache_key = (bufs, versions)
         return self._cache

@@ -43,9 +43,11 @@ def prepare(pw: PackedWeight) -> Optional[HBPMatrix]:
     vals = pw.sp_values
     if vals is None:
         return None
-    # The versions too: load_state_dict copies new outliers into the same tensors.
-    key = (id(pw.sp_indptr), id(pw.sp_indices), vals._version, pw.sp_indptr._version,
-           pw.sp_indices._version)
+    # The versions too: load_state_dict copies new outliers into the same tensors. (Inference
+    # tensors have no version counter: an in-place reload of those is not seen.)
+    csr = (vals, pw.sp_indptr, pw.sp_indices)
+    key = (id(pw.sp_indptr), id(pw.sp_indices)) + tuple(
+        None if t.is_inference() else t._version for t in csr)
     hit = _CACHE.get(id(vals))
     if hit is not None and hit[0]() is vals and hit[1] == key:
         return hit[2]
