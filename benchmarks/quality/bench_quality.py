@@ -4,7 +4,8 @@
 
 Layers: heavy-tailed synthetic layers (Student-t weights with planted outlier channels) fed with
 correlated activations that have outlier input channels (bitfuse.synthetic), and the linear
-layers of a tiny diffusers UNet fed with its own captured activations. Calibration statistics
+layers of a tiny diffusers UNet fed with its own captured activations; without --quick also a
+UNet at SD1.5's widths (first two levels, 80M parameters, random weights). Calibration statistics
 come from one sample of activations; the output error is measured on a held-out sample from the
 same distribution: relative output error ‖(Ŵ−W)x‖² / ‖Wx‖², summed over layers.
 HQQ (hqq.core.quantize.Quantizer, data-free) is added at 2/3/4 bits g64/g128 when the package is
@@ -100,17 +101,19 @@ def synthetic_layers(quick: bool):
             correlated_activations(2 * k, k, seed=i, sample_seed=1)
 
 
-def unet_layers():
-    """The tiny UNet's linear layers with activations captured from two different inputs."""
+def unet_layers(width: int = 64, cross_dim: int = 128, sample_size: int = 16, seq: int = 8):
+    """A UNet's linear layers with activations captured from two different inputs: the tiny UNet
+    (width 64), or with width=320, cross_dim=768 one at SD1.5's widths (its first two levels,
+    K = 320…2560, random weights like the tiny one)."""
     from bitfuse.integrations.diffusers import tiny_unet, unet_inputs
 
-    unet = tiny_unet(width=64)
+    unet = tiny_unet(width=width, cross_dim=cross_dim, sample_size=sample_size)
     acts: Dict[str, List[torch.Tensor]] = {}
     hooks = [m.register_forward_pre_hook(lambda mod, inp, n=n: acts.setdefault(n, []).append(inp[0].detach()))
              for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and m.in_features >= 64]
     with torch.no_grad():
         for seed in (1, 2):
-            unet(*unet_inputs(unet, batch=2, seed=seed))
+            unet(*unet_inputs(unet, batch=2, seq=seq, seed=seed))
     for h in hooks:
         h.remove()
     for n, m in unet.named_modules():
@@ -171,6 +174,10 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     suites = {"synthetic": evaluate(list(synthetic_layers(args.quick)), recipes, quantizer),
               "tiny-unet": evaluate(list(unet_layers()), recipes, quantizer)}
+    if not args.quick:
+        # SD1.5 widths: K = 320…2560 instead of 64…512, 32×32 latents (2048 calibration rows at
+        # the first level), CLIP-sized context; what the tiny UNet's small layers hide.
+        suites["unet-sd-widths"] = evaluate(list(unet_layers(320, 768, 32, 77)), recipes, quantizer)
     env = {"bitfuse": bitfuse.__version__, "torch": torch.__version__, "python": platform.python_version(),
            "device": "cpu", "seconds": time.perf_counter() - t0, "hqq": hqq_env}
     verdict = {}

@@ -31,12 +31,13 @@ def _require_diffusers():
     return diffusers
 
 
-def tiny_unet(width: int = 64, cross_dim: int = 128, seed: int = 0):
-    """A small UNet2DConditionModel (SD-style blocks) with random weights, built from a config."""
+def tiny_unet(width: int = 64, cross_dim: int = 128, seed: int = 0, sample_size: int = 16):
+    """A small UNet2DConditionModel (SD-style blocks) with random weights, built from a config.
+    width=320, cross_dim=768 gives SD1.5's first two levels (about 80M parameters)."""
     diffusers = _require_diffusers()
     torch.manual_seed(seed)
     return diffusers.UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=(width, 2 * width),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
