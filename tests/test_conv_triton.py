@@ -17,6 +17,7 @@ from bitfuse import QuantConfig, pack
 from bitfuse.format import PackedWeight
 from bitfuse.nn import QuantConv2d
 from _tolerance import assert_within, branch_magnitudes, matmul_bound
+from _spies import count_calls
 
 triton = pytest.importorskip("triton")
 from bitfuse.kernels import KernelConfig  # noqa: E402
@@ -193,9 +194,7 @@ def test_module_forward_runs_the_implicit_gemm(monkeypatch):
     for k×k convs, returns NCHW-shaped channels-last output; the torch path stays im2col."""
     if torch.cuda.is_available():
         pytest.skip("interpreter check; the GPU run is test_gpu_conv_sd15")
-    calls = []
-    real = conv_launch._launch
-    monkeypatch.setattr(conv_launch, "_launch", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    calls = count_calls(monkeypatch, conv_launch)
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(9, 24, 3, padding=1, stride=2)
     q = QuantConv2d.from_conv(conv, QuantConfig(bits=3, group_size=32, residual=True, rank=2, outliers=0.01))
@@ -219,9 +218,7 @@ def test_custom_op_opcheck_and_compile(monkeypatch):
     backend, and torch.compile(fullgraph) of QuantConv2d running the implicit GEMM through it."""
     if torch.cuda.is_available():
         pytest.skip("interpreter check")
-    calls = []
-    real = conv_launch._launch
-    monkeypatch.setattr(conv_launch, "_launch", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    calls = count_calls(monkeypatch, conv_launch)
     q = random_conv(20, 4, 3, classes=((4, 16), (3, None)), residual=True, rank=2, nnz=10, bias=True,
                     padding=1, seed=5)
     x = image(1, 4, 5, 6, dtype=torch.float32)

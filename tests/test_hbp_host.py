@@ -227,6 +227,10 @@ def test_hypersparse_tiles_grow_taller():
     for layout in (tall, short):
         got = _C.hbp_spmm(layout, x)
         assert np.allclose(got, want, rtol=1e-5, atol=1e-5)
+    # the GPU kernel's body on the tall layout: any grid and chunking, the same bits
+    one = _C.hbp_spmm(tall, x, programs=1, mt=8)
+    for programs, mt in ((7, 1), (300, 8)):
+        np.testing.assert_array_equal(_C.hbp_spmm(tall, x, programs=programs, mt=mt), one)
     # structured matrices keep the shape-only height: their occupied tiles are already full
     band = generate.poisson2d(200)  # 40000 rows, 5 a row around the diagonal
     assert _build(band.astype(np.float32))["tile_rows"] == _C.hbp_tile_shape(40000, 40000, band.nnz, 4, 48 * 1024)[0]

@@ -10,7 +10,6 @@ import copy
 import functools
 import json
 import re
-import struct
 
 import pytest
 import torch
@@ -20,6 +19,8 @@ import bitfuse
 from bitfuse import FormatError, PackedWeight, QuantConfig, QuantLinear, pack
 from bitfuse.nn import QuantConv2d
 from _tolerance import UNIT_ROUNDOFF, assert_within, branch_magnitudes, gamma, matmul_bound
+from _checkpoint import edit_meta, header
+from _spies import count_calls
 from synthetic import heavy_tailed, linear_from
 
 # ---- helpers --------------------------------------------------------------------------------
@@ -307,9 +308,7 @@ def test_triton_forward_with_adapter_under_the_interpreter(monkeypatch):
     import bitfuse.kernels.launch as launch
     from bitfuse.kernels import tuning
 
-    calls = []
-    real = launch._launch
-    monkeypatch.setattr(launch, "_launch", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    calls = count_calls(monkeypatch, launch)
     w = heavy_tailed(64, 96, seed=3, outlier_channels=8)
     q = QuantLinear.from_linear(linear_from(w), QuantConfig(bits=3, group_size=32, rank=2, mixed_bits=(2, 3, 4)))
     assert q.perm is not None
@@ -337,9 +336,7 @@ def test_triton_implicit_gemm_conv_with_adapter_under_the_interpreter(monkeypatc
         pytest.skip("interpreter check; the GPU run is test_gpu_conv_sd15")
     from bitfuse.kernels import conv_launch
 
-    calls = []
-    real = conv_launch._launch
-    monkeypatch.setattr(conv_launch, "_launch", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    calls = count_calls(monkeypatch, conv_launch)
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(6, 20, 3, padding=1, stride=2)
     q = QuantConv2d.from_conv(conv, QuantConfig(bits=3, group_size=32, rank=2), method="rtn")
@@ -369,25 +366,6 @@ def _small_model(seed=0):
     return torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 48))
 
 
-def _header(path):
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        return n, json.loads(f.read(n))
-
-
-def _edit_meta(path, fn):
-    n, h = _header(path)
-    meta = json.loads(h["__metadata__"]["bitfuse"])
-    fn(meta)
-    h["__metadata__"]["bitfuse"] = json.dumps(meta)
-    with open(path, "rb") as f:
-        data = f.read()[8 + n:]
-    raw = json.dumps(h).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw + data)
-
-
 @pytest.fixture()
 def lora_ckpt(tmp_path):
     m = bitfuse.quantize_(_small_model(), QuantConfig(bits=4, group_size=32, rank=2, mixed_bits=(3, 4)),
@@ -404,7 +382,7 @@ def lora_ckpt(tmp_path):
 
 def test_save_load_keeps_adapters(lora_ckpt):
     m, path, x, y0 = lora_ckpt
-    meta = json.loads(_header(path)[1]["__metadata__"]["bitfuse"])
+    meta = json.loads(header(path)[1]["__metadata__"]["bitfuse"])
     assert [e["name"] for e in meta["layers"]["0"]["lora"]] == ["style", "detail"]
     fresh = bitfuse.load_quantized(_small_model(seed=5), path)
     for i in (0, 2):
@@ -426,7 +404,7 @@ def test_checkpoint_without_adapter_table_loads_as_calibrated_branch(lora_ckpt):
     # An older checkpoint (or one whose table was dropped): every component is "calibrated",
     # lr_scale as stored, so the output is the same; there are just no adapters to swap.
     m, path, x, _ = lora_ckpt
-    _edit_meta(path, lambda meta: [lm.pop("lora", None) for lm in meta["layers"].values()])
+    edit_meta(path, lambda meta: [lm.pop("lora", None) for lm in meta["layers"].values()])
     fresh = bitfuse.load_quantized(_small_model(), path)
     assert not fresh[0].loras and fresh[0]._lr_rank() == 2 + 3 + 2
     assert torch.equal(fresh(x), m(x))
@@ -442,7 +420,7 @@ def test_checkpoint_without_adapter_table_loads_as_calibrated_branch(lora_ckpt):
 ])
 def test_adapter_table_that_disagrees_with_the_tensors_is_refused(lora_ckpt, edit, match):
     _, path, _, _ = lora_ckpt
-    _edit_meta(path, lambda meta: edit(meta["layers"]["0"]["lora"]))
+    edit_meta(path, lambda meta: edit(meta["layers"]["0"]["lora"]))
     model = _small_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(bitfuse.CheckpointError, match=match) as e:

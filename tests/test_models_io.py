@@ -1,15 +1,14 @@
 """quantize_ on tiny diffusers models, save/load round trips, and bad checkpoints."""
 
-import json
 import logging
 import os
-import struct
 
 import pytest
 import torch
 
 import bitfuse
 from bitfuse import QuantConfig, QuantLinear
+from _checkpoint import edit_meta, header, rewrite_header
 
 diffusers_mod = pytest.importorskip("diffusers")
 from bitfuse.integrations.diffusers import dit_inputs, tiny_dit, tiny_unet, unet_inputs  # noqa: E402
@@ -115,22 +114,6 @@ def small_ckpt(tmp_path):
     return m, path
 
 
-def _header(path):
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        return n, json.loads(f.read(n))
-
-
-def _rewrite_header(path, header):
-    n, _ = _header(path)
-    with open(path, "rb") as f:
-        data = f.read()[8 + n:]
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw + data)
-
-
 def test_small_round_trip(small_ckpt):
     m, path = small_ckpt
     x = torch.randn(3, 64)
@@ -153,7 +136,7 @@ def test_truncated_checkpoint(small_ckpt):
 
 def test_corrupted_bytes_fail_crc(small_ckpt):
     _, path = small_ckpt
-    n, _ = _header(path)
+    n, _ = header(path)
     with open(path, "r+b") as f:
         f.seek(8 + n + 10)
         b = f.read(1)
@@ -175,11 +158,7 @@ def test_garbage_file(tmp_path):
 @pytest.mark.parametrize("version,hint", [(99, "reads version 2"), (1, "re-quantize")])
 def test_wrong_version(small_ckpt, version, hint):
     _, path = small_ckpt
-    _, h = _header(path)
-    meta = json.loads(h["__metadata__"]["bitfuse"])
-    meta["format_version"] = version
-    h["__metadata__"]["bitfuse"] = json.dumps(meta)
-    _rewrite_header(path, h)
+    edit_meta(path, lambda meta: meta.__setitem__("format_version", version))
     with pytest.raises(bitfuse.CheckpointError, match=f"format_version {version}") as e:
         bitfuse.load_quantized(_small_model(), path)
     assert hint in str(e.value)
@@ -187,9 +166,9 @@ def test_wrong_version(small_ckpt, version, hint):
 
 def test_not_a_bitfuse_checkpoint(small_ckpt):
     _, path = small_ckpt
-    _, h = _header(path)
+    _, h = header(path)
     del h["__metadata__"]
-    _rewrite_header(path, h)
+    rewrite_header(path, h)
     with pytest.raises(bitfuse.CheckpointError, match="not a bitfuse checkpoint"):
         bitfuse.load_quantized(_small_model(), path)
 

@@ -13,6 +13,7 @@ import torch
 import bitfuse
 from bitfuse import QuantConfig, QuantLinear, reference
 from _tolerance import assert_within, branch_magnitudes, matmul_bound
+from _spies import count_calls
 from synthetic import heavy_tailed, linear_from
 
 triton = pytest.importorskip("triton")
@@ -108,9 +109,7 @@ def test_quantlinear_forward_runs_triton_under_the_interpreter(monkeypatch):
         pytest.skip("interpreter check; the GPU run is test_gpu_triton")
     import bitfuse.kernels.launch as launch
 
-    calls = []
-    real = launch._launch
-    monkeypatch.setattr(launch, "_launch", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    calls = count_calls(monkeypatch, launch)
     monkeypatch.setenv("BITFUSE_BACKEND", "triton")
     q = layer(3, 32, "all")
     x = torch.randn(2, 3, K).to(torch.float16)
