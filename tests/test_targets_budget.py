@@ -146,7 +146,7 @@ def test_activation_aware_allocation_beats_data_free():
     assert held_out_error(aware) < 0.7 * held_out_error(free)
     # raw activation tensors work like their statistics
     assert allocate_ranks(weights, cfg, avg_rank=4, calib_data={n: v[1] for n, v in layers.items()}) == aware
-    with pytest.raises(ValueError, match="no activations for 1 of the 4 layers"):
+    with pytest.raises(ValueError, match="calib_data has nothing for 1 of the 4 layers"):
         allocate_ranks(weights, cfg, avg_rank=4, calib_data={n: stats[n] for n in "abc"})
 
 

@@ -68,6 +68,18 @@ def _layers(model_or_layers, config: QuantConfig, filter_fn) -> Dict[str, torch.
                     f"got {type(model_or_layers).__name__}")
 
 
+def check_covers(what: str, data: Optional[Mapping], layers: Mapping) -> None:
+    """A per-layer input (calib_data, sensitivity, …) must cover every layer being allocated, or
+    be None: scores with and without it are in different units and cannot be ranked together."""
+    if data is None:
+        return
+    missing = sorted(set(layers) - set(data))
+    if missing:
+        raise ValueError(f"{what} has nothing for {len(missing)} of the {len(layers)} layers being "
+                         f"allocated (e.g. {missing[:3]}); give them all, or none, or leave those "
+                         "layers out with filter_fn")
+
+
 def error_spectrum(weight: torch.Tensor, config: QuantConfig, probe_rank: int, *,
                    method: str = "rtn", niter: int = 2, seed: int = 0,
                    activations: Union[None, torch.Tensor, ActivationStats] = None) -> torch.Tensor:
@@ -165,12 +177,7 @@ def allocate_ranks(
     layers = _layers(model_or_layers, config, filter_fn)
     if not layers:
         return {}
-    if calib_data is not None:
-        missing = sorted(set(layers) - set(calib_data))
-        if missing:
-            raise ValueError(f"calib_data has no activations for {len(missing)} of the {len(layers)} layers "
-                             f"being allocated (e.g. {missing[:3]}); give them all, or none, or leave "
-                             "those layers out with filter_fn")
+    check_covers("calib_data", calib_data, layers)
     widths = {name: w.shape[0] + w.shape[1] for name, w in layers.items()}
     if avg_rank is not None:
         if not avg_rank >= 0:
@@ -228,33 +235,16 @@ def rank_params(ranks: Mapping[str, int], model_or_layers, config: Optional[Quan
 
 def quantize_with_ranks(model: nn.Module, config: QuantConfig, ranks: Mapping[str, int], *,
                         filter_fn=None, calib_data=None, report=None, **kwargs) -> nn.Module:
-    """quantize_ with a per-layer rank: one quantize_ pass per distinct rank, each over the layers
-    that get it (config.rank for layers not in `ranks`). Other keyword arguments (calib_options,
-    progress) go to quantize_; report may be a list or a path (written once, at the end)."""
-    from ..api import quantize_  # lazy: api imports calibrate
-    from .report import write_report
+    """quantize_ with a per-layer rank (config.rank for layers not in `ranks`): quantize_per_layer
+    with config's rank replaced. Other keyword arguments (calib_options, progress) go to quantize_;
+    report may be a list or a path (written once, at the end)."""
+    from .allocate import quantize_per_layer  # allocate imports this module
 
-    calib_data = dict(calib_data or {})
-    by_rank: Dict[int, set] = {}
     kinds = (nn.Linear, nn.Conv2d) if config.convs else (nn.Linear,)
-    for fqn, m in model.named_modules():
-        if isinstance(m, kinds):
-            by_rank.setdefault(int(ranks.get(fqn, config.rank)), set()).add(fqn)
-    unknown = set(ranks) - set().union(*by_rank.values()) if by_rank else set(ranks)
+    names = {fqn for fqn, m in model.named_modules() if isinstance(m, kinds)}
+    unknown = sorted(set(ranks) - names)
     if unknown:
-        raise ValueError(f"ranks names layers that are not quantizable layers of this model: {sorted(unknown)[:5]}")
-    rows: list = []
-    for rank in sorted(by_rank):
-        names = by_rank[rank]
-
-        def keep(m, fqn, names=names):
-            return fqn in names and (filter_fn is None or filter_fn(m, fqn))
-
-        quantize_(model, dataclasses.replace(config, rank=rank), filter_fn=keep,
-                  calib_data={k: v for k, v in calib_data.items() if k in names},
-                  report=rows if report is not None else None, **kwargs)
-    if isinstance(report, list):
-        report.extend(rows)
-    elif report is not None:
-        write_report(rows, report, config)
-    return model
+        raise ValueError(f"ranks names layers that are not quantizable layers of this model: {unknown[:5]}")
+    configs = {fqn: dataclasses.replace(config, rank=int(r)) for fqn, r in ranks.items()}
+    return quantize_per_layer(model, configs, config, filter_fn=filter_fn, calib_data=calib_data,
+                              report=report, **kwargs)

@@ -4,7 +4,7 @@ statistics calibration needs (XᵀX and per-channel sums of squares), never the 
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -16,9 +16,17 @@ log = logging.getLogger("bitfuse.calibrate")
 FilterFn = Callable[[nn.Module, str], bool]
 
 
+class ModelCall(NamedTuple):
+    """A recorded model call: positional and keyword arguments together."""
+    args: tuple
+    kwargs: dict
+
+
 def run_batch(model: nn.Module, batch):
-    """Call the model the way the batch says: a dict is keyword arguments, a tuple/list
-    positional arguments, anything else the one argument."""
+    """Call the model the way the batch says: a ModelCall as recorded, a dict as keyword
+    arguments, a tuple/list as positional arguments, anything else as the one argument."""
+    if isinstance(batch, ModelCall):
+        return model(*batch.args, **batch.kwargs)
     if isinstance(batch, dict):
         return model(**batch)
     if isinstance(batch, (tuple, list)):

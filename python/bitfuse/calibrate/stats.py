@@ -128,3 +128,22 @@ def as_stats(activations: Union[None, torch.Tensor, ActivationStats], in_feature
         moved.merge(st)
         st = moved
     return st
+
+
+def merge_stats(*parts):
+    """{fqn: ActivationStats} of several collections merged into new objects (the inputs are
+    left as they are): the statistics of all their inputs together. Layers missing from any
+    part are left out."""
+    if not parts:
+        return {}
+    names = set(parts[0]).intersection(*parts[1:])
+    out = {}
+    for name in parts[0]:
+        if name not in names:
+            continue
+        first = parts[0][name]
+        merged = ActivationStats(first.in_features, full=first.xtx is not None, device=first.sq_sum.device)
+        for p in parts:
+            merged.merge(p[name])
+        out[name] = merged
+    return out

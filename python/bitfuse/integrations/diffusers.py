@@ -230,6 +230,17 @@ def sample_timesteps(steps, num_train_timesteps: int = DEFAULT_TRAIN_TIMESTEPS) 
     return [int(t) for t in steps]
 
 
+def holdout_timesteps(steps: int, num_train_timesteps: int = DEFAULT_TRAIN_TIMESTEPS) -> list:
+    """The steps − 1 timesteps halfway between sample_timesteps(steps)' (the middle one for
+    steps = 1): held-out statistics for allocate_bits(holdout=…) should come from timesteps the
+    fitted ones did not see, or layers that see only the timestep (time embeddings) look perfect."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if steps == 1:
+        return [(num_train_timesteps - 1) // 2]
+    return sample_timesteps(2 * steps - 1, num_train_timesteps)[1::2]
+
+
 def _at_timestep(batch, t: int, scheduler, generator):
     """A copy of a denoiser batch with its timestep set to t (and, given a scheduler, the sample
     noised to t). Batches are dicts (`timestep` key, sample under `sample` or `hidden_states`)
@@ -288,3 +299,51 @@ def collect(pipe_or_denoiser, inputs, steps=4, *, scheduler=None, full: bool = T
                 kwargs.setdefault("num_inference_steps", steps)
                 pipe_or_denoiser(**kwargs)
     return rec.stats if name is None else {name: rec.stats}
+
+
+def _detached(v):
+    if isinstance(v, torch.Tensor):
+        return v.detach().clone()
+    if isinstance(v, (tuple, list)):
+        return type(v)(_detached(x) for x in v)
+    if isinstance(v, dict):
+        return {k: _detached(x) for k, x in v.items()}
+    return v
+
+
+def sensitivity(pipe_or_denoiser, inputs, steps=4, *, scheduler=None, probes: int = 4,
+                filter_fn=None, seed: int = 0):
+    """Output sensitivity (bitfuse.calibrate.output_sensitivity) of a diffusion model's layers,
+    sampled across timesteps like collect(), with the same `inputs` and `steps`.
+
+    * A bare denoiser: every batch runs at every timestep of `steps`. Returns {fqn: S}.
+    * A pipeline: each call of `inputs` runs `steps` inference steps; the denoiser's calls are
+      recorded (their inputs only) and replayed with gradients, since pipelines run without.
+      Returns {denoiser name: {fqn: S}}, the shape collect() returns.
+    Feed it with the statistics from collect() to allocate_bits (docs/CALIBRATION.md).
+    """
+    from ..calibrate.collect import ModelCall
+    from ..calibrate.sensitivity import output_sensitivity
+
+    name = _denoiser_name(pipe_or_denoiser)
+    denoiser = pipe_or_denoiser if name is None else getattr(pipe_or_denoiser, name)
+    if name is None:
+        total = getattr(getattr(scheduler, "config", None), "num_train_timesteps", DEFAULT_TRAIN_TIMESTEPS)
+        gen = torch.Generator().manual_seed(seed)
+        batches = [_at_timestep(batch, t, scheduler, gen)
+                   for t in sample_timesteps(steps, total) for batch in inputs]
+        return output_sensitivity(denoiser, batches, probes=probes, seed=seed, filter_fn=filter_fn)
+    if not isinstance(steps, int):
+        raise ValueError("with a pipeline, steps is the number of inference steps (an int)")
+    calls = []
+    handle = denoiser.register_forward_pre_hook(
+        lambda mod, args, kwargs: calls.append(ModelCall(_detached(args), _detached(kwargs))), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for call in inputs:
+                kwargs = {"prompt": call} if isinstance(call, str) else dict(call)
+                kwargs.setdefault("num_inference_steps", steps)
+                pipe_or_denoiser(**kwargs)
+    finally:
+        handle.remove()
+    return {name: output_sensitivity(denoiser, calls, probes=probes, seed=seed, filter_fn=filter_fn)}

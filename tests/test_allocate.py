@@ -1,0 +1,321 @@
+"""Layer-wise bit allocation (allocate_bits, quantize_per_layer) and output sensitivity."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn as nn
+
+from bitfuse import QuantConfig
+from bitfuse.calibrate import (ActivationStats, BudgetError, allocate_bits, calibrate, collect, layer_report,
+                               merge_stats, output_sensitivity, price_layers, quantize_per_layer)
+from bitfuse.calibrate.allocate import _hull
+from bitfuse.nn import QuantConv2d, QuantLinear
+from bitfuse.synthetic import correlated_activations, heavy_tailed
+
+CANDIDATES = [QuantConfig(bits=2, group_size=64), QuantConfig(bits=3), QuantConfig(bits=4)]
+
+
+# ---- output sensitivity ------------------------------------------------------------------------
+
+def test_sensitivity_of_a_linear_chain_is_the_diagonal_of_the_downstream_gram():
+    """y = W2·W1·x: an error in W1's output channel n reaches y through column n of W2, so
+    S1[n] = positions · Σ_m W2[m, n]², and S2 = positions (the identity follows)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 12, bias=False), nn.Linear(12, 8, bias=False))
+    x = torch.randn(4, 32, 16)  # 128 positions per call
+    s = output_sensitivity(model, [x, x], probes=32, seed=1)
+    w2 = model[1].weight.detach()
+    want1 = 128 * w2.square().sum(dim=0)
+    assert torch.allclose(s["0"], want1, rtol=0.15)
+    assert torch.allclose(s["1"], torch.full((8,), 128.0), rtol=0.15)
+    assert all(p.grad is None for p in model.parameters())  # no parameter gradient computed
+
+
+def test_sensitivity_conv_channels_and_unreached_layers():
+    torch.manual_seed(0)
+    class ConvOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.unused = nn.Conv2d(3, 5, 3, padding=1), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    model = ConvOnly()
+    s = output_sensitivity(model, [torch.randn(2, 3, 6, 6)], probes=64)
+    assert s["conv"].shape == (5,)
+    assert torch.allclose(s["conv"], torch.full((5,), 2 * 6 * 6.0), rtol=0.15)  # identity: positions
+    assert torch.equal(s["unused"], torch.zeros(4))
+
+
+def test_sensitivity_is_seeded_and_rejects_bad_arguments():
+    model = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 4))
+    x = torch.randn(3, 8)
+    a = output_sensitivity(model, [x], probes=2, seed=3)
+    b = output_sensitivity(model, [x], probes=2, seed=3)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="probes"):
+        output_sensitivity(model, [x], probes=0)
+    with pytest.raises(ValueError, match="no batches"):
+        output_sensitivity(model, [])
+    with pytest.raises(TypeError, match="nn.Module"):
+        output_sensitivity(lambda v: v, [x])
+
+
+# ---- the knapsack ------------------------------------------------------------------------------
+
+def test_hull_drops_dominated_and_non_convex_candidates():
+    pts = [(1, 10.0, 0), (2, 4.0, 1), (3, 3.5, 2), (4, 1.0, 3), (5, 2.0, 4)]
+    # (5, 2.0) is dominated by (4, 1.0); (3, 3.5) lies above the segment (2, 4) -> (4, 1)
+    assert [p[2] for p in _hull(pts)] == [0, 1, 3]
+
+
+def _layers(seed=0):
+    shapes = [(64, 256), (128, 128), (32, 256), (96, 128)]
+    out = {}
+    for i, (n, k) in enumerate(shapes):
+        w = heavy_tailed(n, k, seed=seed + i, outlier_channels=2)
+        out[f"l{i}"] = (w, correlated_activations(2 * k, k, seed=i))
+    return out
+
+
+def _scores(layers, stats=None):
+    """{(layer, candidate index): (bits, relative error)} by calibrating every pair."""
+    table = {}
+    for name, (w, x) in layers.items():
+        for i, cfg in enumerate(CANDIDATES):
+            pw = calibrate(w, cfg, activations=None if stats is None else x)
+            rep = layer_report(w, pw, None if stats is None else x)
+            err = rep["output_rel_err"] if stats is not None else rep["weight_rel_err"]
+            table[name, i] = (pw.bpw * w.numel(), err)
+    return table
+
+
+@pytest.mark.parametrize("avg_bpw", [2.7, 3.3, 3.9])
+def test_allocation_respects_the_budget_and_is_near_the_brute_force_optimum(avg_bpw):
+    layers = _layers()
+    weights = {n: w for n, (w, _) in layers.items()}
+    report = []
+    chosen = allocate_bits(weights, CANDIDATES, avg_bpw, report=report)
+    table = _scores(layers)
+    sizes = {n: w.numel() for n, w in weights.items()}
+    total = sum(sizes.values())
+    index = {n: CANDIDATES.index(c) for n, c in chosen.items()}
+    bits = sum(table[n, i][0] for n, i in index.items())
+    assert bits <= avg_bpw * total + 1e-6
+    score = sum(table[n, i][1] for n, i in index.items())
+    # the report says the same
+    rows = [r for r in report if r["chosen"]]
+    assert {r["name"]: r["candidate"] for r in rows} == index
+    assert sum(r["bpw"] * r["weights"] for r in rows) == pytest.approx(bits)
+    best = min(sum(table[n, i][1] for n, i in zip(weights, combo))
+               for combo in itertools.product(range(len(CANDIDATES)), repeat=len(weights))
+               if sum(table[n, i][0] for n, i in zip(weights, combo)) <= avg_bpw * total + 1e-6)
+    assert score <= best * 1.25  # the greedy may leave one upgrade unbought
+    # more budget never scores worse
+    richer = allocate_bits(weights, CANDIDATES, avg_bpw + 0.4)
+    assert sum(table[n, CANDIDATES.index(c)][1] for n, c in richer.items()) <= score
+
+
+def test_sensitivity_moves_bits_to_the_layer_that_matters():
+    layers = _layers()
+    weights = {n: w for n, (w, _) in layers.items()}
+    stats = {n: x for n, (_, x) in layers.items()}
+    flat = {n: torch.ones(w.shape[0]) for n, w in weights.items()}
+    base = allocate_bits(weights, CANDIDATES, 2.8, calib_data=stats, sensitivity=flat)
+    loud = dict(flat, l2=torch.full((weights["l2"].shape[0],), 1e6))
+    moved = allocate_bits(weights, CANDIDATES, 2.8, calib_data=stats, sensitivity=loud)
+    assert base["l2"].bits < 4 and moved["l2"].bits == 4
+
+
+def test_allocation_errors_name_the_problem():
+    layers = _layers()
+    weights = {n: w for n, (w, _) in layers.items()}
+    stats = {n: x for n, (_, x) in layers.items()}
+    with pytest.raises(BudgetError, match=r"reachable minimum") as e:
+        allocate_bits(weights, CANDIDATES, 2.0)
+    assert "2.5" in str(e.value)  # every layer's cheapest, W2 g64, costs 2.5 bpw
+    with pytest.raises(ValueError, match="needs the layers' activations"):
+        allocate_bits(weights, CANDIDATES, 3.0, sensitivity={n: torch.ones(w.shape[0]) for n, w in weights.items()})
+    with pytest.raises(ValueError, match="calib_data has nothing for"):
+        allocate_bits(weights, CANDIDATES, 3.0, calib_data={"l0": stats["l0"]})
+    with pytest.raises(ValueError, match=r"sensitivity\['l0'\] must be a \(64,\) tensor"):
+        allocate_bits(weights, CANDIDATES, 3.0, calib_data=stats,
+                      sensitivity={n: torch.ones(8) for n in weights})
+    with pytest.raises(ValueError, match="negative or non-finite"):
+        allocate_bits(weights, CANDIDATES, 3.0, calib_data=stats,
+                      sensitivity={n: torch.full((w.shape[0],), float("nan")) for n, w in weights.items()})
+    with pytest.raises(ValueError, match="agree on QuantConfig.target"):
+        allocate_bits(weights, [QuantConfig(bits=2, target="orin"), QuantConfig(bits=4)], 3.0)
+    with pytest.raises(TypeError, match="non-empty"):
+        allocate_bits(weights, [], 3.0)
+    with pytest.raises(ValueError, match="avg_bpw"):
+        allocate_bits(weights, CANDIDATES, -1)
+
+
+# ---- applying it ------------------------------------------------------------------------------
+
+def test_quantize_per_layer_applies_each_layers_config():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 128), nn.Conv2d(8, 32, 3))
+    configs = {"0": QuantConfig(bits=2, group_size=64), "3": QuantConfig(bits=4, group_size=64)}
+    rows = []
+    quantize_per_layer(model, configs, QuantConfig(bits=3, group_size=64), report=rows, progress=False)
+    assert isinstance(model[0], QuantLinear) and model[0].packed.class_bits == [2]
+    assert isinstance(model[2], QuantLinear) and model[2].packed.class_bits == [3]  # the default
+    # the conv is named, so it is quantized although its config has convs=False
+    assert isinstance(model[3], QuantConv2d) and model[3].packed.class_bits == [4]
+    assert sorted(r["name"] for r in rows) == ["0", "2", "3"]
+    plain = nn.Sequential(nn.Linear(128, 64), nn.Conv2d(8, 32, 3))
+    quantize_per_layer(plain, {}, QuantConfig(bits=3, group_size=64), progress=False)
+    assert isinstance(plain[0], QuantLinear) and type(plain[1]) is nn.Conv2d  # default without convs
+    with pytest.raises(ValueError, match="not nn.Linear/nn.Conv2d layers"):
+        quantize_per_layer(plain, {"nope": QuantConfig()})
+    with pytest.raises(TypeError, match="must be a bitfuse.QuantConfig"):
+        quantize_per_layer(plain, {"0": {"bits": 3}})
+
+
+class _DampedBlockMLP(nn.Module):
+    """An MLP whose middle block feeds a residual stream through a small gain, as a late
+    residual branch does: its errors reach the output 100x damped (in squared terms), which
+    only the output sensitivity can tell."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.mid, self.out = nn.Linear(128, 128), nn.Linear(128, 128), nn.Linear(128, 64)
+
+    def forward(self, x):
+        h = torch.nn.functional.gelu(self.inp(x))
+        h = h + 0.1 * self.mid(h)
+        return self.out(h)
+
+
+def _model_error(model, ref, x):
+    with torch.no_grad():
+        return float((model(x) - ref).square().sum() / ref.square().sum())
+
+
+def test_sensitivity_weighted_allocation_beats_uniform_at_equal_bits_on_the_model_output():
+    """The end-to-end claim at small scale: at the bpw of uniform W3 g128, the allocation with
+    output sensitivity has a lower model-output error than uniform W3 g128 (both GPTQ)."""
+    model = _DampedBlockMLP()
+    x_cal = correlated_activations(512, 128, seed=0)
+    x_held = correlated_activations(256, 128, seed=0, sample_seed=1)
+    with torch.no_grad():
+        ref = model(x_held)
+    stats = collect(model, [x_cal])
+    sens = output_sensitivity(model, [x_cal], probes=8)
+    opts = {"rounding": "gptq"}
+    import copy
+
+    from bitfuse import quantize_
+
+    uniform = copy.deepcopy(model)
+    quantize_(uniform, QuantConfig(bits=3), calib_data=stats, calib_options=opts, progress=False)
+    packed = [m.packed for m in uniform.modules() if isinstance(m, QuantLinear)]
+    bpw = sum(p.bpw * p.out_features * p.in_features for p in packed) / sum(
+        p.out_features * p.in_features for p in packed)
+    configs = allocate_bits(model, CANDIDATES, bpw, calib_data=stats, sensitivity=sens, calib_options=opts)
+    allocated = copy.deepcopy(model)
+    quantize_per_layer(allocated, configs, calib_data=stats, calib_options=opts, progress=False)
+    assert configs["mid"].bits < min(configs["inp"].bits, configs["out"].bits)
+    assert _model_error(allocated, ref, x_held) < 0.7 * _model_error(uniform, ref, x_held)
+
+
+# ---- diffusion models ---------------------------------------------------------------------------
+
+def test_diffusers_sensitivity_bare_denoiser_and_pipeline():
+    pytest.importorskip("diffusers")
+    from bitfuse.integrations import diffusers as bd
+    from bitfuse.integrations.pipelines import tiny_dit_pipeline
+
+    unet = bd.tiny_unet()
+    s = bd.sensitivity(unet, [bd.unet_inputs(unet, batch=1)], steps=2, probes=2)
+    linears = {n for n, m in unet.named_modules() if isinstance(m, nn.Linear)}
+    assert linears <= set(s)
+    assert all(bool(torch.isfinite(v).all()) and bool((v >= 0).all()) for v in s.values())
+    assert sum(float(s[n].sum()) > 0 for n in linears) > len(linears) // 2
+    assert all(p.grad is None for p in unet.parameters())
+
+    pipe = tiny_dit_pipeline()
+    calls = [dict(class_labels=[1], output_type="latent", generator=torch.Generator().manual_seed(0))]
+    out = bd.sensitivity(pipe, calls, steps=2, probes=1)
+    assert set(out) == {"transformer"}
+    per_layer = out["transformer"]
+    assert {n for n, m in pipe.transformer.named_modules() if isinstance(m, nn.Linear)} <= set(per_layer)
+    assert sum(float(v.sum()) > 0 for v in per_layer.values()) > 0
+    with pytest.raises(ValueError, match="number of inference steps"):
+        bd.sensitivity(pipe, calls, steps=[1, 2])
+
+
+def test_price_layers_once_then_allocate_many_budgets():
+    layers = _layers()
+    weights = {n: w for n, (w, _) in layers.items()}
+    prices = price_layers(weights, CANDIDATES, keep_packed=True)
+    assert prices.objective == "weight_rel"
+    assert prices.min_bpw() == pytest.approx(2.5)
+    for budget in (2.7, 3.3):
+        chosen = prices.allocate(budget)
+        assert chosen == allocate_bits(weights, CANDIDATES, budget)
+        assert prices.bpw(chosen) <= budget
+        for n, cfg in chosen.items():  # the kept PackedWeight is the chosen candidate's
+            assert prices.packed[n][CANDIDATES.index(cfg)].class_bits == [cfg.bits]
+    assert prices.score(prices.allocate(3.3)) < prices.score(prices.allocate(2.7))
+    assert len(prices.rows()) == len(weights) * len(CANDIDATES)
+    assert price_layers(nn.Sequential(nn.ReLU()), CANDIDATES).allocate(3.0) == {}
+
+
+def test_prices_hold_every_objective_their_inputs_allow():
+    layers = _layers()
+    weights = {n: w for n, (w, _) in layers.items()}
+    stats = {n: x for n, (_, x) in layers.items()}
+    sens = {n: torch.ones(w.shape[0]) for n, w in weights.items()}
+    prices = price_layers(weights, CANDIDATES, calib_data=stats, sensitivity=sens)
+    assert prices.objective == "sensitivity"
+    assert set(prices.by_objective) == {"sensitivity", "output_rel", "weight_rel"}
+    for n, (w, x) in layers.items():  # output_rel is layer_report's relative output error
+        rep = layer_report(w, calibrate(w, CANDIDATES[1], activations=x), x)
+        assert prices.by_objective["output_rel"][n][1] == pytest.approx(rep["output_rel_err"], rel=1e-5)
+        assert prices.by_objective["weight_rel"][n][1] == pytest.approx(rep["weight_rel_err"], rel=1e-5)
+    assert prices.allocate(3.0, objective="output_rel") == allocate_bits(weights, CANDIDATES, 3.0, calib_data=stats)
+    with pytest.raises(ValueError, match="objective 'sensitivity' is not available"):
+        price_layers(weights, CANDIDATES).allocate(3.0, objective="sensitivity")
+
+
+def test_holdout_scores_expose_a_layer_fitted_to_few_directions():
+    """GPTQ fits a layer whose calibration inputs span 4 directions (a time embedding sees one
+    row per timestep) closely, so scored on its own data its error looks small. Scored on
+    held-out inputs, its error shows (35-100x here) and it gets more bits."""
+    layers = _layers()
+    weights = {n: w for n, (w, _) in layers.items()}
+    fit = {n: x for n, (_, x) in layers.items()}
+    few = fit["l1"][:4].repeat(64, 1)  # 256 rows, 4 distinct
+    fit = dict(fit, l1=few)
+    held = {n: correlated_activations(x.shape[0], x.shape[1], seed=i, sample_seed=3)
+            for i, (n, x) in enumerate(fit.items())}  # l1's real input distribution
+    opts = {"rounding": "gptq"}
+    blind = price_layers(weights, CANDIDATES, calib_data=fit, calib_options=opts)
+    seen = price_layers(weights, CANDIDATES, calib_data=fit, holdout=held, calib_options=opts)
+    assert all(h > 20 * b for h, b in zip(seen.scores["l1"], blind.scores["l1"]))
+    assert all(h < 2 * b for n in ("l0", "l2", "l3") for h, b in zip(seen.scores[n], blind.scores[n]))
+    assert seen.allocate(3.3)["l1"].bits > blind.allocate(3.3)["l1"].bits
+    with pytest.raises(ValueError, match="holdout statistics score candidates fitted on calib_data"):
+        allocate_bits(weights, CANDIDATES, 3.0, holdout=held)
+    with pytest.raises(ValueError, match="holdout has nothing for"):
+        allocate_bits(weights, CANDIDATES, 3.0, calib_data=fit, holdout={"l0": held["l0"]})
+
+
+def test_merge_stats_is_the_statistics_of_all_inputs_and_leaves_its_inputs_alone():
+    a, b = torch.randn(50, 16), torch.randn(30, 16)
+    sa, sb = {"x": ActivationStats.from_tensor(a, 16), "y": ActivationStats.from_tensor(a[:, :8], 8)}, \
+        {"x": ActivationStats.from_tensor(b, 16)}
+    merged = merge_stats(sa, sb)
+    both = ActivationStats.from_tensor(torch.cat([a, b]), 16)
+    assert set(merged) == {"x"}  # "y" is missing from the second part
+    assert merged["x"].count == 80 and sa["x"].count == 50 and sb["x"].count == 30
+    # fp32 products per batch, fp64 sums: equal to fp32 rounding of sums of 80 terms
+    assert torch.allclose(merged["x"].xtx, both.xtx, rtol=1e-5, atol=1e-5 * float(both.xtx.abs().max()))
+    assert torch.allclose(merged["x"].sq_sum, both.sq_sum, rtol=1e-5)
+    assert merge_stats() == {}
