@@ -87,3 +87,32 @@ def test_quantize_cli_activation_aware_gptq(tmp_path):
     with pytest.raises(SystemExit, match="got 2 and 0"):
         main(["quantize", "--model", "tiny", "--calib", "2", "--calib-steps", "0", "--out", str(tmp_path / "x.safetensors")])
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_quantize_cli_layerwise_allocation(tmp_path, capsys):
+    """--avg-bpw B chooses W2 g64 / W3 g128 / W4 g128 per linear layer under the budget (by
+    output sensitivity, fitted on half the --calib inputs and scored on the other half at other
+    timesteps); the checkpoint holds several widths and loads."""
+    from bitfuse.cli import main
+
+    out = tmp_path / "alloc.safetensors"
+    assert main(["quantize", "--model", "tiny", "--recipe", "w4-linear", "--calib", "2", "--calib-steps", "2",
+                 "--rounding", "gptq", "--avg-bpw", "3.2", "--out", str(out)]) == 0
+    unet = bitfuse.load_quantized(tiny_unet(seed=7), str(out))
+    packed = [m.packed for m in unet.modules() if isinstance(m, bitfuse.QuantLinear)]
+    assert {p.class_bits[0] for p in packed} >= {2, 4}
+    numel = sum(p.out_features * p.in_features for p in packed)
+    assert sum(p.bpw * p.out_features * p.in_features for p in packed) / numel <= 3.2
+    with torch.no_grad():
+        assert torch.isfinite(unet(*unet_inputs(unet)).sample).all()
+    for calib in ("0", "1"):
+        with pytest.raises(SystemExit, match="--avg-bpw scores layers .* add --calib N with N >= 2"):
+            main(["quantize", "--model", "tiny", "--calib", calib, "--avg-bpw", "3",
+                  "--out", str(tmp_path / "x.safetensors")])
+    with pytest.raises(SystemExit, match="--candidates takes .* got 'w5g64'"):
+        main(["quantize", "--model", "tiny", "--calib", "2", "--avg-bpw", "3", "--candidates", "w2g64,w5g64",
+              "--out", str(tmp_path / "x.safetensors")])
+    assert main(["quantize", "--model", "tiny", "--recipe", "w4-linear", "--calib", "2", "--calib-steps", "1",
+                 "--avg-bpw", "2.0", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "reachable minimum" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()

@@ -93,6 +93,7 @@ def quantize_cmd(args: argparse.Namespace) -> int:
     interrupted run never leaves a half-written file (or clobbers an older one) at --out."""
     from . import QuantConfig, quantize_, save_quantized
     from .e2e import RECIPES, E2EError, build_denoiser
+    from .integrations.diffusers import collect
 
     if args.recipe not in RECIPES:
         raise E2EError(f"unknown recipe {args.recipe!r}; choose one of {sorted(RECIPES)}")
@@ -101,15 +102,38 @@ def quantize_cmd(args: argparse.Namespace) -> int:
                          f"{args.calib} and {args.calib_steps}")
     if args.rounding == "gptq" and not args.calib:
         raise SystemExit("bitfuse quantize: --rounding gptq needs activations: add --calib N")
+    if args.avg_bpw is not None and args.calib < 2:
+        raise SystemExit("bitfuse quantize: --avg-bpw scores layers by their effect on the model's output on "
+                         "inputs they were not fitted to, which needs activations: add --calib N with N >= 2")
+    candidates = _candidates(args.candidates) if args.avg_bpw is not None else None
     t0 = time.perf_counter()
     model = build_denoiser(args.model, args.path).float()
     if torch.cuda.is_available():
         model = model.cuda()
     config = QuantConfig(target="auto", **RECIPES[args.recipe])
-    calib = _synthetic_calibration(model, args) if args.calib else None
+    batches = _calibration_batches(model, args.calib)
     options = {"rounding": args.rounding, "gptq_order": args.gptq_order, "outlier_rule": args.outlier_rule}
     rows: list = []
-    quantize_(model, config, calib_data=calib, calib_options=options, report=rows)
+    if candidates:
+        from .calibrate import allocate_bits, merge_stats, quantize_per_layer
+        from .integrations.diffusers import holdout_timesteps, sensitivity
+
+        # Fit on half the inputs at --calib-steps timesteps, score on the other half at the
+        # timesteps between them (allocate_bits' holdout), quantize with both. The sensitivity
+        # (a weighting, one backward per probe) from two of the fitted inputs. Linear layers
+        # only: collect() records their statistics, not the convs'; convs (if the recipe takes
+        # them) keep the recipe.
+        fit = collect(model, batches[::2], steps=args.calib_steps)
+        held = collect(model, batches[1::2], steps=holdout_timesteps(args.calib_steps))
+        sens = sensitivity(model, batches[::2][:2], steps=args.calib_steps,
+                           filter_fn=lambda m, n: isinstance(m, torch.nn.Linear))
+        configs = allocate_bits(model, candidates, args.avg_bpw, calib_data=fit, holdout=held,
+                                sensitivity=sens, calib_options=options)
+        quantize_per_layer(model, configs, config, calib_data=merge_stats(fit, held),
+                           calib_options=options, report=rows)
+    else:
+        calib = collect(model, batches, steps=args.calib_steps) if batches else None
+        quantize_(model, config, calib_data=calib, calib_options=options, report=rows)
     save_quantized(model, args.out)
     if args.report:
         from .calibrate.report import write_report
@@ -120,21 +144,36 @@ def quantize_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def _synthetic_calibration(model, args):
-    """ActivationStats of the denoiser's linears over --calib random inputs (the e2e benchmark's
-    latents and conditioning, one seed each) at --calib-steps timesteps spread over [0, 1000).
+def _calibration_batches(model, n: int) -> list:
+    """n random denoiser inputs (the e2e benchmark's latents and conditioning, one seed each);
+    collect and sensitivity run each at --calib-steps timesteps spread over [0, 1000).
     Random conditioning is a stand-in: for a real model, collect from real prompts with
     bitfuse.integrations.diffusers.collect(pipe, prompts)."""
     from .e2e import make_inputs
-    from .integrations.diffusers import collect
 
     p = next(model.parameters())
     batches = []
-    for seed in range(args.calib):
+    for seed in range(n):
         lat, cond = make_inputs(model, 1, p.device, p.dtype, None, seed=seed)
         key = "sample" if type(model).__name__ == "UNet2DConditionModel" else "hidden_states"
         batches.append({key: lat, "timestep": 0, **cond})
-    return collect(model, batches, steps=args.calib_steps)
+    return batches
+
+
+def _candidates(spec: str) -> list:
+    """"w2g64,w3g128,w4g128" -> QuantConfigs (bits and group size per candidate)."""
+    import re
+
+    from . import QuantConfig
+
+    out = []
+    for item in spec.split(","):
+        m = re.fullmatch(r"w([234])g(32|64|128)", item.strip().lower())
+        if not m:
+            raise SystemExit(f"bitfuse quantize: --candidates takes a comma-separated list like "
+                             f"w2g64,w3g128,w4g128 (bits 2-4, group 32/64/128); got {item!r}")
+        out.append(QuantConfig(bits=int(m[1]), group_size=int(m[2]), target="auto"))
+    return out
 
 
 def bench_kernels(args: argparse.Namespace) -> int:
@@ -203,6 +242,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     qz.add_argument("--outlier-rule", default="auto",
                     choices=("auto", "magnitude", "act_norm", "sensitivity", "measured"),
                     help="how outliers are chosen when the recipe has them (docs/CALIBRATION.md)")
+    qz.add_argument("--avg-bpw", type=float, default=None, metavar="B",
+                    help="choose a recipe per linear layer from --candidates so the linear layers average at "
+                         "most B bits per weight, by each layer's measured effect on the model output "
+                         "(needs --calib; docs/CALIBRATION.md, layer-wise allocation)")
+    qz.add_argument("--candidates", default="w2g64,w3g128,w4g128",
+                    help="the per-layer choices of --avg-bpw (default w2g64,w3g128,w4g128)")
     qz.set_defaults(func=quantize_cmd)
     b = sub.add_parser("backends", help="which backends run here, and why the others do not")
     b.set_defaults(func=show_backends)
