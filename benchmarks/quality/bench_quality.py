@@ -31,6 +31,11 @@ from bitfuse import QuantConfig, reference
 from bitfuse.calibrate import calibrate
 from bitfuse.synthetic import correlated_activations, heavy_tailed
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from model_output import evaluate_model  # noqa: E402
+
+MODEL_SUITE = "{} (model output)"
+
 # (name, config kwargs, calibrate kwargs, uses activations)
 RTN = [(f"RTN W{b} g{g}", dict(bits=b, group_size=g), dict(method="rtn"), False)
        for b in (2, 3, 4) for g in (64, 128)]
@@ -178,6 +183,11 @@ def main(argv=None) -> int:
         # SD1.5 widths: K = 320…2560 instead of 64…512, 32×32 latents (2048 calibration rows at
         # the first level), CLIP-sized context; what the tiny UNet's small layers hide.
         suites["unet-sd-widths"] = evaluate(list(unet_layers(320, 768, 32, 77)), recipes, quantizer)
+    # The whole UNet quantized at once, its own output compared (model_output.py).
+    suites[MODEL_SUITE.format("tiny-unet")] = evaluate_model(hqq_quantizer=quantizer, hqq_dequantize=hqq_dequantize)
+    if not args.quick:
+        suites[MODEL_SUITE.format("unet-sd-widths")] = evaluate_model(
+            320, 768, 32, 77, hqq_quantizer=quantizer, hqq_dequantize=hqq_dequantize)
     env = {"bitfuse": bitfuse.__version__, "torch": torch.__version__, "python": platform.python_version(),
            "device": "cpu", "seconds": time.perf_counter() - t0, "hqq": hqq_env}
     verdict = {}
@@ -194,9 +204,14 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "quality.json"), "w") as f:
         json.dump({"environment": env, "suites": suites, "target": verdict}, f, indent=1)
     lines = ["# Output error vs effective bits per weight", "",
-             f"bitfuse {env['bitfuse']}, torch {env['torch']}, CPU, {env['seconds']:.0f} s. Relative output "
-             "error on held-out activations, summed over the suite's layers; bpw counts everything "
-             f"(docs/FORMAT.md §10). HQQ: {env['hqq']}.", ""]
+             f"bitfuse {env['bitfuse']}, torch {env['torch']}, CPU, {env['seconds']:.0f} s. bpw counts "
+             f"everything (docs/FORMAT.md §10). HQQ: {env['hqq']}.", "",
+             "- Per-layer suites (synthetic, tiny-unet, unet-sd-widths): each layer quantized alone; relative "
+             "output error ‖(Ŵ−W)x‖² / ‖Wx‖² on held-out activations, summed over the suite's layers.",
+             "- Model-output suites (… (model output)): every layer quantized at once; relative error of the "
+             "UNet's output on held-out inputs and timesteps (benchmarks/quality/model_output.py). "
+             "\"allocated ≤b\" chooses W2 g64 / W3 g128 / W4 g128 per layer under a b bpw budget "
+             "(bitfuse.calibrate.allocate_bits).", ""]
     for suite, rows in suites.items():
         v = verdict[suite]
         lines += [f"## {suite}", "", "| recipe | bpw | output rel. error |", "|---|---|---|"]
