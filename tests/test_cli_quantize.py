@@ -96,10 +96,15 @@ def test_quantize_cli_layerwise_allocation(tmp_path, capsys):
     from bitfuse.cli import main
 
     out = tmp_path / "alloc.safetensors"
-    assert main(["quantize", "--model", "tiny", "--recipe", "w4-linear", "--calib", "2", "--calib-steps", "2",
+    # the default recipe (w4) takes the convs too: they keep it, rounded to nearest (no statistics)
+    assert main(["quantize", "--model", "tiny", "--calib", "2", "--calib-steps", "2",
                  "--rounding", "gptq", "--avg-bpw", "3.2", "--out", str(out)]) == 0
     unet = bitfuse.load_quantized(tiny_unet(seed=7), str(out))
-    packed = [m.packed for m in unet.modules() if isinstance(m, bitfuse.QuantLinear)]
+    from bitfuse.nn import QuantConv2d
+
+    assert any(isinstance(m, QuantConv2d) for m in unet.modules())
+    packed = [m.packed for m in unet.modules()
+              if isinstance(m, bitfuse.QuantLinear) and not isinstance(m, QuantConv2d)]
     assert {p.class_bits[0] for p in packed} >= {2, 4}
     numel = sum(p.out_features * p.in_features for p in packed)
     assert sum(p.bpw * p.out_features * p.in_features for p in packed) / numel <= 3.2
@@ -109,6 +114,10 @@ def test_quantize_cli_layerwise_allocation(tmp_path, capsys):
         with pytest.raises(SystemExit, match="--avg-bpw scores layers .* add --calib N with N >= 2"):
             main(["quantize", "--model", "tiny", "--calib", calib, "--avg-bpw", "3",
                   "--out", str(tmp_path / "x.safetensors")])
+    with pytest.raises(SystemExit, match="--candidates are the choices of --avg-bpw"):
+        main(["quantize", "--model", "tiny", "--candidates", "w2g64", "--out", str(tmp_path / "x.safetensors")])
+    with pytest.raises(SystemExit, match="--avg-bpw must be a positive number"):
+        main(["quantize", "--model", "tiny", "--calib", "2", "--avg-bpw", "-1", "--out", str(tmp_path / "x.safetensors")])
     with pytest.raises(SystemExit, match="--candidates takes .* got 'w5g64'"):
         main(["quantize", "--model", "tiny", "--calib", "2", "--avg-bpw", "3", "--candidates", "w2g64,w5g64",
               "--out", str(tmp_path / "x.safetensors")])

@@ -48,6 +48,16 @@ def _set_child(model: nn.Module, fqn: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def check_calib_options(calib_options: Optional[Mapping[str, Any]]) -> dict:
+    """calib_options as a dict, refused with the keys calibrate() takes if one is unknown."""
+    calib_options = dict(calib_options or {})
+    allowed = [p.name for p in inspect.signature(calibrate).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    bad = sorted(set(calib_options) - set(allowed))
+    if bad:
+        raise ValueError(f"calib_options has unknown keys {bad}; calibrate() takes {allowed}")
+    return calib_options
+
+
 def quantize_(
     model: nn.Module,
     config: QuantConfig,
@@ -80,11 +90,7 @@ def quantize_(
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a bitfuse.QuantConfig, got {type(config).__name__}")
     calib_data = dict(calib_data or {})
-    calib_options = dict(calib_options or {})
-    allowed = [p.name for p in inspect.signature(calibrate).parameters.values() if p.kind is p.KEYWORD_ONLY]
-    bad = sorted(set(calib_options) - set(allowed))
-    if bad:
-        raise ValueError(f"calib_options has unknown keys {bad}; calibrate() takes {allowed}")
+    calib_options = check_calib_options(calib_options)
     kinds = (nn.Linear, nn.Conv2d) if config.convs else (nn.Linear,)
     layers = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, kinds)]
     unknown = set(calib_data) - {fqn for fqn, _ in layers}

@@ -102,10 +102,14 @@ def quantize_cmd(args: argparse.Namespace) -> int:
                          f"{args.calib} and {args.calib_steps}")
     if args.rounding == "gptq" and not args.calib:
         raise SystemExit("bitfuse quantize: --rounding gptq needs activations: add --calib N")
+    if args.avg_bpw is None and args.candidates is not None:
+        raise SystemExit("bitfuse quantize: --candidates are the choices of --avg-bpw: add --avg-bpw B")
+    if args.avg_bpw is not None and not (math.isfinite(args.avg_bpw) and args.avg_bpw > 0):
+        raise SystemExit(f"bitfuse quantize: --avg-bpw must be a positive number of bits per weight, got {args.avg_bpw}")
     if args.avg_bpw is not None and args.calib < 2:
         raise SystemExit("bitfuse quantize: --avg-bpw scores layers by their effect on the model's output on "
                          "inputs they were not fitted to, which needs activations: add --calib N with N >= 2")
-    candidates = _candidates(args.candidates) if args.avg_bpw is not None else None
+    candidates = _candidates(args.candidates or DEFAULT_CANDIDATES) if args.avg_bpw is not None else None
     t0 = time.perf_counter()
     model = build_denoiser(args.model, args.path).float()
     if torch.cuda.is_available():
@@ -137,9 +141,12 @@ def quantize_cmd(args: argparse.Namespace) -> int:
     save_quantized(model, args.out)
     if args.report:
         from .calibrate.report import write_report
+        # with --avg-bpw the layers' own rows say what each got; the recipe covers the rest
         write_report(rows, args.report, config)
     total = sum(r.get("bpw", 0) * r.get("out_features", 0) * r.get("in_features", 0) for r in rows)
-    print(f"quantized {len(rows)} layers of {args.path or args.model} with {args.recipe} in "
+    how = (f"a per-layer choice of {args.candidates or DEFAULT_CANDIDATES} at <= {args.avg_bpw} bpw "
+           f"(other layers {args.recipe})" if candidates else args.recipe)
+    print(f"quantized {len(rows)} layers of {args.path or args.model} with {how} in "
           f"{time.perf_counter() - t0:.1f} s -> {args.out}" + (f" ({total / 8 / 2**20:.1f} MiB packed)" if total else ""))
     return 0
 
@@ -158,6 +165,9 @@ def _calibration_batches(model, n: int) -> list:
         key = "sample" if type(model).__name__ == "UNet2DConditionModel" else "hidden_states"
         batches.append({key: lat, "timestep": 0, **cond})
     return batches
+
+
+DEFAULT_CANDIDATES = "w2g64,w3g128,w4g128"
 
 
 def _candidates(spec: str) -> list:
@@ -246,8 +256,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="choose a recipe per linear layer from --candidates so the linear layers average at "
                          "most B bits per weight, by each layer's measured effect on the model output "
                          "(needs --calib; docs/CALIBRATION.md, layer-wise allocation)")
-    qz.add_argument("--candidates", default="w2g64,w3g128,w4g128",
-                    help="the per-layer choices of --avg-bpw (default w2g64,w3g128,w4g128)")
+    qz.add_argument("--candidates", default=None,
+                    help=f"the per-layer choices of --avg-bpw (default {DEFAULT_CANDIDATES})")
     qz.set_defaults(func=quantize_cmd)
     b = sub.add_parser("backends", help="which backends run here, and why the others do not")
     b.set_defaults(func=show_backends)

@@ -1,4 +1,4 @@
-"""Layer-wise bit allocation: choose one recipe per layer under a model-wide bpw budget.
+"""Layer-wise bit allocation: choose one recipe per layer under a bpw budget over the allocated layers.
 
     fit, held = collect(model, batches[::2]), collect(model, batches[1::2])
     configs = allocate_bits(model, [QuantConfig(bits=2, group_size=64), QuantConfig(bits=3),
@@ -31,19 +31,23 @@ timestep) scores near zero on its own calibration data at any width, and takes t
 while at other timesteps its error is 15-100x larger (docs/CALIBRATION.md). Hold out other
 inputs at other timesteps, and quantize with both sets merged (merge_stats).
 
-The choice is a multiple-choice knapsack. Each layer's candidates are reduced to their lower
-convex hull in (bits, score); every layer starts at its cheapest point, and upgrades along the
-hulls are taken greedily by score removed per bit while they fit the budget. For convex hulls that
-is the Lagrangian optimum, up to the one upgrade that no longer fits.
+The choice is a multiple-choice knapsack, solved by dynamic programming over the budget
+(solve_knapsack): exact up to rounding each layer's cost up to 1/65536 of the budget left after
+every layer's cheapest candidate. (A greedy along each layer's convex hull can lose badly when
+layers differ 100x in size, as a UNet's do: the one upgrade it cannot afford may be the one
+that matters.)
 """
 
 from __future__ import annotations
 
 import dataclasses
-import heapq
+import logging
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -52,8 +56,10 @@ from ..config import QuantConfig
 from ..format import PackedWeight
 from .budget import _layers, check_covers
 from .core import calibrate
-from .errors import BudgetError
+from .errors import BudgetError, CalibrationError
 from .stats import as_stats
+
+log = logging.getLogger("bitfuse.calibrate")
 
 
 def _scores(w: torch.Tensor, e: torch.Tensor, stats, sens: Optional[torch.Tensor]) -> Dict[str, float]:
@@ -74,25 +80,72 @@ def _scores(w: torch.Tensor, e: torch.Tensor, stats, sens: Optional[torch.Tensor
     return out
 
 
-def _hull(points: List[tuple]) -> List[tuple]:
-    """Lower convex hull of (bits, score, index) points, cheapest first: the candidates worth
-    choosing (each costs more and scores lower than the one before, at a falling rate)."""
-    pts = sorted(points, key=lambda p: (p[0], p[1]))
-    frontier = []
-    for p in pts:  # drop candidates no better than a cheaper one
-        if not frontier or p[1] < frontier[-1][1]:
-            frontier.append(p)
-    hull: List[tuple] = []
-    for p in frontier:
-        while len(hull) >= 2:
-            (b0, s0, _), (b1, s1, _) = hull[-2], hull[-1]
-            # keep hull[-1] only if its slope from hull[-2] is steeper than p's
-            if (s1 - s0) * (p[0] - b0) >= (p[1] - s0) * (b1 - b0):
-                hull.pop()
-            else:
-                break
-        hull.append(p)
-    return hull
+DP_UNITS = 1 << 16  # the upgrade budget's resolution in the knapsack below
+
+
+def solve_knapsack(bits: Sequence[Sequence[float]], scores: Sequence[Sequence[float]],
+                   budget: float) -> List[int]:
+    """One candidate index per layer minimising Σ score subject to Σ bits ≤ budget (the
+    multiple-choice knapsack), by dynamic programming over the upgrade budget: budget − Σ of
+    every layer's cheapest candidate, cut into DP_UNITS units. Each upgrade's cost is rounded up
+    to whole units, so the result always fits the real budget; the rounding can forgo at most
+    one unit (1/65536 of the upgrade budget) per layer, and a last pass spends what it left on
+    the best single-layer switches that fit. Raises BudgetError (with the reachable minimum)
+    when the cheapest candidates already exceed the budget."""
+    base = [min(range(len(b)), key=lambda i: (b[i], s[i])) for b, s in zip(bits, scores)]
+    floor = sum(b[i] for b, i in zip(bits, base))
+    if floor > budget * (1 + 1e-12):
+        raise BudgetError(floor)
+    slack = budget - floor
+    if slack <= 0:
+        # only candidates as cheap as the cheapest: the best of those per layer
+        return [min((i for i in range(len(b)) if b[i] <= b[j]), key=lambda i: s[i])
+                for b, s, j in zip(bits, scores, base)]
+    unit = slack / DP_UNITS
+    best = np.zeros(DP_UNITS + 1)  # best[u]: least total score of the layers so far within u units
+    choices, costs = [], []
+    for b, s, j in zip(bits, scores, base):
+        cost = [max(0, math.ceil((bi - b[j]) / unit - 1e-9)) for bi in b]
+        new = np.full(DP_UNITS + 1, np.inf)
+        pick = np.zeros(DP_UNITS + 1, dtype=np.int16)
+        for i, (c, si) in enumerate(zip(cost, s)):
+            if c > DP_UNITS:
+                continue
+            cand = np.full(DP_UNITS + 1, np.inf)
+            cand[c:] = best[: DP_UNITS + 1 - c] + si
+            better = cand < new
+            new[better] = cand[better]
+            pick[better] = i
+        best = new
+        choices.append(pick)
+        costs.append(cost)
+    out, u = [], DP_UNITS
+    for pick, cost in zip(reversed(choices), reversed(costs)):
+        i = int(pick[u])
+        out.append(i)
+        u -= cost[i]
+    out.reverse()
+    # What the rounding left: take the best single-layer switch that fits the real budget, while
+    # there is one (an exact fit, e.g., that the rounded costs just missed).
+    spent = sum(b[i] for b, i in zip(bits, out))
+    while True:
+        gain, move = 0.0, None
+        for layer, (b, s) in enumerate(zip(bits, scores)):
+            cur = out[layer]
+            for i in range(len(b)):
+                if s[cur] - s[i] > gain and spent - b[cur] + b[i] <= budget * (1 + 1e-12):
+                    gain, move = s[cur] - s[i], (layer, i)
+        if move is None:
+            return out
+        layer, i = move
+        spent += bits[layer][i] - bits[layer][out[layer]]
+        out[layer] = i
+
+
+def _check_avg_bpw(avg_bpw) -> None:
+    if isinstance(avg_bpw, bool) or not isinstance(avg_bpw, numbers.Real) or not avg_bpw > 0 \
+            or not math.isfinite(avg_bpw):
+        raise ValueError(f"avg_bpw must be a positive number, got {avg_bpw!r}")
 
 
 OBJECTIVES = {
@@ -127,41 +180,20 @@ class LayerPrices:
         return sum(min(b) for b in self.bits.values()) / max(1, sum(self.weights.values()))
 
     def allocate(self, avg_bpw: float, objective: Optional[str] = None) -> Dict[str, QuantConfig]:
-        """{layer: candidate} spending at most avg_bpw on average (the module docstring's
-        greedy over the lower convex hulls), scored by `objective` (default: self.objective).
-        BudgetError names the reachable minimum."""
-        if not isinstance(avg_bpw, (int, float)) or not avg_bpw > 0:
-            raise ValueError(f"avg_bpw must be a positive number, got {avg_bpw!r}")
+        """{layer: candidate} spending at most avg_bpw on average, with the least total score
+        under `objective` (default: self.objective); solve_knapsack says how. BudgetError names
+        the reachable minimum."""
+        _check_avg_bpw(avg_bpw)
         scores = self._objective(objective)
         total = sum(self.weights.values())
-        hulls = {n: _hull([(b, s, i) for i, (b, s) in enumerate(zip(self.bits[n], scores[n]))])
-                 for n in self.bits}
-        budget = avg_bpw * total
-        spent = sum(h[0][0] for h in hulls.values())
-        if spent > budget * (1 + 1e-12):
+        names = list(self.bits)
+        try:
+            picks = solve_knapsack([self.bits[n] for n in names], [scores[n] for n in names],
+                                   avg_bpw * total)
+        except BudgetError as e:
             raise BudgetError(f"avg_bpw={avg_bpw} cannot be met: the cheapest candidate of every layer "
-                              f"already costs {spent / total:.4f} bpw (the reachable minimum)")
-        pos = {name: 0 for name in hulls}
-        heap: list = []
-
-        def push(name):
-            h, k = hulls[name], pos[name]
-            if k + 1 < len(h):
-                (b0, s0, _), (b1, s1, _) = h[k], h[k + 1]
-                heapq.heappush(heap, (-(s0 - s1) / (b1 - b0), name))
-
-        for name in hulls:
-            push(name)
-        while heap:
-            _, name = heapq.heappop(heap)
-            h, k = hulls[name], pos[name]
-            cost = h[k + 1][0] - h[k][0]
-            if spent + cost > budget:
-                continue  # this layer's next step no longer fits; cheaper steps elsewhere may
-            spent += cost
-            pos[name] = k + 1
-            push(name)
-        return {name: self.candidates[hulls[name][pos[name]][2]] for name in hulls}
+                              f"already costs {e.args[0] / total:.4f} bpw (the reachable minimum)") from None
+        return {n: self.candidates[i] for n, i in zip(names, picks)}
 
     def _objective(self, objective: Optional[str]) -> Dict[str, List[float]]:
         objective = objective or self.objective
@@ -172,7 +204,14 @@ class LayerPrices:
         return self.by_objective[objective]
 
     def _index(self, configs: Mapping[str, QuantConfig]) -> Dict[str, int]:
-        return {n: self.candidates.index(c) for n, c in configs.items() if n in self.bits}
+        out = {}
+        for n, c in configs.items():
+            if n in self.bits:
+                if c not in self.candidates:
+                    raise ValueError(f"configs[{n!r}] = {c} is not one of these prices' candidates "
+                                     f"{self.candidates}")
+                out[n] = self.candidates.index(c)
+        return out
 
     def bpw(self, configs: Mapping[str, QuantConfig]) -> float:
         """The average bpw of an allocation over the layers it covers."""
@@ -194,6 +233,16 @@ class LayerPrices:
                 for n in self.bits for i, b in enumerate(self.bits[n])]
 
 
+def _layer_stats(what: str, data: Optional[Mapping], name: str, w: torch.Tensor):
+    """data[name] as ActivationStats on w's device, or None; errors name the layer."""
+    if data is None:
+        return None
+    try:
+        return as_stats(data[name], w.shape[1], device=w.device)
+    except CalibrationError as e:
+        raise CalibrationError(f"{what}[{name!r}]: {e}") from None
+
+
 def price_layers(model_or_layers, candidates: Sequence[QuantConfig], *,
                  calib_data: Optional[Mapping] = None, sensitivity: Optional[Mapping] = None,
                  holdout: Optional[Mapping] = None, calib_options: Optional[Mapping] = None, filter_fn=None,
@@ -201,9 +250,12 @@ def price_layers(model_or_layers, candidates: Sequence[QuantConfig], *,
     """Calibrate every layer with every candidate and price it (allocate_bits' first half; the
     arguments are allocate_bits'). keep_packed keeps the PackedWeights (memory: one packed
     copy of the model per candidate)."""
+    from ..api import _progress, check_calib_options  # lazy: api imports calibrate
+
     candidates = list(candidates)
     if not candidates or not all(isinstance(c, QuantConfig) for c in candidates):
         raise TypeError("candidates must be a non-empty sequence of bitfuse.QuantConfig")
+    opts = check_calib_options(calib_options)
     for attr in ("convs", "target"):
         if len({getattr(c, attr) for c in candidates}) > 1:
             raise ValueError(f"candidates must agree on QuantConfig.{attr}, got "
@@ -211,8 +263,7 @@ def price_layers(model_or_layers, candidates: Sequence[QuantConfig], *,
     if sensitivity is not None and calib_data is None:
         raise ValueError("sensitivity weighs each output channel's error, which needs the layers' "
                          "activations: give calib_data too")
-    per_candidate = [_layers(model_or_layers, c, filter_fn) for c in candidates]
-    layers = {n: w for n, w in per_candidate[0].items() if all(n in p for p in per_candidate[1:])}
+    layers = _layers(model_or_layers, candidates, filter_fn)
     if holdout is not None and calib_data is None:
         raise ValueError("holdout statistics score candidates fitted on calib_data: give calib_data too")
     for what, data in (("calib_data", calib_data), ("sensitivity", sensitivity), ("holdout", holdout)):
@@ -225,18 +276,15 @@ def price_layers(model_or_layers, candidates: Sequence[QuantConfig], *,
                                  f"{getattr(s, 'shape', type(s).__name__)}")
             if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
                 raise ValueError(f"sensitivity[{n!r}] holds negative or non-finite values")
-    opts = dict(calib_options or {})
     available = [o for o, given in (("sensitivity", sensitivity), ("output_rel", calib_data),
                                     ("weight_rel", True)) if given is not None]
-
-    from ..api import _progress  # lazy: api imports calibrate
 
     prices = LayerPrices(candidates, {}, {}, available[0], {o: {} for o in available},
                          {} if keep_packed else None)
     for name in _progress(list(layers), progress):
         w = layers[name]
-        stats = None if calib_data is None else as_stats(calib_data[name], w.shape[1], device=w.device)
-        scoring = stats if holdout is None else as_stats(holdout[name], w.shape[1], device=w.device)
+        stats = _layer_stats("calib_data", calib_data, name, w)
+        scoring = stats if holdout is None else _layer_stats("holdout", holdout, name, w)
         sens = None if sensitivity is None else sensitivity[name]
         prices.weights[name] = w.numel()
         prices.bits[name] = []
@@ -277,8 +325,7 @@ def allocate_bits(model_or_layers, candidates: Sequence[QuantConfig], avg_bpw: f
     BudgetError (with the reachable minimum) when even the cheapest candidate of every layer
     exceeds avg_bpw.
     """
-    if not isinstance(avg_bpw, (int, float)) or not avg_bpw > 0:
-        raise ValueError(f"avg_bpw must be a positive number, got {avg_bpw!r}")
+    _check_avg_bpw(avg_bpw)
     prices = price_layers(model_or_layers, candidates, calib_data=calib_data, sensitivity=sensitivity,
                           holdout=holdout,
                           calib_options=calib_options, filter_fn=filter_fn, progress=progress)
@@ -314,14 +361,24 @@ def quantize_per_layer(model: nn.Module, configs: Mapping[str, QuantConfig],
         if cfg is not None:
             by_config.setdefault(cfg, set()).add(fqn)
     rows: list = []
+    options = dict(kwargs.pop("calib_options", None) or {})
     for cfg, members in by_config.items():
         def keep(m, fqn, members=members):
             return fqn in members and (filter_fn is None or filter_fn(m, fqn))
 
+        share = {k: v for k, v in calib_data.items() if k in members}
+        opts = options
+        if calib_data and not share and options.get("rounding") == "gptq":
+            # quantize_ rounds the layers calib_data does not cover to nearest, with a warning;
+            # a group none of whose layers it covers (convs: collect() records linears only)
+            # would look to quantize_ like a run without calibration data at all.
+            log.warning("bitfuse: %d layer(s) without calibration statistics are rounded to nearest, "
+                        "not GPTQ, e.g. %s", len(members), sorted(members)[:3])
+            opts = dict(options, rounding="nearest")
         # convs=True only widens quantize_'s search; `keep` decides (a conv named in configs
         # is quantized whatever its config's convs flag says).
-        quantize_(model, dataclasses.replace(cfg, convs=True), filter_fn=keep,
-                  calib_data={k: v for k, v in calib_data.items() if k in members}, report=rows if report is not None else None, **kwargs)
+        quantize_(model, dataclasses.replace(cfg, convs=True), filter_fn=keep, calib_data=share,
+                  calib_options=opts, report=rows if report is not None else None, **kwargs)
     if isinstance(report, list):
         report.extend(rows)
     elif report is not None:

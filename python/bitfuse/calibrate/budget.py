@@ -36,17 +36,19 @@ from .search import quantize
 from .stats import ActivationStats, as_stats
 
 
-def _layers(model_or_layers, config: QuantConfig, filter_fn) -> Dict[str, torch.Tensor]:
-    """{name: (out, in) fp32 weight} of the layers quantize_ would quantize."""
+def _layers(model_or_layers, config, filter_fn) -> Dict[str, torch.Tensor]:
+    """{name: (out, in) fp32 weight} of the layers quantize_ would quantize with `config` (or
+    with every config of a sequence of them: the weights are copied once)."""
+    configs = [config] if isinstance(config, QuantConfig) else list(config)
     if isinstance(model_or_layers, nn.Module):
         from ..api import too_small_reason  # lazy: api imports calibrate
 
-        kinds = (nn.Linear, nn.Conv2d) if config.convs else (nn.Linear,)
+        kinds = (nn.Linear, nn.Conv2d) if all(c.convs for c in configs) else (nn.Linear,)
         out = {}
         for fqn, m in model_or_layers.named_modules():
             if not isinstance(m, kinds) or (filter_fn is not None and not filter_fn(m, fqn)):
                 continue
-            if too_small_reason(m, config):
+            if any(too_small_reason(m, c) for c in configs):
                 continue
             if isinstance(m, nn.Conv2d):
                 from ..nn import conv_unsupported_reason

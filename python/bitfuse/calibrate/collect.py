@@ -22,6 +22,23 @@ class ModelCall(NamedTuple):
     kwargs: dict
 
 
+def detached_copy(v):
+    """A copy of a batch (tensors, tuples/lists, dicts, ModelCalls) with every tensor detached
+    and cloned: safe to keep after the call, and usable with autograd even if it was made under
+    torch.inference_mode."""
+    if isinstance(v, torch.Tensor):
+        return v.detach().clone()
+    if isinstance(v, ModelCall):
+        return ModelCall(detached_copy(v.args), detached_copy(v.kwargs))
+    if isinstance(v, tuple) and hasattr(v, "_fields"):  # other named tuples
+        return type(v)(*(detached_copy(x) for x in v))
+    if isinstance(v, (tuple, list)):
+        return type(v)(detached_copy(x) for x in v)
+    if isinstance(v, dict):
+        return {k: detached_copy(x) for k, x in v.items()}
+    return v
+
+
 def run_batch(model: nn.Module, batch):
     """Call the model the way the batch says: a ModelCall as recorded, a dict as keyword
     arguments, a tuple/list as positional arguments, anything else as the one argument."""

@@ -20,12 +20,15 @@ different units. docs/CALIBRATION.md records how well it predicted the end-to-en
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from .collect import run_batch
+from .collect import detached_copy, run_batch
+
+log = logging.getLogger("bitfuse.calibrate")
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -71,8 +74,9 @@ class _OutputProbes:
         self._handles = []
 
 
-def _channel_dim(layer: nn.Module) -> int:
-    return 1 if isinstance(layer, nn.Conv2d) else -1
+def _channel_dim(layer: nn.Module, ndim: int) -> int:
+    # Conv2d: (N, C, H, W), or (C, H, W) unbatched; Linear: the last dim
+    return ndim - 3 if isinstance(layer, nn.Conv2d) else ndim - 1
 
 
 def output_sensitivity(model: nn.Module, batches: Iterable, *, probes: int = 4, seed: int = 0,
@@ -85,12 +89,18 @@ def output_sensitivity(model: nn.Module, batches: Iterable, *, probes: int = 4, 
     tensor, a tuple of positional arguments or a dict of keyword arguments, as collect() takes)
     runs forward once and backward `probes` times with Gaussian output directions (seeded); the
     result is the mean over batches and probes. The model's parameters get no gradient. Layers
-    a batch does not reach get S = 0.
+    a batch does not reach get S = 0. Put the model in eval mode first: with dropout active the
+    result is neither seeded nor the deployed model's (a warning says so).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"output_sensitivity expects an nn.Module, got {type(model).__name__}")
     if not isinstance(probes, int) or probes < 1:
         raise ValueError(f"probes must be an int >= 1, got {probes!r}")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("output_sensitivity needs autograd: call it outside torch.inference_mode()")
+    if model.training:
+        log.warning("bitfuse: output_sensitivity on a model in training mode (dropout active); "
+                    "call model.eval() first")
     layers = {fqn: m for fqn, m in model.named_modules()
               if isinstance(m, kinds) and (filter_fn is None or filter_fn(m, fqn))}
     sums = {fqn: torch.zeros(m.weight.shape[0], dtype=torch.float64) for fqn, m in layers.items()}
@@ -99,12 +109,16 @@ def output_sensitivity(model: nn.Module, batches: Iterable, *, probes: int = 4, 
     with torch.enable_grad(), _OutputProbes(layers) as hooks:
         for batch in batches:
             hooks.zeros.clear()
-            y = main_output(run_batch(model, batch))
+            # a copy: inference tensors (made under inference_mode) cannot enter autograd
+            y = main_output(run_batch(model, detached_copy(batch)))
             names = [fqn for fqn, zs in hooks.zeros.items() for _ in zs]
             zeros = [z for zs in hooks.zeros.values() for z in zs]
             if not zeros:
                 calls += 1
                 continue
+            if not y.requires_grad:
+                raise ValueError("the model's output does not depend on any probed layer's output "
+                                 "(is it detached, or computed under no_grad inside the model?)")
             for p in range(probes):
                 r = torch.randn(y.shape, generator=gen, dtype=torch.float32).to(y.device, y.dtype)
                 grads = torch.autograd.grad((y * r).sum(), zeros, retain_graph=p < probes - 1,
@@ -112,7 +126,7 @@ def output_sensitivity(model: nn.Module, batches: Iterable, *, probes: int = 4, 
                 for fqn, g in zip(names, grads):
                     if g is None:
                         continue
-                    cdim = _channel_dim(layers[fqn]) % g.dim()
+                    cdim = _channel_dim(layers[fqn], g.dim())
                     other = [d for d in range(g.dim()) if d != cdim]
                     sums[fqn] += g.double().square().sum(dim=other).cpu()
             calls += 1

@@ -131,9 +131,9 @@ def as_stats(activations: Union[None, torch.Tensor, ActivationStats], in_feature
 
 
 def merge_stats(*parts):
-    """{fqn: ActivationStats} of several collections merged into new objects (the inputs are
-    left as they are): the statistics of all their inputs together. Layers missing from any
-    part are left out."""
+    """{fqn: ActivationStats} of several collections ({fqn: ActivationStats or (…, K) activations})
+    merged into new objects (the inputs are left as they are): the statistics of all their
+    inputs together. Layers missing from any part are left out."""
     if not parts:
         return {}
     names = set(parts[0]).intersection(*parts[1:])
@@ -142,8 +142,10 @@ def merge_stats(*parts):
         if name not in names:
             continue
         first = parts[0][name]
-        merged = ActivationStats(first.in_features, full=first.xtx is not None, device=first.sq_sum.device)
-        for p in parts:
-            merged.merge(p[name])
+        k = first.in_features if isinstance(first, ActivationStats) else getattr(first, "shape", (0,))[-1]
+        stats = [as_stats(p[name], k) for p in parts]
+        merged = ActivationStats(k, full=all(st.xtx is not None for st in stats), device=stats[0].sq_sum.device)
+        for st in stats:
+            merged.merge(st)
         out[name] = merged
     return out

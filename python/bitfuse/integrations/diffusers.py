@@ -301,16 +301,6 @@ def collect(pipe_or_denoiser, inputs, steps=4, *, scheduler=None, full: bool = T
     return rec.stats if name is None else {name: rec.stats}
 
 
-def _detached(v):
-    if isinstance(v, torch.Tensor):
-        return v.detach().clone()
-    if isinstance(v, (tuple, list)):
-        return type(v)(_detached(x) for x in v)
-    if isinstance(v, dict):
-        return {k: _detached(x) for k, x in v.items()}
-    return v
-
-
 def sensitivity(pipe_or_denoiser, inputs, steps=4, *, scheduler=None, probes: int = 4,
                 filter_fn=None, seed: int = 0):
     """Output sensitivity (bitfuse.calibrate.output_sensitivity) of a diffusion model's layers,
@@ -322,7 +312,7 @@ def sensitivity(pipe_or_denoiser, inputs, steps=4, *, scheduler=None, probes: in
       Returns {denoiser name: {fqn: S}}, the shape collect() returns.
     Feed it with the statistics from collect() to allocate_bits (docs/CALIBRATION.md).
     """
-    from ..calibrate.collect import ModelCall
+    from ..calibrate.collect import ModelCall, detached_copy
     from ..calibrate.sensitivity import output_sensitivity
 
     name = _denoiser_name(pipe_or_denoiser)
@@ -337,7 +327,7 @@ def sensitivity(pipe_or_denoiser, inputs, steps=4, *, scheduler=None, probes: in
         raise ValueError("with a pipeline, steps is the number of inference steps (an int)")
     calls = []
     handle = denoiser.register_forward_pre_hook(
-        lambda mod, args, kwargs: calls.append(ModelCall(_detached(args), _detached(kwargs))), with_kwargs=True)
+        lambda mod, args, kwargs: calls.append(ModelCall(detached_copy(args), detached_copy(kwargs))), with_kwargs=True)
     try:
         with torch.no_grad():
             for call in inputs:
