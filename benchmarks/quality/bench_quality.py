@@ -183,7 +183,7 @@ def main(argv=None) -> int:
         # SD1.5 widths: K = 320…2560 instead of 64…512, 32×32 latents (2048 calibration rows at
         # the first level), CLIP-sized context; what the tiny UNet's small layers hide.
         suites["unet-sd-widths"] = evaluate(list(unet_layers(320, 768, 32, 77)), recipes, quantizer)
-    # The whole UNet quantized at once, its own output compared (model_output.py).
+    # Every linear layer of a UNet quantized at once, its own output compared (model_output.py).
     suites[MODEL_SUITE.format("tiny-unet")] = evaluate_model(hqq_quantizer=quantizer, hqq_dequantize=hqq_dequantize)
     if not args.quick:
         suites[MODEL_SUITE.format("unet-sd-widths")] = evaluate_model(
@@ -208,7 +208,8 @@ def main(argv=None) -> int:
              f"everything (docs/FORMAT.md §10). HQQ: {env['hqq']}.", "",
              "- Per-layer suites (synthetic, tiny-unet, unet-sd-widths): each layer quantized alone; relative "
              "output error ‖(Ŵ−W)x‖² / ‖Wx‖² on held-out activations, summed over the suite's layers.",
-             "- Model-output suites (… (model output)): every layer quantized at once; relative error of the "
+             "- Model-output suites (… (model output)): every linear layer quantized at once (the convs, 72% of "
+             "the weights, stay float; bpw is over the linear layers); relative error of the "
              "UNet's output on held-out inputs and timesteps (benchmarks/quality/model_output.py). "
              "\"allocated ≤b\" chooses W2 g64 / W3 g128 / W4 g128 per layer under a b bpw budget "
              "(bitfuse.calibrate.allocate_bits).", ""]

@@ -1,8 +1,10 @@
-"""The quality benchmark's model-output suites: a whole UNet quantized, its output compared.
+"""The quality benchmark's model-output suites: a UNet's linear layers quantized, its output compared.
 
 The per-layer suites of bench_quality.py sum each layer's output error on its own; here every
 quantized layer is in place at once and the error is the UNet's own output (the predicted noise)
 on held-out inputs at held-out timesteps, relative to the float UNet's: what a pipeline sees.
+The convs (72% of the weights of both UNets) stay float in every recipe: collect() records no
+conv statistics. bpw is over the quantized linear layers.
 
 Calibration: 16 batches of 2 random latents + contexts. Statistics (…diffusers.collect): the
 even batches at 4 timesteps spread over [0, 1000) ("fit"), the odd ones at the 3 timesteps
