@@ -46,20 +46,35 @@ def resolve_components(pipe, components: Optional[Sequence[str]]) -> list:
 
 
 def quantize_pipeline(pipe, config: QuantConfig, components: Optional[Sequence[str]] = None,
-                      calib: Optional[Mapping[str, Mapping[str, object]]] = None, filter_fn=None):
+                      calib: Optional[Mapping[str, Mapping[str, object]]] = None, filter_fn=None, *,
+                      calib_options: Optional[Mapping[str, object]] = None,
+                      layer_configs: Optional[Mapping[str, Mapping[str, QuantConfig]]] = None):
     """Quantize a diffusers pipeline's denoiser (and any other listed components) in place.
 
     calib, if given, maps a component name to its quantize_ calib_data (layer name -> activations
-    or statistics). Returns the pipeline.
+    or statistics). calib_options go to calibrate() (e.g. {"rounding": "gptq"}), as quantize_
+    takes them. layer_configs maps a component name to a per-layer {fqn: QuantConfig} (what
+    bitfuse.calibrate.allocate_bits returns); that component's other layers get `config`.
+    Returns the pipeline.
     """
+    from ..calibrate import quantize_per_layer
+
     calib = dict(calib or {})
+    layer_configs = dict(layer_configs or {})
     names = resolve_components(pipe, components)
-    unknown = set(calib) - set(names)
-    if unknown:
-        raise ValueError(f"calib names components that are not being quantized: {sorted(unknown)}")
+    for what, given in (("calib", calib), ("layer_configs", layer_configs)):
+        unknown = set(given) - set(names)
+        if unknown:
+            raise ValueError(f"{what} names components that are not being quantized: {sorted(unknown)}")
     for name in names:
         log.info("bitfuse: quantizing pipeline component %s", name)
-        quantize_(getattr(pipe, name), config, filter_fn=filter_fn, calib_data=calib.get(name))
+        module = getattr(pipe, name)
+        if name in layer_configs:
+            quantize_per_layer(module, layer_configs[name], config, filter_fn=filter_fn,
+                               calib_data=calib.get(name), calib_options=calib_options)
+        else:
+            quantize_(module, config, filter_fn=filter_fn, calib_data=calib.get(name),
+                      calib_options=calib_options)
     return pipe
 
 
