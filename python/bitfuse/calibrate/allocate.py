@@ -27,9 +27,9 @@ The score of a layer's candidate (lower is better), by what is given:
 H is calib_data's unless `holdout` statistics are given: then candidates are fitted on calib_data
 and scored on holdout. That matters with GPTQ rounding, which fits the codes to the calibration
 inputs: a layer whose inputs span few directions (a UNet's time-embedding layers see one row per
-timestep) scores near zero on its own calibration data at any width, and takes the cheapest one,
-while at other timesteps its error is 15-100x larger (docs/CALIBRATION.md). Hold out other
-inputs at other timesteps, and quantize with both sets merged (merge_stats).
+timestep) scores 15-100x lower on its own calibration data than at other timesteps (tiny UNet,
+docs/CALIBRATION.md), and is given the cheapest width. Hold out other inputs at other
+timesteps, and quantize with both sets merged (merge_stats).
 
 The choice is a multiple-choice knapsack, solved by dynamic programming over the budget
 (solve_knapsack): exact up to rounding each layer's cost up to 1/65536 of the budget left after
