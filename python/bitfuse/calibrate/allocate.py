@@ -57,23 +57,18 @@ from ..format import PackedWeight
 from .budget import _layers, check_covers
 from .core import calibrate
 from .errors import BudgetError, CalibrationError
-from .stats import as_stats
+from .stats import as_stats, row_energy
 
 log = logging.getLogger("bitfuse.calibrate")
 
 
-def _scores(w: torch.Tensor, e: torch.Tensor, stats, sens: Optional[torch.Tensor]) -> Dict[str, float]:
-    """The candidate's score under every objective its inputs allow (OBJECTIVES)."""
+def _scores(w: torch.Tensor, e: torch.Tensor, metric, sens: Optional[torch.Tensor]) -> Dict[str, float]:
+    """The candidate's score under every objective its inputs allow (OBJECTIVES). metric: None
+    (no statistics) or the scoring statistics' (H or None, diag H), converted once per layer."""
     out = {"weight_rel": float(e.square().sum() / w.square().sum().clamp_min(1e-30))}
-    if stats is None:
+    if metric is None:
         return out
-    h = stats.hessian()
-    if h is not None:
-        h = h.to(w.device)
-        row_err, row_ref = ((e @ h) * e).sum(dim=1), ((w @ h) * w).sum(dim=1)
-    else:
-        ms = stats.mean_square().to(w.device)
-        row_err, row_ref = (e.square() * ms).sum(dim=1), (w.square() * ms).sum(dim=1)
+    row_err, row_ref = row_energy(e, *metric), row_energy(w, *metric)
     out["output_rel"] = float(row_err.sum() / row_ref.sum().clamp_min(1e-30))
     if sens is not None:
         out["sensitivity"] = float((sens.to(row_err) * row_err).sum())
@@ -285,6 +280,7 @@ def price_layers(model_or_layers, candidates: Sequence[QuantConfig], *,
         w = layers[name]
         stats = _layer_stats("calib_data", calib_data, name, w)
         scoring = stats if holdout is None else _layer_stats("holdout", holdout, name, w)
+        metric = None if scoring is None else (scoring.hessian(), scoring.mean_square())
         sens = None if sensitivity is None else sensitivity[name]
         prices.weights[name] = w.numel()
         prices.bits[name] = []
@@ -292,7 +288,7 @@ def price_layers(model_or_layers, candidates: Sequence[QuantConfig], *,
             pw = calibrate(w, cfg, activations=stats, **opts)
             e = reference.dequantize(pw).to(w.device, torch.float32) - w
             prices.bits[name].append(pw.bpw * w.numel())
-            for o, v in _scores(w, e, scoring, sens).items():
+            for o, v in _scores(w, e, metric, sens).items():
                 prices.by_objective[o].setdefault(name, []).append(v)
             if keep_packed:
                 prices.packed.setdefault(name, []).append(pw)

@@ -42,7 +42,7 @@ from .outliers import resolve_rule, select_outliers
 from .residual import fit_residual, refit_with_residual, residual_values
 from .rtn import FP16_MAX, group_view
 from .search import quantize
-from .stats import ActivationStats, as_stats
+from .stats import ActivationStats, as_stats, row_energy
 
 log = logging.getLogger("bitfuse.calibrate")
 
@@ -98,11 +98,7 @@ class _Context:
 
     def row_error(self, e: torch.Tensor) -> torch.Tensor:
         """(rows, K) weight error -> (rows,) output error (e·H·eᵀ), or its proxies without H."""
-        if self.hessian is not None:
-            return ((e @ self.hessian) * e).sum(dim=1)
-        if self.mean_square is not None:
-            return (e.square() * self.mean_square).sum(dim=1)
-        return e.square().sum(dim=1)
+        return row_energy(e, self.hessian, self.mean_square)
 
 
 @dataclass

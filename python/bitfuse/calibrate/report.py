@@ -8,7 +8,7 @@ import torch
 
 from .. import reference
 from ..format import PackedWeight
-from .stats import ActivationStats, as_stats
+from .stats import ActivationStats, as_stats, row_energy
 
 
 @torch.no_grad()
@@ -34,12 +34,8 @@ def layer_report(weight: torch.Tensor, packed: PackedWeight, activations=None,
     }
     st: Optional[ActivationStats] = as_stats(activations, packed.in_features, device=w.device)
     if st is not None:
-        h = st.hessian()
-        if h is not None:
-            out_err, out_ref = ((e @ h) * e).sum(), ((w @ h) * w).sum()
-        else:
-            ms = st.mean_square()
-            out_err, out_ref = (e.square() * ms).sum(), (w.square() * ms).sum()
+        h, ms = st.hessian(), st.mean_square()
+        out_err, out_ref = row_energy(e, h, ms).sum(), row_energy(w, h, ms).sum()
         rep["output_mse"] = float(out_err / n)
         rep["output_rel_err"] = float(out_err / out_ref.clamp_min(1e-30))
     if seconds is not None:

@@ -94,6 +94,17 @@ class ActivationStats:
                 f"full={self.xtx is not None})")
 
 
+def row_energy(m: torch.Tensor, hessian: Optional[torch.Tensor],
+               mean_square: Optional[torch.Tensor]) -> torch.Tensor:
+    """(rows, K) -> (rows,) m·H·mᵀ per row (the output energy of a weight or weight error), with
+    only diag(H) when the full H was not kept, or plain Σm² without statistics."""
+    if hessian is not None:
+        return ((m @ hessian) * m).sum(dim=1)
+    if mean_square is not None:
+        return (m.square() * mean_square).sum(dim=1)
+    return m.square().sum(dim=1)
+
+
 def _check_last_dim(x, k: int) -> None:
     if not isinstance(x, torch.Tensor):
         raise CalibrationError(f"activations must be a tensor or ActivationStats, got {type(x).__name__}")

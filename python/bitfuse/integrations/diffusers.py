@@ -286,19 +286,30 @@ def collect(pipe_or_denoiser, inputs, steps=4, *, scheduler=None, full: bool = T
     denoiser = pipe_or_denoiser if name is None else getattr(pipe_or_denoiser, name)
     with StatsRecorder(denoiser, full=full, filter_fn=filter_fn) as rec:
         if name is None:
-            total = getattr(getattr(scheduler, "config", None), "num_train_timesteps", DEFAULT_TRAIN_TIMESTEPS)
-            gen = torch.Generator().manual_seed(seed)
-            for t in sample_timesteps(steps, total):
-                for batch in inputs:
-                    run_batch(denoiser, _at_timestep(batch, t, scheduler, gen))
+            for batch in _timestep_batches(inputs, steps, scheduler, seed):
+                run_batch(denoiser, batch)
         else:
-            if not isinstance(steps, int):
-                raise ValueError("with a pipeline, steps is the number of inference steps (an int)")
-            for call in inputs:
-                kwargs = {"prompt": call} if isinstance(call, str) else dict(call)
-                kwargs.setdefault("num_inference_steps", steps)
-                pipe_or_denoiser(**kwargs)
+            _run_pipeline(pipe_or_denoiser, inputs, steps)
     return rec.stats if name is None else {name: rec.stats}
+
+
+def _timestep_batches(inputs, steps, scheduler, seed: int):
+    """Every denoiser batch of `inputs` at every timestep of `steps` (collect's sampling)."""
+    total = getattr(getattr(scheduler, "config", None), "num_train_timesteps", DEFAULT_TRAIN_TIMESTEPS)
+    gen = torch.Generator().manual_seed(seed)
+    for t in sample_timesteps(steps, total):
+        for batch in inputs:
+            yield _at_timestep(batch, t, scheduler, gen)
+
+
+def _run_pipeline(pipe, inputs, steps) -> None:
+    """Call the pipeline once per entry of `inputs` (a str is a prompt), `steps` inference steps."""
+    if not isinstance(steps, int):
+        raise ValueError("with a pipeline, steps is the number of inference steps (an int)")
+    for call in inputs:
+        kwargs = {"prompt": call} if isinstance(call, str) else dict(call)
+        kwargs.setdefault("num_inference_steps", steps)
+        pipe(**kwargs)
 
 
 def sensitivity(pipe_or_denoiser, inputs, steps=4, *, scheduler=None, probes: int = 4,
@@ -318,22 +329,14 @@ def sensitivity(pipe_or_denoiser, inputs, steps=4, *, scheduler=None, probes: in
     name = _denoiser_name(pipe_or_denoiser)
     denoiser = pipe_or_denoiser if name is None else getattr(pipe_or_denoiser, name)
     if name is None:
-        total = getattr(getattr(scheduler, "config", None), "num_train_timesteps", DEFAULT_TRAIN_TIMESTEPS)
-        gen = torch.Generator().manual_seed(seed)
-        batches = [_at_timestep(batch, t, scheduler, gen)
-                   for t in sample_timesteps(steps, total) for batch in inputs]
+        batches = _timestep_batches(inputs, steps, scheduler, seed)
         return output_sensitivity(denoiser, batches, probes=probes, seed=seed, filter_fn=filter_fn)
-    if not isinstance(steps, int):
-        raise ValueError("with a pipeline, steps is the number of inference steps (an int)")
     calls = []
     handle = denoiser.register_forward_pre_hook(
         lambda mod, args, kwargs: calls.append(ModelCall(detached_copy(args), detached_copy(kwargs))), with_kwargs=True)
     try:
         with torch.no_grad():
-            for call in inputs:
-                kwargs = {"prompt": call} if isinstance(call, str) else dict(call)
-                kwargs.setdefault("num_inference_steps", steps)
-                pipe_or_denoiser(**kwargs)
+            _run_pipeline(pipe_or_denoiser, inputs, steps)
     finally:
         handle.remove()
     return {name: output_sensitivity(denoiser, calls, probes=probes, seed=seed, filter_fn=filter_fn)}
