@@ -18,7 +18,9 @@ def test_bench_spmv_cpu_smoke(tmp_path):
     data = json.loads((tmp_path / "spmv.json").read_text())
     assert data["environment"]["device"] == "cpu" and data["environment"]["torch"]
     assert [row["matrix"] for row in data["results"]] == ["rmat", "poisson2d", "dense_row"]
-    assert all(row["hbp_cuda_max_rel_err"] < 1e-5 for row in data["results"])  # checked, not just timed
+    # checked, not just timed: within the fp32 accumulation bound (seeded x)
+    assert all(0 < row["hbp_cuda_err_bound"] and row["hbp_cuda_max_rel_err"] <= row["hbp_cuda_err_bound"]
+               for row in data["results"])
     assert "power-law" in (tmp_path / "spmv.md").read_text()
     # The plot is optional (matplotlib is the `bench` extra): made exactly when it can be.
     assert (tmp_path / "spmv.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
