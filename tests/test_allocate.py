@@ -1,5 +1,6 @@
 """Layer-wise bit allocation (allocate_bits, quantize_per_layer) and output sensitivity."""
 
+import dataclasses
 import itertools
 
 import pytest
@@ -371,7 +372,7 @@ def test_merge_stats_is_the_statistics_of_all_inputs_and_leaves_its_inputs_alone
 
 
 def test_quantize_per_layer_rounds_groups_without_statistics_to_nearest(caplog):
-    """A default config for convs (collect() records linears only) under rounding="gptq": the
+    """A default config for convs (statistics collected for the linears only) under rounding="gptq": the
     convs are rounded to nearest with a warning, as quantize_ does, not refused."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 64), nn.Conv2d(16, 32, 3))
@@ -381,6 +382,32 @@ def test_quantize_per_layer_rounds_groups_without_statistics_to_nearest(caplog):
                            calib_data=stats, calib_options={"rounding": "gptq"}, progress=False)
     assert isinstance(model[0], QuantLinear) and isinstance(model[1], QuantConv2d)
     assert "rounded to nearest" in caplog.text and "'1'" in caplog.text
+
+
+def test_allocation_over_linears_and_convs_with_patch_statistics(caplog):
+    """Candidates with convs=True allocate convs too, priced with their patch statistics
+    (collect(convs=True)) under GPTQ; a layer whose statistics kept only the diagonal
+    (max_full_bytes) is priced with nearest rounding, with a warning, not refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1),
+                          nn.Flatten(), nn.Linear(32 * 4 * 4, 64))
+    batches = [torch.randn(4, 16, 4, 4) for _ in range(4)]
+    fit, held = collect(model, batches[::2], convs=True), collect(model, batches[1::2], convs=True)
+    sens = output_sensitivity(model, batches[:2], probes=2)
+    cands = [dataclasses.replace(c, convs=True) for c in CANDIDATES]
+    prices = price_layers(model, cands, calib_data=fit, holdout=held, sensitivity=sens,
+                          calib_options={"rounding": "gptq"}, progress=False)
+    assert set(prices.bits) == {"0", "1", "3"}
+    chosen = prices.allocate(3.0)
+    assert prices.bpw(chosen) <= 3.0
+    # the widest layer (the linear, K=512) keeps only the diagonal under this budget
+    narrow = collect(model, batches[::2], convs=True, max_full_bytes=8 * (144 ** 2 + 288 ** 2))
+    assert narrow["3"].xtx is None and narrow["1"].xtx is not None
+    with caplog.at_level("WARNING", logger="bitfuse.calibrate"):
+        diag = price_layers(model, cands, calib_data=narrow, calib_options={"rounding": "gptq"}, progress=False)
+    assert "priced with nearest rounding, e.g. ['3']" in caplog.text
+    near = price_layers({"3": model[3]}, cands, calib_data={"3": narrow["3"]}, progress=False)
+    assert diag.bits["3"] == near.bits["3"] and diag.scores["3"] == near.scores["3"]
 
 
 def test_small_error_paths_name_the_problem():

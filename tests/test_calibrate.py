@@ -507,6 +507,17 @@ def test_diffusers_collect_samples_timesteps():
     bitfuse.quantize_(model, QuantConfig(bits=4, group_size=32), calib_data=three, progress=False)
     with torch.no_grad():
         assert torch.isfinite(model(s, t, c).sample).all()
+    # convs=True adds the convs' patch statistics (C·kh·kw wide), which quantize_ takes for a
+    # config with convs
+    both = bd.collect(unet, [(s, t, c)], steps=1, convs=True)
+    convs = {n: m for n, m in unet.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert set(convs) <= set(both) and set(one) < set(both)
+    assert all(both[n].in_features == m.weight[0].numel() for n, m in convs.items())
+    model = bd.tiny_unet()
+    bitfuse.quantize_(model, QuantConfig(bits=4, group_size=32, convs=True), calib_data=both,
+                      calib_options={"rounding": "gptq"}, progress=False)
+    with torch.no_grad():
+        assert torch.isfinite(model(s, t, c).sample).all()
 
 
 # ---- bad input -------------------------------------------------------------------------------
@@ -568,7 +579,7 @@ def test_gptq_layers_without_calibration_data_fall_back_to_nearest(small, caplog
         bitfuse.quantize_(model, cfg, calib_data={"0": x}, calib_options={"rounding": "gptq"}, progress=False)
     assert torch.equal(model[0].packed.qweight, calibrate(w, cfg, activations=x, rounding="gptq").qweight)
     assert torch.equal(model[2].packed.qweight, calibrate(w.t().contiguous(), cfg).qweight)
-    assert "1 layer(s) without calib_data were rounded to nearest: 2" in caplog.text
+    assert "1 layer(s) without it in calib_data were rounded to nearest: 2" in caplog.text
 
 
 @pytest.mark.parametrize("method", ["rtn", "search"])

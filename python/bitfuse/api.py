@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from .calibrate import calibrate
 from .calibrate.report import layer_report, write_report
+from .calibrate.stats import gptq_fallback
 from .config import QuantConfig
 from .nn import QuantConv2d, QuantLinear, conv_unsupported_reason
 
@@ -108,11 +109,13 @@ def quantize_(
             skipped += 1
             continue
         opts = calib_options
-        if calib_data and fqn not in calib_data and opts.get("rounding") == "gptq":
+        if calib_data:
             # GPTQ needs the layer's XᵀX; with calibration data for other layers (e.g. linears
-            # collected, convs not), this one is rounded to nearest and the run says so below.
-            opts = {**opts, "rounding": "nearest"}
-            no_data.append(fqn)
+            # collected, convs not, or a conv whose XᵀX collect's max_full_bytes left out), this
+            # one is rounded to nearest and the run says so below.
+            opts = gptq_fallback(calib_options, calib_data.get(fqn))
+            if opts is not calib_options:
+                no_data.append(fqn)
         if isinstance(layer, nn.Conv2d):
             why = conv_unsupported_reason(layer)
             if why:
@@ -131,7 +134,7 @@ def quantize_(
         done += 1
     log.info("bitfuse: quantized %d layers, skipped %d", done, skipped)
     if no_data:
-        log.warning("bitfuse: rounding='gptq' needs a layer's activations; %d layer(s) without "
+        log.warning("bitfuse: rounding='gptq' needs a layer's XᵀX; %d layer(s) without it in "
                     "calib_data were rounded to nearest: %s%s", len(no_data), ", ".join(no_data[:5]),
                     " …" if len(no_data) > 5 else "")
     if isinstance(report, list):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import logging
 import math
 import sys
@@ -109,13 +110,22 @@ def quantize_cmd(args: argparse.Namespace) -> int:
     if args.avg_bpw is not None and args.calib < 2:
         raise SystemExit("bitfuse quantize: --avg-bpw scores layers by their effect on the model's output on "
                          "inputs they were not fitted to, which needs activations: add --calib N with N >= 2")
-    candidates = _candidates(args.candidates or DEFAULT_CANDIDATES) if args.avg_bpw is not None else None
+    if not (math.isfinite(args.calib_memory) and args.calib_memory >= 0):
+        raise SystemExit(f"bitfuse quantize: --calib-memory must be a number of GiB >= 0, got {args.calib_memory}")
+    config = QuantConfig(target="auto", **RECIPES[args.recipe])
+    candidates = None
+    if args.avg_bpw is not None:
+        # the candidates cover the layers the recipe covers: its convs too when it takes them
+        candidates = [dataclasses.replace(c, convs=config.convs)
+                      for c in _candidates(args.candidates or DEFAULT_CANDIDATES)]
     t0 = time.perf_counter()
     model = build_denoiser(args.model, args.path).float()
     if torch.cuda.is_available():
         model = model.cuda()
-    config = QuantConfig(target="auto", **RECIPES[args.recipe])
     batches = _calibration_batches(model, args.calib)
+    # XᵀX kept within --calib-memory (collect's max_full_bytes); convs are recorded when the
+    # recipe quantizes them (their statistics are over patches, C·kh·kw wide)
+    memory = int(args.calib_memory * 2**30)
     options = {"rounding": args.rounding, "gptq_order": args.gptq_order, "outlier_rule": args.outlier_rule}
     rows: list = []
     if candidates:
@@ -124,19 +134,23 @@ def quantize_cmd(args: argparse.Namespace) -> int:
 
         # Fit on half the inputs at --calib-steps timesteps, score on the other half at the
         # timesteps between them (allocate_bits' holdout), quantize with both. The sensitivity
-        # (a weighting, one backward per probe) from two of the fitted inputs. Linear layers
-        # only: collect() records their statistics, not the convs'; convs (if the recipe takes
-        # them) keep the recipe.
-        fit = collect(model, batches[::2], steps=args.calib_steps)
-        held = collect(model, batches[1::2], steps=holdout_timesteps(args.calib_steps))
+        # (a weighting, one backward per probe) from two of the fitted inputs. fit, held and
+        # their merge are alive at once: a third of --calib-memory each.
+        fit = collect(model, batches[::2], steps=args.calib_steps, convs=config.convs,
+                      max_full_bytes=memory // 3)
+        held = collect(model, batches[1::2], steps=holdout_timesteps(args.calib_steps),
+                       convs=config.convs, max_full_bytes=memory // 3)
+        kinds = (torch.nn.Linear, torch.nn.Conv2d) if config.convs else (torch.nn.Linear,)
         sens = sensitivity(model, batches[::2][:2], steps=args.calib_steps,
-                           filter_fn=lambda m, n: isinstance(m, torch.nn.Linear))
+                           filter_fn=lambda m, n: isinstance(m, kinds))
         configs = allocate_bits(model, candidates, args.avg_bpw, calib_data=fit, holdout=held,
                                 sensitivity=sens, calib_options=options)
-        quantize_per_layer(model, configs, config, calib_data=merge_stats(fit, held),
-                           calib_options=options, report=rows)
+        calib = merge_stats(fit, held)
+        del fit, held
+        quantize_per_layer(model, configs, config, calib_data=calib, calib_options=options, report=rows)
     else:
-        calib = collect(model, batches, steps=args.calib_steps) if batches else None
+        calib = (collect(model, batches, steps=args.calib_steps, convs=config.convs, max_full_bytes=memory)
+                 if batches else None)
         quantize_(model, config, calib_data=calib, calib_options=options, report=rows)
     save_quantized(model, args.out)
     if args.report:
@@ -245,16 +259,20 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="activation-aware calibration from N random inputs (latents + conditioning) "
                          "at --calib-steps timesteps; 0 (default): data-free")
     qz.add_argument("--calib-steps", type=int, default=4, help="timesteps sampled per calibration input")
+    qz.add_argument("--calib-memory", type=float, default=8.0, metavar="GIB",
+                    help="memory for the calibration XᵀX (default 8 GiB); the widest layers beyond it "
+                         "keep only its diagonal and are rounded to nearest under --rounding gptq")
     qz.add_argument("--rounding", choices=("nearest", "gptq"), default="nearest",
-                    help="gptq: error-feedback rounding (needs --calib; layers without statistics, e.g. convs, stay nearest)")
+                    help="gptq: error-feedback rounding (needs --calib; layers whose XᵀX --calib-memory "
+                         "leaves out stay nearest)")
     qz.add_argument("--gptq-order", choices=("act", "natural"), default="act",
                     help="the column order of --rounding gptq: act-order (default) or left to right")
     qz.add_argument("--outlier-rule", default="auto",
                     choices=("auto", "magnitude", "act_norm", "sensitivity", "measured"),
                     help="how outliers are chosen when the recipe has them (docs/CALIBRATION.md)")
     qz.add_argument("--avg-bpw", type=float, default=None, metavar="B",
-                    help="choose a recipe per linear layer from --candidates so the linear layers average at "
-                         "most B bits per weight, by each layer's measured effect on the model output "
+                    help="choose a recipe per layer from --candidates so the layers the recipe covers "
+                         "(linears, and convs if it takes them) average at most B bits per weight, by each layer's measured effect on the model output "
                          "(needs --calib; docs/CALIBRATION.md, layer-wise allocation)")
     qz.add_argument("--candidates", default=None,
                     help=f"the per-layer choices of --avg-bpw (default {DEFAULT_CANDIDATES})")

@@ -57,7 +57,7 @@ from ..format import PackedWeight
 from .budget import _layers, check_covers
 from .core import calibrate
 from .errors import BudgetError, CalibrationError
-from .stats import as_stats, row_energy
+from .stats import as_stats, gptq_fallback, row_energy
 
 log = logging.getLogger("bitfuse.calibrate")
 
@@ -276,6 +276,7 @@ def price_layers(model_or_layers, candidates: Sequence[QuantConfig], *,
 
     prices = LayerPrices(candidates, {}, {}, available[0], {o: {} for o in available},
                          {} if keep_packed else None)
+    nearest = []  # layers priced with nearest rounding: their stats lack XᵀX (gptq_fallback)
     for name in _progress(list(layers), progress):
         w = layers[name]
         stats = _layer_stats("calib_data", calib_data, name, w)
@@ -284,14 +285,21 @@ def price_layers(model_or_layers, candidates: Sequence[QuantConfig], *,
         sens = None if sensitivity is None else sensitivity[name]
         prices.weights[name] = w.numel()
         prices.bits[name] = []
+        # without any calib_data, calibrate() itself refuses gptq (as quantize_ does)
+        layer_opts = gptq_fallback(opts, stats) if calib_data is not None else opts
+        if layer_opts is not opts:
+            nearest.append(name)
         for cfg in candidates:
-            pw = calibrate(w, cfg, activations=stats, **opts)
+            pw = calibrate(w, cfg, activations=stats, **layer_opts)
             e = reference.dequantize(pw).to(w.device, torch.float32) - w
             prices.bits[name].append(pw.bpw * w.numel())
             for o, v in _scores(w, e, metric, sens).items():
                 prices.by_objective[o].setdefault(name, []).append(v)
             if keep_packed:
                 prices.packed.setdefault(name, []).append(pw)
+    if nearest:
+        log.warning("bitfuse: rounding='gptq' needs a layer's XᵀX; %d layer(s) whose calib_data kept "
+                    "only the diagonal were priced with nearest rounding, e.g. %s", len(nearest), nearest[:3])
     return prices
 
 
@@ -366,7 +374,7 @@ def quantize_per_layer(model: nn.Module, configs: Mapping[str, QuantConfig],
         opts = options
         if calib_data and not share and options.get("rounding") == "gptq":
             # quantize_ rounds the layers calib_data does not cover to nearest, with a warning;
-            # a group none of whose layers it covers (convs: collect() records linears only)
+            # a group none of whose layers it covers (e.g. convs, collected without convs=True)
             # would look to quantize_ like a run without calibration data at all.
             log.warning("bitfuse: %d layer(s) without calibration statistics are rounded to nearest, "
                         "not GPTQ, e.g. %s", len(members), sorted(members)[:3])

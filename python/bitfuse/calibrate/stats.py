@@ -105,6 +105,24 @@ def row_energy(m: torch.Tensor, hessian: Optional[torch.Tensor],
     return m.square().sum(dim=1)
 
 
+def has_full_xtx(activations) -> bool:
+    """Whether a layer's calibration input carries the full XᵀX that rounding="gptq" needs: a
+    raw activation tensor does, ActivationStats do when they kept it (full, within
+    collect's max_full_bytes)."""
+    if isinstance(activations, ActivationStats):
+        return activations.xtx is not None
+    return activations is not None
+
+
+def gptq_fallback(calib_options: dict, activations) -> dict:
+    """calib_options for one layer: rounding="gptq" becomes "nearest" when the layer's
+    activations lack the full XᵀX (none given, or only the diagonal kept), since GPTQ's error
+    feedback needs it; callers log the layers this happened to."""
+    if calib_options.get("rounding") == "gptq" and not has_full_xtx(activations):
+        return {**calib_options, "rounding": "nearest"}
+    return calib_options
+
+
 def _check_last_dim(x, k: int) -> None:
     if not isinstance(x, torch.Tensor):
         raise CalibrationError(f"activations must be a tensor or ActivationStats, got {type(x).__name__}")

@@ -266,7 +266,7 @@ def _at_timestep(batch, t: int, scheduler, generator):
 
 @torch.no_grad()
 def collect(pipe_or_denoiser, inputs, steps=4, *, scheduler=None, full: bool = True,
-            filter_fn=None, seed: int = 0):
+            filter_fn=None, seed: int = 0, convs: bool = False, max_full_bytes=None):
     """Calibration statistics for a diffusion model, sampled across timesteps (activations shift
     with the noise level, so one timestep is not enough).
 
@@ -279,12 +279,15 @@ def collect(pipe_or_denoiser, inputs, steps=4, *, scheduler=None, full: bool = T
       `steps` inference steps with hooks on the denoiser. Returns {denoiser name: {fqn: stats}},
       quantize_pipeline's calib.
     Only XᵀX and channel sums of squares are kept (full=False: sums of squares only).
+    convs=True records the convs too (over their patches, C·kh·kw wide), for recipes with
+    QuantConfig.convs; max_full_bytes bounds the XᵀX kept (bitfuse.calibrate.collect says how).
     """
     from ..calibrate.collect import StatsRecorder, run_batch
 
     name = _denoiser_name(pipe_or_denoiser)
     denoiser = pipe_or_denoiser if name is None else getattr(pipe_or_denoiser, name)
-    with StatsRecorder(denoiser, full=full, filter_fn=filter_fn) as rec:
+    with StatsRecorder(denoiser, full=full, filter_fn=filter_fn, convs=convs,
+                       max_full_bytes=max_full_bytes) as rec:
         if name is None:
             for batch in _timestep_batches(inputs, steps, scheduler, seed):
                 run_batch(denoiser, batch)
