@@ -428,3 +428,56 @@ def test_small_error_paths_name_the_problem():
     # merge_stats takes raw activations too
     merged = merge_stats({"a": stats["l0"]}, {"a": ActivationStats.from_tensor(stats["l0"], 256)})
     assert merged["a"].count == 2 * stats["l0"].shape[0]
+
+
+# ---- calibration in passes (memory-bounded) ----------------------------------------------------
+
+def test_plan_passes_cuts_in_order_within_the_bound():
+    from bitfuse.calibrate.sequential import plan_passes
+
+    w = {"a": 16, "b": 16, "c": 32, "d": 8}
+    assert plan_passes(w, 8 * (2 * 16 ** 2)) == [["a", "b"], ["c"], ["d"]]
+    assert plan_passes(w, 10 ** 9) == [["a", "b", "c", "d"]]
+    assert plan_passes(w, 0) == [["a"], ["b"], ["c"], ["d"]]
+    with pytest.raises(ValueError, match="max_full_bytes must be >= 0"):
+        plan_passes(w, -1)
+
+
+def test_quantize_in_passes_is_sequential_gptq_within_the_memory_bound(caplog):
+    """Each pass collects the XᵀX of the layers it quantizes, with the earlier passes' layers
+    already quantized; one pass is quantize_ on collect's statistics; a layer alone over the
+    bound keeps the diagonal and is rounded to nearest, with a warning."""
+    from bitfuse.api import quantize_
+    from bitfuse.calibrate import quantize_in_passes
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.GELU(), nn.Flatten(),
+                             nn.Linear(16 * 4 * 4, 64), nn.GELU(), nn.Linear(64, 64))
+    batches = [torch.randn(4, 8, 4, 4) for _ in range(3)]
+    cfg = QuantConfig(bits=3, group_size=64, convs=True)
+    opts = {"rounding": "gptq"}
+    # one layer per pass (the widest, K=256, needs 8·256² bytes)
+    seq = quantize_in_passes(model(), cfg, batches, max_full_bytes=8 * 256 ** 2, calib_options=opts, progress=False)
+    manual = model()
+    for name in ("0", "3", "5"):
+        stats = collect(manual, batches, convs=True, filter_fn=lambda m, n, name=name: n == name)
+        quantize_(manual, cfg, filter_fn=lambda m, n, name=name: n == name, calib_data=stats,
+                  calib_options=opts, progress=False)
+    for name in ("0", "3", "5"):
+        assert torch.equal(seq.get_submodule(name).packed.qweight, manual.get_submodule(name).packed.qweight)
+    # the last layer saw the quantized layers' outputs, unlike one pass over the float model
+    one = quantize_in_passes(model(), cfg, batches, max_full_bytes=10 ** 9, calib_options=opts, progress=False)
+    ref = model()
+    quantize_(ref, cfg, calib_data=collect(ref, batches, convs=True), calib_options=opts, progress=False)
+    assert torch.equal(one[5].packed.qweight, ref[5].packed.qweight)
+    assert not torch.equal(one[5].packed.qweight, seq[5].packed.qweight)
+    # under a bound no layer fits, every layer keeps the diagonal: nearest rounding, announced
+    with caplog.at_level("WARNING", logger="bitfuse"):
+        tight = quantize_in_passes(model(), cfg, batches, max_full_bytes=0, calib_options=opts, progress=False)
+    assert "rounded to nearest" in caplog.text
+    near = model()
+    quantize_(near, cfg, calib_data=collect(near, batches, convs=True, full=False), progress=False)
+    assert torch.equal(tight[0].packed.qweight, near[0].packed.qweight)  # the first pass saw the float model
+    with pytest.raises(TypeError, match="give a list"):
+        quantize_in_passes(model(), cfg, iter(batches), max_full_bytes=0)

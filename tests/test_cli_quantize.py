@@ -89,6 +89,35 @@ def test_quantize_cli_activation_aware_gptq(tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_quantize_cli_convs_with_statistics_in_passes(tmp_path, caplog):
+    """A recipe with convs collects their patch statistics too; --calib-memory small enough to
+    need several passes still gives every layer GPTQ (no layer rounded to nearest for want of
+    XᵀX), and a negative --calib-memory is refused."""
+    from bitfuse.cli import main
+    from bitfuse.nn import QuantConv2d
+
+    out = tmp_path / "convs.safetensors"
+    with caplog.at_level("INFO", logger="bitfuse"):
+        # 0.05 GiB = 51 MiB: the widest tiny-UNet layer (a conv, K = 256·9, 40.5 MiB of XᵀX)
+        # fits alone, all of them (207 MiB) do not
+        assert main(["quantize", "--model", "tiny", "--recipe", "w4g128", "--calib", "1", "--calib-steps", "1",
+                     "--rounding", "gptq", "--calib-memory", "0.05", "--out", str(out)]) == 0
+    assert "calibration passes" in caplog.text and "rounded to nearest" not in caplog.text
+    unet = bitfuse.load_quantized(tiny_unet(seed=7), str(out))
+    assert any(isinstance(m, QuantConv2d) for m in unet.modules())
+    with torch.no_grad():
+        assert torch.isfinite(unet(*unet_inputs(unet)).sample).all()
+    roomy = tmp_path / "roomy.safetensors"
+    assert main(["quantize", "--model", "tiny", "--recipe", "w4g128", "--calib", "1", "--calib-steps", "1",
+                 "--rounding", "gptq", "--out", str(roomy)]) == 0
+    r = bitfuse.load_quantized(tiny_unet(seed=7), str(roomy))
+    conv = "down_blocks.0.resnets.0.conv1"
+    # the first conv sees the float model in both runs: the same statistics, the same GPTQ codes
+    assert torch.equal(unet.get_submodule(conv).packed.qweight, r.get_submodule(conv).packed.qweight)
+    with pytest.raises(SystemExit, match="--calib-memory must be a number of GiB >= 0"):
+        main(["quantize", "--model", "tiny", "--calib", "1", "--calib-memory", "-1", "--out", str(tmp_path / "x.safetensors")])
+
+
 def test_quantize_cli_layerwise_allocation(tmp_path, capsys):
     """--avg-bpw B chooses W2 g64 / W3 g128 / W4 g128 per linear layer under the budget (by
     output sensitivity, fitted on half the --calib inputs and scored on the other half at other

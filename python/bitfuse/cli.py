@@ -148,10 +148,14 @@ def quantize_cmd(args: argparse.Namespace) -> int:
         calib = merge_stats(fit, held)
         del fit, held
         quantize_per_layer(model, configs, config, calib_data=calib, calib_options=options, report=rows)
+    elif batches:
+        # in passes, so every layer's XᵀX fits --calib-memory (calibrate/sequential.py)
+        from .calibrate.sequential import quantize_in_passes
+
+        quantize_in_passes(model, config, batches, max_full_bytes=memory, calib_options=options, report=rows,
+                           collect_fn=lambda m, b, **kw: collect(m, b, steps=args.calib_steps, **kw))
     else:
-        calib = (collect(model, batches, steps=args.calib_steps, convs=config.convs, max_full_bytes=memory)
-                 if batches else None)
-        quantize_(model, config, calib_data=calib, calib_options=options, report=rows)
+        quantize_(model, config, calib_options=options, report=rows)
     save_quantized(model, args.out)
     if args.report:
         from .calibrate.report import write_report
@@ -260,8 +264,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "at --calib-steps timesteps; 0 (default): data-free")
     qz.add_argument("--calib-steps", type=int, default=4, help="timesteps sampled per calibration input")
     qz.add_argument("--calib-memory", type=float, default=8.0, metavar="GIB",
-                    help="memory for the calibration XᵀX (default 8 GiB); the widest layers beyond it "
-                         "keep only its diagonal and are rounded to nearest under --rounding gptq")
+                    help="memory for the calibration XᵀX (default 8 GiB): layers are calibrated in passes "
+                         "that fit it (with --avg-bpw, the widest beyond it keep only the diagonal and are "
+                         "rounded to nearest under --rounding gptq)")
     qz.add_argument("--rounding", choices=("nearest", "gptq"), default="nearest",
                     help="gptq: error-feedback rounding (needs --calib; layers whose XᵀX --calib-memory "
                          "leaves out stay nearest)")

@@ -8,9 +8,10 @@ from .errors import BudgetError, CalibrationError
 from .gptq import ROUNDINGS
 from .report import layer_report
 from .sensitivity import output_sensitivity
+from .sequential import quantize_in_passes
 from .stats import ActivationStats, merge_stats
 
 __all__ = ["calibrate", "collect", "layer_report", "ActivationStats", "CalibrationError",
            "BudgetError", "activation_norms", "METHODS", "ROUNDINGS", "allocate_ranks", "quantize_with_ranks",
            "rank_params", "allocate_bits", "price_layers", "LayerPrices", "quantize_per_layer",
-           "output_sensitivity", "merge_stats"]
+           "output_sensitivity", "merge_stats", "quantize_in_passes"]

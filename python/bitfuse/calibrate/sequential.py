@@ -1,0 +1,94 @@
+"""Quantize in passes: activation-aware calibration of every layer within a memory bound.
+
+collect() keeps one XᵀX per layer, 8·K² bytes in float64. For the convs of an 860M-parameter UNet
+(SD1.5: patches up to 2560·9 = 23040 wide) that is 50 GiB, so one collection cannot hold them
+all on a 24 GB machine, and collect(max_full_bytes=…) keeps only the diagonal for the widest
+ones, which GPTQ cannot use. quantize_in_passes instead cuts the layers, in model order, into
+groups whose XᵀX fit the bound, and for each group collects its statistics (one pass over the
+batches), quantizes it, and frees them before the next group.
+
+Later groups are collected with the earlier ones already quantized, so each layer is fitted to
+the inputs it will see in the quantized model (GPTQ's own sequential order for LLMs). A single
+layer wider than the bound gets a group of its own with the diagonal only (rounded to nearest
+under rounding="gptq", as quantize_ does for layers without XᵀX).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch.nn as nn
+
+from ..config import QuantConfig
+from .collect import collect, stats_width
+
+log = logging.getLogger("bitfuse.calibrate")
+
+
+def plan_passes(widths: Mapping[str, int], max_full_bytes: int) -> List[List[str]]:
+    """Layers (in the given order) cut into consecutive groups whose XᵀX (8·K² bytes each) fit
+    max_full_bytes; a layer that alone exceeds it is a group of its own."""
+    if max_full_bytes < 0:
+        raise ValueError(f"max_full_bytes must be >= 0, got {max_full_bytes}")
+    groups: List[List[str]] = []
+    current: List[str] = []
+    spent = 0
+    for fqn, k in widths.items():
+        need = 8 * k * k
+        if current and spent + need > max_full_bytes:
+            groups.append(current)
+            current, spent = [], 0
+        current.append(fqn)
+        spent += need
+    if current:
+        groups.append(current)
+    return groups
+
+
+def quantize_in_passes(model: nn.Module, config: QuantConfig, batches: Sequence, *,
+                       max_full_bytes: int, filter_fn=None, calib_options: Optional[Mapping[str, Any]] = None,
+                       progress: Optional[bool] = None, report: Optional[list] = None,
+                       collect_fn=None) -> nn.Module:
+    """quantize_(model, config, calib_data=…) with the statistics collected in passes of at most
+    max_full_bytes of XᵀX (module docstring). `batches` is run once per pass (a list, not a
+    generator). collect_fn(model, batches, filter_fn=…, convs=…, max_full_bytes=…) collects a
+    group's statistics (default: bitfuse.calibrate.collect; a diffusion model passes
+    bitfuse.integrations.diffusers.collect with its timesteps). report: a list extended with
+    quantize_'s per-layer rows. Returns the model."""
+    from ..api import quantize_, too_small_reason  # lazy: api imports calibrate
+    from ..nn.conv import conv_unsupported_reason
+
+    if not isinstance(batches, Sequence):
+        raise TypeError("quantize_in_passes runs the batches once per pass: give a list, not a "
+                        f"{type(batches).__name__}")
+    kinds = (nn.Linear, nn.Conv2d) if config.convs else (nn.Linear,)
+    widths: Dict[str, int] = {}
+    for fqn, m in model.named_modules():
+        if not isinstance(m, kinds) or (filter_fn is not None and not filter_fn(m, fqn)):
+            continue
+        if too_small_reason(m, config) or (isinstance(m, nn.Conv2d) and conv_unsupported_reason(m)):
+            continue
+        widths[fqn] = stats_width(m)
+    groups = plan_passes(widths, max_full_bytes)
+    if len(groups) > 1:
+        log.info("bitfuse: %d layers in %d calibration passes of at most %.2f GiB of XᵀX",
+                 len(widths), len(groups), max_full_bytes / 2**30)
+    collect_fn = collect_fn or collect
+    for group in groups:
+        members = set(group)
+
+        def keep(m, fqn, members=members):
+            return fqn in members
+
+        # a layer alone over the bound keeps only the diagonal (collect's max_full_bytes)
+        stats = collect_fn(model, batches, filter_fn=keep, convs=config.convs, max_full_bytes=max_full_bytes)
+        opts = dict(calib_options or {})
+        if not stats and opts.get("rounding") == "gptq":
+            # no layer of the group saw an input: quantize_ would refuse gptq without any data
+            log.warning("bitfuse: no calibration input reached %s; rounded to nearest", group[:3])
+            opts["rounding"] = "nearest"
+        quantize_(model, config, filter_fn=keep, calib_data=stats, calib_options=opts,
+                  progress=progress, report=report)
+        del stats
+    return model
