@@ -188,6 +188,11 @@ def main(argv=None) -> int:
     if not args.quick:
         suites[MODEL_SUITE.format("unet-sd-widths")] = evaluate_model(
             320, 768, 32, 77, hqq_quantizer=quantizer, hqq_dequantize=hqq_dequantize)
+        # The whole tiny UNet, convs too (their patch statistics). Not at SD1.5 widths: there the
+        # convs' XᵀX (up to 11520 wide) took 20 s per calibration call against 1.2 s for the
+        # linears alone, 56 calls here (docs/CALIBRATION.md).
+        suites[MODEL_SUITE.format("tiny-unet, convs too")] = evaluate_model(
+            hqq_quantizer=quantizer, hqq_dequantize=hqq_dequantize, convs=True)
     env = {"bitfuse": bitfuse.__version__, "torch": torch.__version__, "python": platform.python_version(),
            "device": "cpu", "seconds": time.perf_counter() - t0, "hqq": hqq_env}
     verdict = {}
@@ -209,7 +214,8 @@ def main(argv=None) -> int:
              "- Per-layer suites (synthetic, tiny-unet, unet-sd-widths): each layer quantized alone; relative "
              "output error ‖(Ŵ−W)x‖² / ‖Wx‖² on held-out activations, summed over the suite's layers.",
              "- Model-output suites (… (model output)): every linear layer quantized at once (the convs, 72% of "
-             "the weights, stay float; bpw is over the linear layers); relative error of the "
+             "the weights, stay float; bpw is over the linear layers), or, in \"convs too\", every linear and "
+             "conv layer (bpw over all of them); relative error of the "
              "UNet's output on held-out inputs and timesteps (benchmarks/quality/model_output.py). "
              "\"allocated ≤b\" chooses W2 g64 / W3 g128 / W4 g128 per layer under a b bpw budget "
              "(bitfuse.calibrate.allocate_bits).", ""]
