@@ -435,10 +435,13 @@ def test_small_error_paths_name_the_problem():
 def test_plan_passes_cuts_in_order_within_the_bound():
     from bitfuse.calibrate.sequential import plan_passes
 
-    w = {"a": 16, "b": 16, "c": 32, "d": 8}
-    assert plan_passes(w, 8 * (2 * 16 ** 2)) == [["a", "b"], ["c"], ["d"]]
-    assert plan_passes(w, 10 ** 9) == [["a", "b", "c", "d"]]
-    assert plan_passes(w, 0) == [["a"], ["b"], ["c"], ["d"]]
+    w = {"a": 16, "b": 16, "c": 32, "d": 8, "e": 16}
+    assert plan_passes(w, 8 * 32 ** 2) == [["a", "b"], ["c"], ["d", "e"]]
+    # c (8·32² bytes) is over this bound: it keeps the diagonal and rides in the open pass
+    assert plan_passes(w, 8 * (2 * 16 ** 2)) == [["a", "b", "c"], ["d", "e"]]
+    assert plan_passes(w, 10 ** 9) == [list(w)]
+    # over the bound a layer keeps only the diagonal and takes no pass of its own
+    assert plan_passes(w, 0) == [list(w)]
     with pytest.raises(ValueError, match="max_full_bytes must be >= 0"):
         plan_passes(w, -1)
 
@@ -481,3 +484,31 @@ def test_quantize_in_passes_is_sequential_gptq_within_the_memory_bound(caplog):
     assert torch.equal(tight[0].packed.qweight, near[0].packed.qweight)  # the first pass saw the float model
     with pytest.raises(TypeError, match="give a list"):
         quantize_in_passes(model(), cfg, iter(batches), max_full_bytes=0)
+
+
+def test_quantize_in_passes_follows_the_order_layers_run_in():
+    """Registration order is not run order (a diffusers UNet registers up blocks before its mid
+    block): passes follow the order the layers first run in."""
+    from bitfuse.api import quantize_
+    from bitfuse.calibrate import quantize_in_passes
+    from bitfuse.calibrate.sequential import run_order
+
+    class Reversed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(1)
+            self.late, self.early = nn.Linear(64, 64), nn.Linear(64, 64)   # registered late first
+
+        def forward(self, x):
+            return self.late(torch.nn.functional.gelu(self.early(x)))
+
+    batches = [torch.randn(16, 64) for _ in range(2)]
+    assert run_order(Reversed(), {"late": 64, "early": 64}, batches, collect) == ["early", "late"]
+    cfg, opts = QuantConfig(bits=3, group_size=64), {"rounding": "gptq"}
+    seq = quantize_in_passes(Reversed(), cfg, batches, max_full_bytes=8 * 64 ** 2, calib_options=opts, progress=False)
+    manual = Reversed()
+    for name in ("early", "late"):
+        keep = lambda m, n, name=name: n == name  # noqa: E731
+        quantize_(manual, cfg, filter_fn=keep, calib_data=collect(manual, batches, filter_fn=keep),
+                  calib_options=opts, progress=False)
+    assert torch.equal(seq.late.packed.qweight, manual.late.packed.qweight)

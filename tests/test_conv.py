@@ -167,3 +167,14 @@ def test_conv_gptq_from_patch_statistics_lowers_output_error(caplog):
     with torch.no_grad():
         near = bitfuse.quantize_(torch.nn.Sequential(_conv(16, 32, 3, padding=1)), cfg, calib_data=diag, progress=False)
         assert torch.equal(m(x[0]), near(x[0]))
+
+
+def test_quantconv_takes_unbatched_input_like_conv2d():
+    conv = _conv(8, 16, 3, padding=1)
+    q = QuantConv2d.from_conv(conv, QuantConfig(bits=4, group_size=32))
+    x = torch.randn(8, 6, 5)
+    with torch.no_grad():
+        assert torch.allclose(q(x), q(x.unsqueeze(0)).squeeze(0))
+        assert q(x).shape == conv(x).shape
+    with pytest.raises(ValueError, match=r"expects \(B, 8, H, W\) or \(8, H, W\)"):
+        q(torch.randn(4, 6, 5))

@@ -108,6 +108,12 @@ def quantize_(
             log.info("bitfuse: skipping %s (%s): too small to gain", fqn, why)
             skipped += 1
             continue
+        if isinstance(layer, nn.Conv2d):
+            why = conv_unsupported_reason(layer)
+            if why:
+                log.info("bitfuse: skipping %s: %s", fqn, why)
+                skipped += 1
+                continue
         opts = calib_options
         if calib_data:
             # GPTQ needs the layer's XᵀX; with calibration data for other layers (e.g. linears
@@ -117,11 +123,6 @@ def quantize_(
             if opts is not calib_options:
                 no_data.append(fqn)
         if isinstance(layer, nn.Conv2d):
-            why = conv_unsupported_reason(layer)
-            if why:
-                log.info("bitfuse: skipping %s: %s", fqn, why)
-                skipped += 1
-                continue
             start = time.perf_counter()
             q = QuantConv2d.from_conv(layer, config, activations=calib_data.get(fqn), **opts)
         else:

@@ -265,8 +265,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     qz.add_argument("--calib-steps", type=int, default=4, help="timesteps sampled per calibration input")
     qz.add_argument("--calib-memory", type=float, default=8.0, metavar="GIB",
                     help="memory for the calibration XᵀX (default 8 GiB): layers are calibrated in passes "
-                         "that fit it (with --avg-bpw, the widest beyond it keep only the diagonal and are "
-                         "rounded to nearest under --rounding gptq)")
+                         "that fit it (with --avg-bpw, one collection: the widest layers beyond a third of it "
+                         "keep only the diagonal and are rounded to nearest under --rounding gptq)")
     qz.add_argument("--rounding", choices=("nearest", "gptq"), default="nearest",
                     help="gptq: error-feedback rounding (needs --calib; layers whose XᵀX --calib-memory "
                          "leaves out stay nearest)")

@@ -21,6 +21,7 @@ from .stats import ActivationStats
 log = logging.getLogger("bitfuse.calibrate")
 
 FilterFn = Callable[[nn.Module, str], bool]
+PATCH_BYTES = 256 * 2**20  # unfolded conv patches held at once (a whole batch when it fits)
 
 
 class ModelCall(NamedTuple):
@@ -132,9 +133,13 @@ class StatsRecorder:
                 dev = self.device if self.device is not None else x.device
                 st = self.stats[fqn] = ActivationStats(width, full=fqn in self._full, device=dev)
             if is_conv:
-                # one sample at a time: the patches are kh·kw times the input's size
-                for sample in (x if x.dim() == 4 else x.unsqueeze(0)):
-                    st.update(conv_patches(layer, sample))
+                # the patches are kh·kw times the input's size: unfold as many samples at a time
+                # as PATCH_BYTES holds (at least one)
+                xb = x if x.dim() == 4 else x.unsqueeze(0)
+                per_sample = max(1, xb[0].numel() * layer.kernel_size[0] * layer.kernel_size[1] * 4)
+                step = max(1, PATCH_BYTES // per_sample)
+                for i in range(0, xb.shape[0], step):
+                    st.update(conv_patches(layer, xb[i:i + step]))
             else:
                 st.update(x)
         return pre_hook

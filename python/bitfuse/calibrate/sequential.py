@@ -7,10 +7,13 @@ ones, which GPTQ cannot use. quantize_in_passes instead cuts the layers, in mode
 groups whose XᵀX fit the bound, and for each group collects its statistics (one pass over the
 batches), quantizes it, and frees them before the next group.
 
-Later groups are collected with the earlier ones already quantized, so each layer is fitted to
-the inputs it will see in the quantized model (GPTQ's own sequential order for LLMs). A single
-layer wider than the bound gets a group of its own with the diagonal only (rounded to nearest
-under rounding="gptq", as quantize_ does for layers without XᵀX).
+The order is the order the layers first run in (a dry pass over the first batch records it;
+module registration order differs: a diffusers UNet registers its up blocks before its mid
+block, and each block's attentions before its resnets). Later groups are collected with the
+earlier ones already quantized, so each layer is fitted to the inputs it will see in the
+quantized model (GPTQ's own sequential order for LLMs). A layer wider than the bound alone keeps
+only the diagonal (rounded to nearest under rounding="gptq", as quantize_ does for layers
+without XᵀX) and rides along in whichever pass is open.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ log = logging.getLogger("bitfuse.calibrate")
 
 def plan_passes(widths: Mapping[str, int], max_full_bytes: int) -> List[List[str]]:
     """Layers (in the given order) cut into consecutive groups whose XᵀX (8·K² bytes each) fit
-    max_full_bytes; a layer that alone exceeds it is a group of its own."""
+    max_full_bytes. A layer that alone exceeds it keeps only the diagonal (K numbers), so it
+    joins whichever group is open at no cost instead of taking a pass of its own."""
     if max_full_bytes < 0:
         raise ValueError(f"max_full_bytes must be >= 0, got {max_full_bytes}")
     groups: List[List[str]] = []
@@ -36,6 +40,8 @@ def plan_passes(widths: Mapping[str, int], max_full_bytes: int) -> List[List[str
     spent = 0
     for fqn, k in widths.items():
         need = 8 * k * k
+        if need > max_full_bytes:
+            need = 0
         if current and spent + need > max_full_bytes:
             groups.append(current)
             current, spent = [], 0
@@ -44,6 +50,31 @@ def plan_passes(widths: Mapping[str, int], max_full_bytes: int) -> List[List[str
     if current:
         groups.append(current)
     return groups
+
+
+def run_order(model: nn.Module, layers: Mapping[str, object], batches, collect_fn) -> List[str]:
+    """`layers` in the order they first run on the first batch (collect_fn runs it, recording
+    nothing); layers it never reaches follow in registration order."""
+    mods = dict(model.named_modules())
+    seen: List[str] = []
+
+    def hook(fqn):
+        def pre(module, args):
+            if fqn not in seen_set:
+                seen_set.add(fqn)
+                seen.append(fqn)
+        return pre
+
+    seen_set: set = set()
+    handles = [mods[fqn].register_forward_pre_hook(hook(fqn)) for fqn in layers]
+    try:
+        first = next(iter(batches), None)
+        if first is not None:
+            collect_fn(model, [first], filter_fn=lambda m, n: False, convs=False, max_full_bytes=None)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen + [fqn for fqn in layers if fqn not in seen_set]
 
 
 def quantize_in_passes(model: nn.Module, config: QuantConfig, batches: Sequence, *,
@@ -59,9 +90,9 @@ def quantize_in_passes(model: nn.Module, config: QuantConfig, batches: Sequence,
     from ..api import quantize_, too_small_reason  # lazy: api imports calibrate
     from ..nn.conv import conv_unsupported_reason
 
-    if not isinstance(batches, Sequence):
-        raise TypeError("quantize_in_passes runs the batches once per pass: give a list, not a "
-                        f"{type(batches).__name__}")
+    if iter(batches) is batches:
+        raise TypeError("quantize_in_passes runs the batches once per pass: give a list (or another "
+                        f"re-iterable), not a {type(batches).__name__}")
     kinds = (nn.Linear, nn.Conv2d) if config.convs else (nn.Linear,)
     widths: Dict[str, int] = {}
     for fqn, m in model.named_modules():
@@ -70,11 +101,12 @@ def quantize_in_passes(model: nn.Module, config: QuantConfig, batches: Sequence,
         if too_small_reason(m, config) or (isinstance(m, nn.Conv2d) and conv_unsupported_reason(m)):
             continue
         widths[fqn] = stats_width(m)
-    groups = plan_passes(widths, max_full_bytes)
+    collect_fn = collect_fn or collect
+    order = run_order(model, widths, batches, collect_fn)
+    groups = plan_passes({fqn: widths[fqn] for fqn in order}, max_full_bytes)
     if len(groups) > 1:
         log.info("bitfuse: %d layers in %d calibration passes of at most %.2f GiB of XᵀX",
                  len(widths), len(groups), max_full_bytes / 2**30)
-    collect_fn = collect_fn or collect
     for group in groups:
         members = set(group)
 

@@ -13,6 +13,8 @@ import torch
 
 from .errors import CalibrationError
 
+UPDATE_BLOCK_BYTES = 256 * 2**20  # the temporaries of one XᵀX update (fp32 product + its fp64 copy)
+
 
 class ActivationStats:
     """Running XᵀX (optional), Σx² and max |x| per input channel of one layer's inputs.
@@ -41,10 +43,15 @@ class ActivationStats:
         a = a.float()
         if not bool(torch.isfinite(a).all()):
             raise CalibrationError("activations hold NaN/Inf values")
-        # fp32 product per batch (fast), fp64 running sums (no drift over many batches).
+        # fp32 product per batch (fast), fp64 running sums (no drift over many batches). In
+        # column blocks of at most UPDATE_BLOCK_BYTES of temporaries, so a wide layer (a conv's
+        # patches: K up to 23040) does not need a K² fp32 and a K² fp64 copy on top of XᵀX.
         dev = self.sq_sum.device
         if self.xtx is not None:
-            self.xtx += (a.t() @ a).to(dev, torch.float64)
+            k = self.in_features
+            cols = max(1, UPDATE_BLOCK_BYTES // (12 * k))
+            for j in range(0, k, cols):
+                self.xtx[:, j:j + cols] += (a.t() @ a[:, j:j + cols]).to(dev, torch.float64)
         self.sq_sum += a.square().sum(dim=0).to(dev, torch.float64)
         self.abs_max = torch.maximum(self.abs_max, a.abs().amax(dim=0).to(dev))
         self.count += a.shape[0]
@@ -71,7 +78,7 @@ class ActivationStats:
         """H = XᵀX / M (K, K) fp32, or None when only the diagonal was kept."""
         if self.xtx is None or self.count == 0:
             return None
-        return (self.xtx / self.count).float()
+        return self.xtx.float().div_(self.count)  # one K² fp32 temporary, not an fp64 one too
 
     def mean_square(self) -> torch.Tensor:
         """diag(H): per-input-channel mean square (K,) fp32."""

@@ -106,9 +106,12 @@ class QuantConv2d(QuantLinear):
         return self.dequantize().reshape(self.out_channels, self.in_channels, *self.kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[0] == self.in_channels:
+            return self.forward(x.unsqueeze(0)).squeeze(0)  # unbatched (C, H, W), as nn.Conv2d takes
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
-                f"QuantConv2d({self.in_channels} -> {self.out_channels}) expects (B, {self.in_channels}, H, W), "
+                f"QuantConv2d({self.in_channels} -> {self.out_channels}) expects (B, {self.in_channels}, H, W) "
+                f"or ({self.in_channels}, H, W), "
                 f"got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
             )
         if x.dtype not in SUPPORTED_INPUT_DTYPES:
