@@ -237,10 +237,13 @@ def test_custom_op_opcheck_and_compile(monkeypatch):
 
 def test_bad_input():
     q = random_conv(20, 4, 3, padding=1)
-    with pytest.raises(ValueError, match=r"QuantConv2d\(4 -> 20\) expects \(B, 4, H, W\), got \(1, 5, 6, 6\)"):
+    with pytest.raises(ValueError, match=r"QuantConv2d\(4 -> 20\) expects \(B, 4, H, W\) or \(4, H, W\), got \(1, 5, 6, 6\)"):
         q(torch.randn(1, 5, 6, 6))
-    with pytest.raises(ValueError, match=r"expects \(B, 4, H, W\), got \(4, 6, 6\)"):
-        q(torch.randn(4, 6, 6))
+    with pytest.raises(ValueError, match=r"expects \(B, 4, H, W\) or \(4, H, W\), got \(5, 6, 6\)"):
+        q(torch.randn(5, 6, 6))
+    x = torch.randn(4, 6, 6)  # unbatched, as nn.Conv2d takes it
+    with torch.no_grad():
+        assert torch.equal(q(x), q(x.unsqueeze(0)).squeeze(0))
     with pytest.raises(TypeError, match="float32, float16 or bfloat16, got torch.float64"):
         q(torch.randn(1, 4, 6, 6, dtype=torch.float64))
     with pytest.raises(TypeError, match="got torch.int32"):
