@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from .calibrate import calibrate
 from .calibrate.report import layer_report, write_report
+from .calibrate.collect import stats_width
 from .calibrate.stats import gptq_fallback
 from .config import QuantConfig
 from .nn import QuantConv2d, QuantLinear, conv_unsupported_reason
@@ -22,9 +23,7 @@ FilterFn = Callable[[nn.Module, str], bool]
 
 
 def _in_out(layer: nn.Module):
-    if isinstance(layer, nn.Conv2d):
-        return layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1], layer.out_channels
-    return layer.in_features, layer.out_features
+    return stats_width(layer), layer.weight.shape[0]  # a conv's K is its patch width, C·kh·kw
 
 
 def too_small_reason(layer: nn.Module, config: QuantConfig) -> Optional[str]:

@@ -36,27 +36,32 @@ from .search import quantize
 from .stats import ActivationStats, as_stats
 
 
+def quantizable_layers(model: nn.Module, config, filter_fn=None) -> Dict[str, nn.Module]:
+    """{fqn: module} of the layers quantize_ would quantize with `config` (or with every config
+    of a sequence of them), in registration order."""
+    from ..api import too_small_reason  # lazy: api imports calibrate
+    from ..nn import conv_unsupported_reason
+
+    configs = [config] if isinstance(config, QuantConfig) else list(config)
+    kinds = (nn.Linear, nn.Conv2d) if all(c.convs for c in configs) else (nn.Linear,)
+    out = {}
+    for fqn, m in model.named_modules():
+        if not isinstance(m, kinds) or (filter_fn is not None and not filter_fn(m, fqn)):
+            continue
+        if any(too_small_reason(m, c) for c in configs):
+            continue
+        if isinstance(m, nn.Conv2d) and conv_unsupported_reason(m):
+            continue
+        out[fqn] = m
+    return out
+
+
 def _layers(model_or_layers, config, filter_fn) -> Dict[str, torch.Tensor]:
     """{name: (out, in) fp32 weight} of the layers quantize_ would quantize with `config` (or
     with every config of a sequence of them: the weights are copied once)."""
-    configs = [config] if isinstance(config, QuantConfig) else list(config)
     if isinstance(model_or_layers, nn.Module):
-        from ..api import too_small_reason  # lazy: api imports calibrate
-
-        kinds = (nn.Linear, nn.Conv2d) if all(c.convs for c in configs) else (nn.Linear,)
-        out = {}
-        for fqn, m in model_or_layers.named_modules():
-            if not isinstance(m, kinds) or (filter_fn is not None and not filter_fn(m, fqn)):
-                continue
-            if any(too_small_reason(m, c) for c in configs):
-                continue
-            if isinstance(m, nn.Conv2d):
-                from ..nn import conv_unsupported_reason
-
-                if conv_unsupported_reason(m):
-                    continue
-            out[fqn] = m.weight.detach().float().reshape(m.weight.shape[0], -1)
-        return out
+        return {fqn: m.weight.detach().float().reshape(m.weight.shape[0], -1)
+                for fqn, m in quantizable_layers(model_or_layers, config, filter_fn).items()}
     if isinstance(model_or_layers, Mapping):
         out = {}
         for name, w in model_or_layers.items():

@@ -75,6 +75,11 @@ def conv_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return cols.transpose(1, 2)
 
 
+def xtx_bytes(width: int) -> int:
+    """Bytes of one layer's XᵀX (float64, width²)."""
+    return 8 * width * width
+
+
 def full_layers(widths: Dict[str, int], max_full_bytes: Optional[int]) -> set:
     """The layers that keep the full XᵀX (8·K² bytes, float64) within max_full_bytes (None: all):
     narrowest first, so the budget covers as many layers as it can; the others keep only the
@@ -85,10 +90,10 @@ def full_layers(widths: Dict[str, int], max_full_bytes: Optional[int]) -> set:
         raise ValueError(f"max_full_bytes must be >= 0 or None, got {max_full_bytes}")
     keep, spent = set(), 0
     for fqn, k in sorted(widths.items(), key=lambda kv: (kv[1], kv[0])):
-        if spent + 8 * k * k > max_full_bytes:
+        if spent + xtx_bytes(k) > max_full_bytes:
             break
         keep.add(fqn)
-        spent += 8 * k * k
+        spent += xtx_bytes(k)
     return keep
 
 

@@ -19,12 +19,13 @@ without XᵀX) and rides along in whichever pass is open.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, List, Mapping, Optional, Sequence
 
 import torch.nn as nn
 
 from ..config import QuantConfig
-from .collect import collect, stats_width
+from .budget import quantizable_layers
+from .collect import collect, stats_width, xtx_bytes
 
 log = logging.getLogger("bitfuse.calibrate")
 
@@ -39,7 +40,7 @@ def plan_passes(widths: Mapping[str, int], max_full_bytes: int) -> List[List[str
     current: List[str] = []
     spent = 0
     for fqn, k in widths.items():
-        need = 8 * k * k
+        need = xtx_bytes(k)
         if need > max_full_bytes:
             need = 0
         if current and spent + need > max_full_bytes:
@@ -87,20 +88,12 @@ def quantize_in_passes(model: nn.Module, config: QuantConfig, batches: Sequence,
     group's statistics (default: bitfuse.calibrate.collect; a diffusion model passes
     bitfuse.integrations.diffusers.collect with its timesteps). report: a list extended with
     quantize_'s per-layer rows. Returns the model."""
-    from ..api import quantize_, too_small_reason  # lazy: api imports calibrate
-    from ..nn.conv import conv_unsupported_reason
+    from ..api import quantize_  # lazy: api imports calibrate
 
     if iter(batches) is batches:
         raise TypeError("quantize_in_passes runs the batches once per pass: give a list (or another "
                         f"re-iterable), not a {type(batches).__name__}")
-    kinds = (nn.Linear, nn.Conv2d) if config.convs else (nn.Linear,)
-    widths: Dict[str, int] = {}
-    for fqn, m in model.named_modules():
-        if not isinstance(m, kinds) or (filter_fn is not None and not filter_fn(m, fqn)):
-            continue
-        if too_small_reason(m, config) or (isinstance(m, nn.Conv2d) and conv_unsupported_reason(m)):
-            continue
-        widths[fqn] = stats_width(m)
+    widths = {fqn: stats_width(m) for fqn, m in quantizable_layers(model, config, filter_fn).items()}
     collect_fn = collect_fn or collect
     order = run_order(model, widths, batches, collect_fn)
     groups = plan_passes({fqn: widths[fqn] for fqn in order}, max_full_bytes)
