@@ -484,6 +484,12 @@ def test_quantize_in_passes_is_sequential_gptq_within_the_memory_bound(caplog):
     assert torch.equal(tight[0].packed.qweight, near[0].packed.qweight)  # the first pass saw the float model
     with pytest.raises(TypeError, match="give a list"):
         quantize_in_passes(model(), cfg, iter(batches), max_full_bytes=0)
+    with pytest.raises(TypeError, match="config must be a bitfuse.QuantConfig, got dict"):
+        quantize_in_passes(model(), {"bits": 4}, batches, max_full_bytes=0)
+    with pytest.raises(TypeError, match="expects an nn.Module"):
+        quantize_in_passes("unet", cfg, batches, max_full_bytes=0)
+    with pytest.raises(ValueError, match="max_full_bytes must be >= 0"):
+        quantize_in_passes(model(), cfg, batches, max_full_bytes=-1)
 
 
 def test_quantize_in_passes_follows_the_order_layers_run_in():

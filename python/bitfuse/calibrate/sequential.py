@@ -90,6 +90,10 @@ def quantize_in_passes(model: nn.Module, config: QuantConfig, batches: Sequence,
     quantize_'s per-layer rows. Returns the model."""
     from ..api import quantize_  # lazy: api imports calibrate
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize_in_passes expects an nn.Module, got {type(model).__name__}")
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a bitfuse.QuantConfig, got {type(config).__name__}")
     if iter(batches) is batches:
         raise TypeError("quantize_in_passes runs the batches once per pass: give a list (or another "
                         f"re-iterable), not a {type(batches).__name__}")
