@@ -32,6 +32,25 @@ def test_quantize_cli_writes_a_loadable_checkpoint_and_report(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["report.json", "unet.safetensors"]  # no temp files left
 
 
+def test_quantize_cli_compact_scales(tmp_path):
+    from bitfuse.cli import main
+    ckpts = {}
+    for flag in ([], ["--compact-scales"]):
+        ckpts[bool(flag)] = tmp_path / f"unet{len(flag)}.safetensors"
+        assert main(["quantize", "--model", "tiny", "--recipe", "w4", "--out", str(ckpts[bool(flag)])] + flag) == 0
+    meta = {c: bitfuse.io.read_metadata(str(p))["layers"] for c, p in ckpts.items()}
+    compact = [n for n, m in meta[True].items() if "scale_codes" in m["tensors"]]
+    assert compact and all(meta[True][n]["config"]["compact_scales"] for n in meta[True])
+    assert not any("scale_codes" in m["tensors"] for m in meta[False].values())
+    # a compact layer stores fewer bits than the same layer with fp16 pairs (same group size)
+    for n in compact:
+        if meta[True][n]["group_size"] == meta[False][n]["group_size"]:
+            assert meta[True][n]["bpw"] < meta[False][n]["bpw"]
+    unet = bitfuse.load_quantized(tiny_unet(seed=7), str(ckpts[True]))
+    with torch.no_grad():
+        assert torch.isfinite(unet(*unet_inputs(unet)).sample).all()
+
+
 def test_interrupted_save_leaves_nothing_half_written(tmp_path, monkeypatch):
     import safetensors.torch
 

@@ -26,7 +26,7 @@ from bitfuse.kernels.conv_launch import conv2d_implicit  # noqa: E402
 
 
 def random_conv(cout, cin, kernel_size, classes=((4, None),), group=32, residual=False, rank=0,
-                nnz=0, bias=False, seed=0, **conv) -> QuantConv2d:
+                nnz=0, bias=False, seed=0, compact=False, **conv) -> QuantConv2d:
     """A QuantConv2d over a valid PackedWeight of random codes: classes = ((bits, rows), …) in
     packed order (rows None = the rest), a residual on every other row, rank-r low-rank factors,
     nnz sparse outliers, a bias; perm is a random permutation whenever there are several classes."""
@@ -42,6 +42,9 @@ def random_conv(cout, cin, kernel_size, classes=((4, None),), group=32, residual
     levels = torch.cat([torch.full((r,), 2.0 ** b - 1) for b, r in zip(bits, rows)])[:, None]
     t = {"qweight": pack.pack_classes(codes, bits), "scales": scales.half(),
          "zeros": (-scales * levels / 2 + 0.002 * torch.randn(cout, kp // group, generator=g)).half()}
+    if compact:  # the same scales and offsets as compact codes (FORMAT.md §5.1)
+        sc, zc, rf = pack.compact_scales(t.pop("scales").float(), t.pop("zeros").float())
+        t.update(scale_codes=sc, zero_codes=zc, scale_rows=rf)
     if len(classes) > 1:
         t["perm"] = torch.randperm(cout, generator=g).to(torch.int32)
     if residual:
@@ -148,6 +151,15 @@ def test_bits_and_branches(bits, branch):
     q = random_conv(40, 6, 3, classes=classes, padding=1, seed=bits, **BRANCHES[branch])
     x = image(2, 6, 6, 7, seed=bits)
     check(q, x, run(q, x), f"W{bits} {branch}")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_compact_scales(bits):
+    q = random_conv(40, 12, 3, classes=MIXED[bits], padding=1, seed=bits, compact=True, residual=True,
+                    rank=3, nnz=20, bias=True)
+    assert q.packed.compact_scales
+    x = image(2, 12, 6, 7, seed=bits)
+    check(q, x, run(q, x), f"W{bits} compact")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -20,7 +20,7 @@ from _cuda_probe import assert_fails_cleanly_without_gpu
 from _tolerance import assert_within, branch_magnitudes, matmul_bound
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_cuda_host import _f16_bits, _layer, _np
+from test_cuda_host import _f16_bits, _layer, _np, _scale_arrays
 
 from bitfuse import _C, pack, reference, targets
 
@@ -134,7 +134,13 @@ BRANCHES = {  # name -> (residual, rank, sparse, bias)
     "lowrank": (False, 4, False, False),
     "sparse": (False, 0, True, False),
     "all": (True, 4, True, True),
+    "all+compact": (True, 4, True, True, True),  # compact scales (FORMAT.md §5.1)
 }
+
+
+def _branch_layer(class_bits, class_rows, k, g, branches, seed):
+    res, rank, sparse, bias, *compact = BRANCHES[branches]
+    return _layer(class_bits, class_rows, k, g, res, rank, sparse, bias, seed=seed, compact=bool(compact))
 
 
 def _gemm_host(x, pw, dtype=1, cc=90, tile=-1, misaligned=False, sms=-1, split=0, reverse=False,
@@ -146,12 +152,13 @@ def _gemm_host(x, pw, dtype=1, cc=90, tile=-1, misaligned=False, sms=-1, split=0
         lr_up = pw.lr_up.half()
     if pw.sp_values is not None:
         extra = reference.sparse_apply(x, pw)
+    scales, zeros, rows = _scale_arrays(pw)
     y, info = _C.gemm_host(
-        x.numpy(), dtype, cc, _np(pw.qweight), _np(pw.scales), _np(pw.zeros), _np(pw.perm),
+        x.numpy(), dtype, cc, _np(pw.qweight), scales, zeros, _np(pw.perm),
         _np(pw.res_index), _np(pw.res_plane), _np(pw.res_alpha), _np(t), _np(lr_up), _np(extra),
         _np(pw.bias), pw.class_bits, pw.class_rows, pw.out_features, pw.in_features, pw.k_pad,
         pw.group_size, tile=tile, misaligned_weights=misaligned, sms=sms, split=split,
-        reverse_splits=reverse, **kw)
+        reverse_splits=reverse, **rows, **kw)
     return torch.from_numpy(y), info
 
 
@@ -182,8 +189,7 @@ def _check(pw, m, dtype=1, cc=90, tile=-1, misaligned=False, seed=0, what="", sm
 @pytest.mark.parametrize("branches", list(BRANCHES))
 def test_gemm_host_matches_reference(bits, g, k, branches):
     """Every width × group × branch, small-M tile (M = 17: one m16 tile and a masked one)."""
-    res, rank, sparse, bias = BRANCHES[branches]
-    pw = _layer([bits], [37], k, g, res, rank, sparse, bias, seed=bits * 7 + k)
+    pw = _branch_layer([bits], [37], k, g, branches, seed=bits * 7 + k)
     _check(pw, 17, cc=ARCHS[(bits + k) % 4], what=f"{bits}b g{g} k{k} {branches}")
 
 
@@ -197,7 +203,8 @@ def test_gemm_host_mixed_classes_all_branches(m, dtype):
     branch, over M across the small/large switch, fp16 and bf16, each architecture's tiles."""
     for i in ((m + dtype) % 4, (m + dtype + 2) % 4):  # every layout twice over the M × dtype grid
         cb, cr = MIXED[i]
-        pw = _layer(cb, cr, 133 + 2 * i, [32, 64, 128, 64][i], True, 3, True, True, seed=m + i)
+        pw = _layer(cb, cr, 133 + 2 * i, [32, 64, 128, 64][i], True, 3, True, True, seed=m + i,
+                    compact=i % 2 == 1)  # compact scales (FORMAT.md §5.1) on half the layouts
         cc = ARCHS[(m + i) % 4]
         info = _check(pw, m, dtype, cc, seed=i, what=f"{cb} {cr} m={m} dt={dtype} sm_{cc}")
         row = next(r for r in _C.gemm_tile_table() if r["cc"] == cc)
@@ -208,8 +215,9 @@ def test_gemm_host_mixed_classes_all_branches(m, dtype):
 @pytest.mark.parametrize("misaligned", [False, True])
 def test_gemm_host_every_tile_and_copy_width(tile, misaligned):
     """Each tile of the table, with 16-byte weight copies where the rows allow them and with
-    4-byte ones only; K spans several k tiles of every tile and ends inside a run."""
-    pw = _layer([4, 2, 3], [80, 16, 19], 389, 64, True, 2, False, True, seed=tile)
+    4-byte ones only; K spans several k tiles of every tile and ends inside a run. The
+    misaligned runs use compact scales, which are read directly, not staged."""
+    pw = _layer([4, 2, 3], [80, 16, 19], 389, 64, True, 2, False, True, seed=tile, compact=misaligned)
     info = _check(pw, 70, 2 if tile % 2 else 1, tile=tile, misaligned=misaligned,
                   what=f"tile {tile} misaligned={misaligned}")
     if misaligned:
@@ -323,10 +331,9 @@ def test_gemm_host_split_k_matches_unsplit(bits, branches):
     order) and within the reference bound; the blocks' arrival order does not change a bit (the
     reduction is always s = 0..S-1); every partial is stored once and every counter ends at 0
     (checked inside the twin)."""
-    res, rank, sparse, bias = BRANCHES[branches]
     k = [455, 389, 333][bits - 2]
     g = [32, 64, 128][bits - 2]
-    pw = _layer([bits], [45], k, g, res, rank, sparse, bias, seed=bits * 11 + len(branches))
+    pw = _branch_layer([bits], [45], k, g, branches, seed=bits * 11 + len(branches))
     cc = ARCHS[bits % 4]
     what = f"{bits}b g{g} k{k} {branches} sm_{cc}"
     base = _check(pw, 17, cc=cc, split=1, what=what + " S=1")

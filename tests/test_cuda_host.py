@@ -103,7 +103,7 @@ def test_run_dequant_matches_reference(bits, data, has_res, plane, scale, zero, 
 
 # ---- the whole GEMV's CPU twin vs the torch reference --------------------------------------------
 
-def _layer(class_bits, class_rows, k, g, residual, rank, sparse, bias, seed):
+def _layer(class_bits, class_rows, k, g, residual, rank, sparse, bias, seed, compact=False):
     gen = torch.Generator().manual_seed(seed)
     n = sum(class_rows)
     k_pad = pack.padded_k(k, g)
@@ -137,9 +137,20 @@ def _layer(class_bits, class_rows, k, g, residual, rank, sparse, bias, seed):
                  sp_values=(torch.randn(idx.numel(), generator=gen) * 0.2).half())
     if bias:
         t["bias"] = torch.randn(n, generator=gen)
+    if compact:  # the same scales and offsets as compact codes (FORMAT.md §5.1)
+        sc, zc, rf = pack.compact_scales(t.pop("scales"), t.pop("zeros"))
+        t.update(scale_codes=sc, zero_codes=zc, scale_rows=rf)
     return PackedWeight(out_features=n, in_features=k, group_size=g, class_bits=list(class_bits),
                         class_rows=list(class_rows), row_align=16, config={}, target="",
                         tensors=t)
+
+
+def _scale_arrays(pw: PackedWeight):
+    """(scales, zeros, {scale_rows: …}) as the host twins take them: fp16 pairs, or the uint8
+    compact codes with their row factors."""
+    if pw.compact_scales:
+        return _np(pw.scale_codes), _np(pw.zero_codes), {"scale_rows": _np(pw.scale_rows)}
+    return _np(pw.scales), _np(pw.zeros), {}
 
 
 def _np(t):
@@ -155,24 +166,25 @@ def _gemv_host(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
         lr_up = pw.lr_up.half()
     if pw.sp_values is not None:
         extra = reference.sparse_apply(x32, pw)
+    scales, zeros, rows = _scale_arrays(pw)
     return torch.from_numpy(_C.gemv_host(
-        x32.numpy(), _np(pw.qweight), _np(pw.scales), _np(pw.zeros), _np(pw.perm),
+        x32.numpy(), _np(pw.qweight), scales, zeros, _np(pw.perm),
         _np(pw.res_index), _np(pw.res_plane), _np(pw.res_alpha), _np(t), _np(lr_up), _np(extra),
         _np(pw.bias), pw.class_bits, pw.class_rows, pw.out_features, pw.in_features, pw.k_pad,
-        pw.group_size))
+        pw.group_size, **rows))
 
 
 @pytest.mark.parametrize("class_bits,class_rows", [([4], [7]), ([3], [33]), ([2], [16]),
                                                    ([2, 3, 4], [16, 32, 5]), ([4, 2], [16, 9])])
 @pytest.mark.parametrize("k,g", [(100, 32), (200, 64), (257, 128), (33, 32)])
-@pytest.mark.parametrize("branches", ["plain", "residual", "all"])
+@pytest.mark.parametrize("branches", ["plain", "residual", "all", "all+compact"])
 @pytest.mark.parametrize("m", [1, 3, 8])
 def test_gemv_host_matches_reference(class_bits, class_rows, k, g, branches, m):
     from _tolerance import assert_within, branch_magnitudes, matmul_bound
 
-    full = branches == "all"
+    full = branches.startswith("all")
     pw = _layer(class_bits, class_rows, k, g, residual=branches != "plain", rank=4 if full else 0,
-                sparse=full, bias=full, seed=k + m + len(class_bits))
+                sparse=full, bias=full, seed=k + m + len(class_bits), compact=branches == "all+compact")
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).half()
     y = _gemv_host(x, pw)
     xf = x.float()

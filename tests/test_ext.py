@@ -19,7 +19,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bitfuse import _C, pack
+from bitfuse import _C, pack, reference
 from bitfuse.version import __version__
 
 BITS = (2, 3, 4)
@@ -195,6 +195,32 @@ def test_dequantize_host_matches_torch(class_bits, class_rows, k, group_size, re
         torch.testing.assert_close(torch.from_numpy(got), ref, rtol=2e-7, atol=1e-7)
     else:  # one fma against an exact product rounded once: bit-identical
         torch.testing.assert_close(torch.from_numpy(got), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("class_bits,class_rows", [([4], [7]), ([2, 3, 4], [16, 16, 3])])
+@pytest.mark.parametrize("residual", [False, True])
+def test_dequantize_host_compact_scales_match_reference(class_bits, class_rows, residual):
+    """Compact scales (FORMAT.md §5.1) through format.h's compact_params: the reference's weight
+    bit for bit without a residual (exact products, one rounding of the offset and of the fma)."""
+    from bitfuse.format import PackedWeight
+    layer, geom = _make_layer(class_bits, class_rows, 300, 32, residual, seed=5)
+    sc, zc, rf = pack.compact_scales(layer.pop("scales"), layer.pop("zeros"))
+    got = _C.dequantize_host(**{name: _np(t) for name, t in layer.items()}, scales=sc.numpy(),
+                             zeros=zc.numpy(), scale_rows=rf.numpy(), **geom)
+    tensors = {n: t for n, t in layer.items() if t is not None}
+    tensors.update(scale_codes=sc, zero_codes=zc, scale_rows=rf)
+    pw = PackedWeight(out_features=geom["n"], in_features=geom["k"], group_size=32,
+                      class_bits=class_bits, class_rows=class_rows, row_align=16, config={}, target="",
+                      tensors=tensors).validate()
+    ref = reference.dense_weight(pw)
+    if residual:
+        torch.testing.assert_close(torch.from_numpy(got), ref, rtol=2e-7, atol=1e-7)
+    else:
+        torch.testing.assert_close(torch.from_numpy(got), ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="uint8"):  # fp16 scales with scale_rows: a clear error
+        _C.dequantize_host(**{name: _np(t) for name, t in layer.items()},
+                           scales=np.zeros(sc.shape, np.float16), zeros=zc.numpy(),
+                           scale_rows=rf.numpy(), **geom)
 
 
 def test_dequantize_host_identity_perm_is_none():

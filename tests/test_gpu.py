@@ -20,6 +20,7 @@ CONFIGS = {
     "residual-part": dict(residual=0.3),
     "mixed": dict(mixed_bits=(2, 3, 4), residual=True),
     "all": dict(residual=0.5, mixed_bits=(2, 3, 4), rank=8, outliers=0.005),
+    "all+compact": dict(residual=0.5, mixed_bits=(2, 3, 4), rank=8, outliers=0.005, compact_scales=True),
 }
 
 
@@ -72,6 +73,8 @@ GEMV_CONFIGS = {
     "residual": dict(residual=0.5),
     "mixed": dict(mixed_bits=(2, 3, 4), residual=True),
     "all": dict(residual=0.5, mixed_bits=(2, 3, 4), rank=8, outliers=0.005),
+    # compact scales (FORMAT.md §5.1) where the layer has >= 4 groups a row (not 48x33)
+    "all+compact": dict(residual=0.5, mixed_bits=(2, 3, 4), rank=8, outliers=0.005, compact_scales=True),
 }
 
 

@@ -31,25 +31,33 @@ BRANCHES = {
     "sparse": dict(outliers=0.01),
     "all": dict(residual=True, mixed_bits=True, rank=5, outliers=0.005),
 }
+# Compact scales (FORMAT.md §5.1), with and without every other branch; not in BRANCHES, whose
+# K = 200 is too narrow for them at g128 (a layer takes them with at least 4 groups a row).
+COMPACT_BRANCHES = {
+    "compact": dict(compact_scales=True),
+    "all+compact": dict(BRANCHES["all"], compact_scales=True),
+}
 _LAYERS = {}
 
 
 def layer(bits: int, group: int, branch: str, n: int = N, k: int = K) -> QuantLinear:
     key = (bits, group, branch, n, k)
     if key not in _LAYERS:
-        kw = dict(BRANCHES[branch])
+        kw = dict({**BRANCHES, **COMPACT_BRANCHES}[branch])
         if kw.pop("mixed_bits", False):
             # three classes for W3 "mixed"; two elsewhere (with the outliers out, the flattest
             # rows of W3 "all" gain nothing from b-1, and the calibrator rightly refuses it).
             # avg_bits counts the 32-bit-per-row permutation too (32/K = 0.16 bpw here), so W3
             # "all" needs 3.5 to afford one 16-row 4-bit class.
             kw["mixed_bits"], kw["avg_bits"] = {2: ((2, 3), 2.4), 3: ((2, 3, 4), 3.0), 4: ((3, 4), 3.8),
-                                                -3: ((3, 4), 3.5)}[-bits if branch == "all" and bits == 3 else bits]
+                                                -3: ((3, 4), 3.5)}[-bits if branch.startswith("all") and bits == 3 else bits]
         lin = linear_from(heavy_tailed(n, k, seed=bits * group, outlier_channels=8),
                           bias=branch in ("bias", "all"))
         q = QuantLinear.from_linear(lin, QuantConfig(bits=bits, group_size=group, **kw))
         if "mixed_bits" in kw:
             assert len(q.class_bits) > 1, "the mixed case must really have several bit classes"
+        if kw.get("compact_scales"):
+            assert q.packed.compact_scales, "the compact case must really store compact scales"
         _LAYERS[key] = q
     return _LAYERS[key]
 
@@ -70,6 +78,16 @@ def check(q: QuantLinear, x: torch.Tensor, y: torch.Tensor, path: str, what: str
 def test_fused_kernel_matches_reference(bits, group, branch, m):
     q = layer(bits, group, branch)
     x = torch.randn(m, K, generator=torch.Generator().manual_seed(m)).to(torch.float16)
+    path = tuning.choose_path(m, "cpu")
+    check(q, x, fused_linear(x, q.packed), path, f"W{bits} g{group} {branch} M={m} {path}")
+
+
+@pytest.mark.parametrize("m", [1, 17])
+@pytest.mark.parametrize("bits,group,branch", list(itertools.product([2, 3, 4], [32, 64, 128],
+                                                                      COMPACT_BRANCHES)))
+def test_fused_kernel_compact_scales(bits, group, branch, m):
+    q = layer(bits, group, branch, k=520)  # 5 to 17 groups a row: compact at every group size
+    x = torch.randn(m, 520, generator=torch.Generator().manual_seed(m)).to(torch.float16)
     path = tuning.choose_path(m, "cpu")
     check(q, x, fused_linear(x, q.packed), path, f"W{bits} g{group} {branch} M={m} {path}")
 
@@ -230,7 +248,8 @@ def test_autotune_measures_the_crossover(monkeypatch, m, forced, which, paths):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 3, 8, 16, 17, 64, 256, 1024, 4096, 8192])
-@pytest.mark.parametrize("bits,branch", list(itertools.product([2, 3, 4], ["plain", "residual", "mixed", "all"])))
+@pytest.mark.parametrize("bits,branch", list(itertools.product([2, 3, 4], ["plain", "residual", "mixed", "all",
+                                                                      "all+compact"])))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_triton(m, bits, branch, dtype):
     q = layer(bits, 64, branch, n=1088, k=1000)

@@ -174,8 +174,16 @@ __device__ __forceinline__ void gemv_tile(const Args& a, int dtype, int cls, int
           const int k0 = kb[b] + 32 * run;
           if (k0 >= a.k) break;  // k0 < k <= k_pad: the run lies inside the row
           const int g = k0 / a.group_size;
-          const float scale = half_to_float(__ldg(a.scales + int64_t(row[b]) * G + g));
-          const float zero = half_to_float(__ldg(a.zeros + int64_t(row[b]) * G + g));
+          float scale, zero;
+          if (a.scale_codes) {  // compact scales (FORMAT.md §5.1)
+            const int64_t i = int64_t(row[b]) * G + g;
+            const uint16_t* f = a.scale_rows + int64_t(row[b]) * 3;
+            const uint16_t fr[3] = {__ldg(f), __ldg(f + 1), __ldg(f + 2)};
+            compact_params(__ldg(a.scale_codes + i), __ldg(a.zero_codes + i), fr, scale, zero);
+          } else {
+            scale = half_to_float(__ldg(a.scales + int64_t(row[b]) * G + g));
+            zero = half_to_float(__ldg(a.zeros + int64_t(row[b]) * G + g));
+          }
           float wd[32];
           if (ri >= 0) {
             const uint32_t plane = __ldg(a.res_plane + int64_t(ri) * KW1 + k0 / 32);

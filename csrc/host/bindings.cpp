@@ -61,14 +61,16 @@ std::string cuda_status() {
 #ifdef BITFUSE_WITH_CUDA
 // The PackedWeight pointers every CUDA entry point takes, into its argument struct (DequantArgs,
 // gemv::Args: the same member names). Residual pointers only when the layer has the branch.
+// With scale_rows != 0 the layer stores compact scales (FORMAT.md §5.1): scales and zeros then
+// point to the uint8 codes.
 template <class Args>
 void set_weight_pointers(Args& a, std::uintptr_t qweight, std::uintptr_t scales,
-                         std::uintptr_t zeros, std::uintptr_t perm, bool residual,
-                         std::uintptr_t res_index, std::uintptr_t res_plane,
+                         std::uintptr_t zeros, std::uintptr_t scale_rows, std::uintptr_t perm,
+                         bool residual, std::uintptr_t res_index, std::uintptr_t res_plane,
                          std::uintptr_t res_alpha) {
   a.qweight = reinterpret_cast<const uint32_t*>(qweight);
-  a.scales = reinterpret_cast<const uint16_t*>(scales);
-  a.zeros = reinterpret_cast<const uint16_t*>(zeros);
+  set_scale_pointers(a, reinterpret_cast<const void*>(scales), reinterpret_cast<const void*>(zeros),
+                     reinterpret_cast<const void*>(scale_rows));
   a.perm = reinterpret_cast<const int32_t*>(perm);
   if (residual) {
     a.res_index = reinterpret_cast<const int32_t*>(res_index);
@@ -101,12 +103,15 @@ FusedBranches check_fused_ptrs(const char* who, std::uintptr_t x_align, std::uin
                                std::uintptr_t scales, std::uintptr_t zeros, std::uintptr_t perm,
                                std::uintptr_t res_index, std::uintptr_t res_plane,
                                std::uintptr_t res_alpha, std::uintptr_t t, std::uintptr_t lr_up,
-                               std::uintptr_t extra, std::uintptr_t bias, int r) {
+                               std::uintptr_t extra, std::uintptr_t bias, int r,
+                               std::uintptr_t scale_rows) {
   check_ptr(who, x, "x_ptr", x_align, true);
   check_ptr(who, out, "out_ptr", 2, true);
   check_ptr(who, qweight, "qweight_ptr", 4, true);
-  check_ptr(who, scales, "scales_ptr", group_align, true);
-  check_ptr(who, zeros, "zeros_ptr", group_align, true);
+  // compact codes (scale_rows set) are bytes, read one at a time
+  check_ptr(who, scales, "scales_ptr", scale_rows ? 1 : group_align, true);
+  check_ptr(who, zeros, "zeros_ptr", scale_rows ? 1 : group_align, true);
+  check_ptr(who, scale_rows, "scale_rows_ptr", 2, false);
   check_ptr(who, perm, "perm_ptr", 4, false);
   const bool residual = res_index != 0;
   check_ptr(who, res_index, "res_index_ptr", 4, false);
@@ -140,11 +145,12 @@ void dequantize_cuda(std::uintptr_t qweight, std::uintptr_t scales, std::uintptr
                      std::uintptr_t perm, std::uintptr_t res_index, std::uintptr_t res_plane,
                      std::uintptr_t res_alpha, std::uintptr_t out,
                      const std::vector<int>& class_bits, const std::vector<int>& class_rows, int n,
-                     int k, int k_pad, int group_size, int out_dtype, std::uintptr_t stream) {
+                     int k, int k_pad, int group_size, int out_dtype, std::uintptr_t stream,
+                     std::uintptr_t scale_rows) {
 #ifndef BITFUSE_WITH_CUDA
   (void)qweight, (void)scales, (void)zeros, (void)perm, (void)res_index, (void)res_plane,
       (void)res_alpha, (void)out, (void)class_bits, (void)class_rows, (void)n, (void)k,
-      (void)k_pad, (void)group_size, (void)out_dtype, (void)stream;
+      (void)k_pad, (void)group_size, (void)out_dtype, (void)stream, (void)scale_rows;
   throw std::runtime_error(
       "bitfuse._C was built without CUDA (BITFUSE_CUDA=0, or no nvcc was found at build time); "
       "reinstall with nvcc available (BITFUSE_CUDA=1 makes a missing nvcc a build error)");
@@ -159,8 +165,9 @@ void dequantize_cuda(std::uintptr_t qweight, std::uintptr_t scales, std::uintptr
     host::fail("bitfuse dequantize_cuda: out_dtype must be 0 (fp32), 1 (fp16) or 2 (bf16), got " +
                std::to_string(out_dtype));
   check_ptr("bitfuse dequantize_cuda", qweight, "qweight_ptr", 4, true);
-  check_ptr("bitfuse dequantize_cuda", scales, "scales_ptr", 2, true);
-  check_ptr("bitfuse dequantize_cuda", zeros, "zeros_ptr", 2, true);
+  check_ptr("bitfuse dequantize_cuda", scales, "scales_ptr", scale_rows ? 1 : 2, true);
+  check_ptr("bitfuse dequantize_cuda", zeros, "zeros_ptr", scale_rows ? 1 : 2, true);
+  check_ptr("bitfuse dequantize_cuda", scale_rows, "scale_rows_ptr", 2, false);
   check_ptr("bitfuse dequantize_cuda", perm, "perm_ptr", 4, false);
   check_ptr("bitfuse dequantize_cuda", res_index, "res_index_ptr", 4, false);
   const bool residual = res_index != 0;
@@ -168,7 +175,8 @@ void dequantize_cuda(std::uintptr_t qweight, std::uintptr_t scales, std::uintptr
   check_ptr("bitfuse dequantize_cuda", res_alpha, "res_alpha_ptr", 2, residual);
   check_ptr("bitfuse dequantize_cuda", out, "out_ptr", out_dtype == 0 ? 4 : 2, true);
 
-  set_weight_pointers(a, qweight, scales, zeros, perm, residual, res_index, res_plane, res_alpha);
+  set_weight_pointers(a, qweight, scales, zeros, scale_rows, perm, residual, res_index, res_plane,
+                      res_alpha);
   const std::string err = cuda::dequantize(a, reinterpret_cast<void*>(out), out_dtype, stream);
   if (!err.empty()) throw std::runtime_error(err);
 #endif
@@ -179,12 +187,13 @@ void gemv_cuda(std::uintptr_t x, std::uintptr_t out, std::uintptr_t qweight, std
                std::uintptr_t res_plane, std::uintptr_t res_alpha, std::uintptr_t t,
                std::uintptr_t lr_up, std::uintptr_t extra, std::uintptr_t bias,
                const std::vector<int>& class_bits, const std::vector<int>& class_rows, int m,
-               int n, int k, int k_pad, int group_size, int r, int dtype, std::uintptr_t stream) {
+               int n, int k, int k_pad, int group_size, int r, int dtype, std::uintptr_t stream,
+               std::uintptr_t scale_rows) {
 #ifndef BITFUSE_WITH_CUDA
   (void)x, (void)out, (void)qweight, (void)scales, (void)zeros, (void)perm, (void)res_index,
       (void)res_plane, (void)res_alpha, (void)t, (void)lr_up, (void)extra, (void)bias,
       (void)class_bits, (void)class_rows, (void)m, (void)n, (void)k, (void)k_pad,
-      (void)group_size, (void)r, (void)dtype, (void)stream;
+      (void)group_size, (void)r, (void)dtype, (void)stream, (void)scale_rows;
   throw std::runtime_error(
       "bitfuse._C was built without CUDA (BITFUSE_CUDA=0, or no nvcc was found at build time); "
       "reinstall with nvcc available (BITFUSE_CUDA=1 makes a missing nvcc a build error)");
@@ -198,13 +207,15 @@ void gemv_cuda(std::uintptr_t x, std::uintptr_t out, std::uintptr_t qweight, std
     host::fail(std::string(who) + ": dtype must be 1 (fp16) or 2 (bf16), got " + std::to_string(dtype));
   if (r < 0) host::fail(std::string(who) + ": r must be >= 0, got " + std::to_string(r));
   const FusedBranches br = check_fused_ptrs(who, 2, 2, x, out, qweight, scales, zeros, perm,
-                                            res_index, res_plane, res_alpha, t, lr_up, extra, bias, r);
+                                            res_index, res_plane, res_alpha, t, lr_up, extra, bias, r,
+                                            scale_rows);
 
   gemv::Args a{};
   host::fill_gemv_classes(a, table, k_pad, qweight, who);
   a.x = reinterpret_cast<const void*>(x);
   a.out = reinterpret_cast<void*>(out);
-  set_weight_pointers(a, qweight, scales, zeros, perm, br.residual, res_index, res_plane, res_alpha);
+  set_weight_pointers(a, qweight, scales, zeros, scale_rows, perm, br.residual, res_index, res_plane,
+                      res_alpha);
   set_epilogue_pointers(a, br.lowrank, t, lr_up, r, extra, bias);
   a.m = m, a.n = n, a.k = k, a.k_pad = k_pad, a.group_size = group_size;
   a.x_vec = (x % 16 == 0) && (k % 8 == 0);  // 128-bit x loads, else 16-bit ones
@@ -220,13 +231,13 @@ void gemm_cuda(std::uintptr_t x, std::int64_t lda, std::uintptr_t out, std::uint
                const std::vector<int>& class_bits, const std::vector<int>& class_rows, int m,
                int n, int k, int k_pad, int group_size, int r, int dtype, std::uintptr_t stream,
                std::uintptr_t workspace, std::int64_t workspace_bytes, std::uintptr_t counters,
-               std::int64_t counters_len, int split) {
+               std::int64_t counters_len, int split, std::uintptr_t scale_rows) {
 #ifndef BITFUSE_WITH_CUDA
   (void)x, (void)lda, (void)out, (void)qweight, (void)scales, (void)zeros, (void)perm,
       (void)res_index, (void)res_plane, (void)res_alpha, (void)nr, (void)t, (void)lr_up,
       (void)extra, (void)bias, (void)class_bits, (void)class_rows, (void)m, (void)n, (void)k,
       (void)k_pad, (void)group_size, (void)r, (void)dtype, (void)stream, (void)workspace,
-      (void)workspace_bytes, (void)counters, (void)counters_len, (void)split;
+      (void)workspace_bytes, (void)counters, (void)counters_len, (void)split, (void)scale_rows;
   throw std::runtime_error(
       "bitfuse._C was built without CUDA (BITFUSE_CUDA=0, or no nvcc was found at build time); "
       "reinstall with nvcc available (BITFUSE_CUDA=1 makes a missing nvcc a build error)");
@@ -243,7 +254,8 @@ void gemm_cuda(std::uintptr_t x, std::int64_t lda, std::uintptr_t out, std::uint
   if (r < 0) host::fail(std::string(who) + ": r must be >= 0, got " + std::to_string(r));
   // x in 16-byte chunks; the fp16 per-group tensors are read as aligned 32-bit words.
   const FusedBranches br = check_fused_ptrs(who, 16, 4, x, out, qweight, scales, zeros, perm,
-                                            res_index, res_plane, res_alpha, t, lr_up, extra, bias, r);
+                                            res_index, res_plane, res_alpha, t, lr_up, extra, bias, r,
+                                            scale_rows);
   if (br.residual && nr < 1)
     host::fail(std::string(who) + ": the residual branch needs nr (residual rows) >= 1");
   // Split-K's fp32 partials (16-byte aligned: torch allocations are) and per-tile counters.
@@ -260,7 +272,8 @@ void gemm_cuda(std::uintptr_t x, std::int64_t lda, std::uintptr_t out, std::uint
   a.x = reinterpret_cast<const void*>(x);
   a.lda = lda;
   a.out = reinterpret_cast<void*>(out);
-  set_weight_pointers(a, qweight, scales, zeros, perm, br.residual, res_index, res_plane, res_alpha);
+  set_weight_pointers(a, qweight, scales, zeros, scale_rows, perm, br.residual, res_index, res_plane,
+                      res_alpha);
   a.nr = br.residual ? nr : 0;
   set_epilogue_pointers(a, br.lowrank, t, lr_up, r, extra, bias);
   a.m = m, a.n = n, a.k = k, a.k_pad = k_pad, a.group_size = group_size;
@@ -334,7 +347,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("res_plane_ptr"), py::arg("res_alpha_ptr"), py::arg("out_ptr"),
         py::arg("class_bits"), py::arg("class_rows"), py::arg("n"), py::arg("k"),
         py::arg("k_pad"), py::arg("group_size"), py::arg("out_dtype"), py::arg("stream"),
-        "Dense dequantize on the GPU. Pointers are device addresses (tensor.data_ptr(); 0 = "
+        py::arg("scale_rows_ptr") = 0,
+        "Dense dequantize on the GPU. With scale_rows_ptr (fp16 (n, 3)) the layer has compact "
+        "scales (FORMAT.md §5.1) and scales_ptr / zeros_ptr hold the uint8 codes. Pointers are device addresses (tensor.data_ptr(); 0 = "
         "absent for perm and the residual), stream a cudaStream_t as an integer. Writes the "
         "(n, k) weight in original row order, residual included, as fp32/fp16/bf16 "
         "(out_dtype 0/1/2). Asynchronous on `stream`. RuntimeError when built without CUDA or "
@@ -345,8 +360,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("t_ptr"), py::arg("lr_up_ptr"), py::arg("extra_ptr"), py::arg("bias_ptr"),
         py::arg("class_bits"), py::arg("class_rows"), py::arg("m"), py::arg("n"), py::arg("k"),
         py::arg("k_pad"), py::arg("group_size"), py::arg("r"), py::arg("dtype"),
-        py::arg("stream"),
-        "Fused GEMV for m <= 8 rows of x on the GPU (csrc/cuda/gemv.cu). Device pointers "
+        py::arg("stream"), py::arg("scale_rows_ptr") = 0,
+        "Fused GEMV for m <= 8 rows of x on the GPU (csrc/cuda/gemv.cu). scale_rows_ptr as in "
+        "dequantize_cuda. Device pointers "
         "(0 = absent for perm, the residual triple, t/lr_up, extra, bias): x (m, k) and out "
         "(m, n) in dtype 1 (fp16) / 2 (bf16); t (m, r) fp32 = x·L_downᵀ·diag(lr_scale); lr_up "
         "(n, r) fp16; extra (m, n) fp32 (sparse branch, original order); bias (n) fp32. "
@@ -360,6 +376,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("k_pad"), py::arg("group_size"), py::arg("r"), py::arg("dtype"),
         py::arg("stream"), py::arg("workspace_ptr") = 0, py::arg("workspace_bytes") = 0,
         py::arg("counters_ptr") = 0, py::arg("counters_len") = 0, py::arg("split") = 0,
+        py::arg("scale_rows_ptr") = 0,
         "Fused tensor-core GEMM on the GPU (csrc/cuda/gemm.cu), meant for m > 8 (any m >= 1 "
         "works). As gemv_cuda, plus: x (m, lda) with lda >= k a multiple of 8 and x_ptr 16-byte "
         "aligned (columns >= k are never read); scales/zeros/res_alpha 4-byte aligned; nr = rows "

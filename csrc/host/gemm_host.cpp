@@ -62,7 +62,7 @@ Buf take(const py::array& a, const std::string& name, char kind, int size,
   const bool int32ish = kind == 'i' && size == 4 && (dt.kind() == 'i' || dt.kind() == 'u');
   if (!(dt.kind() == kind || int32ish) || dt.itemsize() != size)
     fail(std::string(kWho) + ": " + name + " has dtype " + std::string(py::str(a.dtype())) +
-         ", expected " + (kind == 'i' ? "int32" : size == 2 ? "float16" : "float32"));
+         ", expected " + (kind == 'i' ? "int32" : kind == 'u' ? "uint8" : size == 2 ? "float16" : "float32"));
   bool ok = a.ndim() == py::ssize_t(shape.size());
   for (size_t i = 0; ok && i < shape.size(); ++i) ok = shape[i] < 0 || a.shape(i) == shape[i];
   if (!ok) fail(std::string(kWho) + ": " + name + " has shape " + shape_str(a));
@@ -472,7 +472,8 @@ py::tuple gemm_host(const py::array& x_in, int dtype, int cc, const py::array& q
                     std::optional<py::array> extra_in, std::optional<py::array> bias_in,
                     const std::vector<int>& class_bits, const std::vector<int>& class_rows, int n,
                     int k, int k_pad, int group_size, int tile, bool misaligned_weights, int sms,
-                    int split, bool reverse_splits, bool lowrank_staged, int lr_chunk) {
+                    int split, bool reverse_splits, bool lowrank_staged, int lr_chunk,
+                    std::optional<py::array> scale_rows_in) {
   const ClassTable table = make_class_table(class_bits, class_rows, n, k, k_pad, group_size);
   if (dtype != mma::kDtypeF16 && dtype != mma::kDtypeBF16)
     fail(std::string(kWho) + ": dtype must be 1 (fp16) or 2 (bf16), got " + std::to_string(dtype));
@@ -513,13 +514,15 @@ py::tuple gemm_host(const py::array& x_in, int dtype, int cc, const py::array& q
   gemm::Args a{};
   a.classes = table;
   const Buf qweight = take(qweight_in, "qweight", 'i', 4, {py::ssize_t(total)});
-  const Buf scales = take(scales_in, "scales", 'f', 2, {n, G});
-  const Buf zeros = take(zeros_in, "zeros", 'f', 2, {n, G});
+  // fp16 pairs, or (with scale_rows) compact codes (FORMAT.md §5.1).
+  const bool compact = bool(scale_rows_in);
+  const Buf scales = take(scales_in, "scales", compact ? 'u' : 'f', compact ? 1 : 2, {n, G});
+  const Buf zeros = take(zeros_in, "zeros", compact ? 'u' : 'f', compact ? 1 : 2, {n, G});
+  const Buf scale_rows = compact ? take(*scale_rows_in, "scale_rows", 'f', 2, {n, 3}) : Buf();
   a.x = xb.data();
   a.lda = lda;
   a.qweight = static_cast<const uint32_t*>(qweight.data());
-  a.scales = static_cast<const uint16_t*>(scales.data());
-  a.zeros = static_cast<const uint16_t*>(zeros.data());
+  set_scale_pointers(a, scales.data(), zeros.data(), compact ? scale_rows.data() : nullptr);
   Buf perm, res_index, res_plane, res_alpha, t, lr_up, extra, bias;
   if (perm_in) {
     perm = take(*perm_in, "perm", 'i', 4, {n});
@@ -572,8 +575,11 @@ py::tuple gemm_host(const py::array& x_in, int dtype, int cc, const py::array& q
   auto range = [](const void* p, int64_t bytes) {
     return std::make_pair(static_cast<const char*>(p), static_cast<const char*>(p) + bytes);
   };
-  Ranges ranges = {range(a.x, int64_t(m) * lda * 2), range(a.qweight, total * 4),
-                   range(a.scales, int64_t(n) * G * 2), range(a.zeros, int64_t(n) * G * 2)};
+  Ranges ranges = {range(a.x, int64_t(m) * lda * 2), range(a.qweight, total * 4)};
+  if (!compact) {  // compact codes are read directly, not copied (gemm.h stage_copies)
+    ranges.push_back(range(a.scales, int64_t(n) * G * 2));
+    ranges.push_back(range(a.zeros, int64_t(n) * G * 2));
+  }
   if (a.res_index) {
     ranges.push_back(range(a.res_plane, int64_t(a.nr) * (k_pad / 32) * 4));
     ranges.push_back(range(a.res_alpha, int64_t(a.nr) * G * 2));
@@ -795,7 +801,7 @@ void register_gemm_host_ops(py::module_& m) {
         py::arg("n"), py::arg("k"), py::arg("k_pad"), py::arg("group_size"),
         py::arg("tile") = -1, py::arg("misaligned_weights") = false, py::arg("sms") = -1,
         py::arg("split") = 0, py::arg("reverse_splits") = false, py::arg("lowrank_staged") = true,
-        py::arg("lr_chunk") = 0,
+        py::arg("lr_chunk") = 0, py::arg("scale_rows") = py::none(),
         "CPU twin of gemm_cuda (same header code, emulated cp.async / ldmatrix / mma): x (m, k) "
         "float32 holding fp16 (dtype 1) or bf16 (dtype 2) values; the tile is the one the kernel "
         "picks on compute capability cc (e.g. 86, 87, 89, 90) for m, or `tile` (an id of "

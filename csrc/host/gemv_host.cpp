@@ -35,7 +35,7 @@ py::array take(const py::array& a, const std::string& name, char kind, int size,
   const bool int32ish = kind == 'i' && size == 4 && (dt.kind() == 'i' || dt.kind() == 'u');
   if (!(dt.kind() == kind || int32ish) || dt.itemsize() != size)
     fail("bitfuse gemv_host: " + name + " has dtype " + std::string(py::str(a.dtype())) +
-         ", expected " + (kind == 'i' ? "int32" : size == 2 ? "float16" : "float32"));
+         ", expected " + (kind == 'i' ? "int32" : kind == 'u' ? "uint8" : size == 2 ? "float16" : "float32"));
   bool ok = a.ndim() == py::ssize_t(shape.size());
   for (size_t i = 0; ok && i < shape.size(); ++i) ok = shape[i] < 0 || a.shape(i) == shape[i];
   if (!ok) fail("bitfuse gemv_host: " + name + " has shape " + shape_of(a));
@@ -99,8 +99,9 @@ void row_dot(const gemv::Args& a, const float* x, int row, int cls, float* acc) 
   for (int k0 = 0; k0 < a.k; k0 += 32) {  // runs past k never contribute (x is 0 there)
     const int g = k0 / a.group_size;
     float wd[32];
-    tricks::run_dequant<BITS>(words + (k0 / 32) * rw, half_to_float(a.scales[int64_t(row) * G + g]),
-                              half_to_float(a.zeros[int64_t(row) * G + g]), ri >= 0,
+    float scale, zero;
+    group_params(a, row, G, g, scale, zero);
+    tricks::run_dequant<BITS>(words + (k0 / 32) * rw, scale, zero, ri >= 0,
                               ri >= 0 ? a.res_plane[int64_t(ri) * KW1 + k0 / 32] : 0u,
                               ri >= 0 ? half_to_float(a.res_alpha[int64_t(ri) * G + g]) : 0.0f, wd);
     for (int mi = 0; mi < a.m; ++mi)
@@ -120,7 +121,7 @@ py::array_t<float> gemv_host(const py::array& x_in, const py::array& qweight_in,
                              std::optional<py::array> lr_up_in, std::optional<py::array> extra_in,
                              std::optional<py::array> bias_in, const std::vector<int>& class_bits,
                              const std::vector<int>& class_rows, int n, int k, int k_pad,
-                             int group_size) {
+                             int group_size, std::optional<py::array> scale_rows_in) {
   const ClassTable table = make_class_table(class_bits, class_rows, n, k, k_pad, group_size);
   if (x_in.ndim() != 2) fail("bitfuse gemv_host: x must be 2-D (m, k), got " + shape_of(x_in));
   const int m = int(x_in.shape(0));
@@ -131,13 +132,15 @@ py::array_t<float> gemv_host(const py::array& x_in, const py::array& qweight_in,
   gemv::Args a{};
   const auto x = take(x_in, "x", 'f', 4, {m, k});
   const auto qweight = take(qweight_in, "qweight", 'i', 4, {py::ssize_t(total)});
-  const auto scales = take(scales_in, "scales", 'f', 2, {n, G});
-  const auto zeros = take(zeros_in, "zeros", 'f', 2, {n, G});
+  // fp16 pairs, or (with scale_rows) compact codes (FORMAT.md §5.1).
+  const bool compact = bool(scale_rows_in);
+  const auto scales = take(scales_in, "scales", compact ? 'u' : 'f', compact ? 1 : 2, {n, G});
+  const auto zeros = take(zeros_in, "zeros", compact ? 'u' : 'f', compact ? 1 : 2, {n, G});
+  const auto scale_rows = compact ? take(*scale_rows_in, "scale_rows", 'f', 2, {n, 3}) : py::array();
   // The host twin has no 128-bit loads; address 0 keeps class_vec consistent for the check.
   fill_gemv_classes(a, table, k_pad, 0, "bitfuse gemv_host");
   a.qweight = ptr<uint32_t>(qweight);
-  a.scales = ptr<uint16_t>(scales);
-  a.zeros = ptr<uint16_t>(zeros);
+  set_scale_pointers(a, scales.data(), zeros.data(), compact ? scale_rows.data() : nullptr);
   py::array perm, res_index, res_plane, res_alpha, t, lr_up, extra, bias;
   if (perm_in) {
     perm = take(*perm_in, "perm", 'i', 4, {n});
@@ -218,7 +221,7 @@ void register_gemv_host_ops(py::module_& m) {
         py::arg("zeros"), py::arg("perm"), py::arg("res_index"), py::arg("res_plane"),
         py::arg("res_alpha"), py::arg("t"), py::arg("lr_up"), py::arg("extra"), py::arg("bias"),
         py::arg("class_bits"), py::arg("class_rows"), py::arg("n"), py::arg("k"),
-        py::arg("k_pad"), py::arg("group_size"),
+        py::arg("k_pad"), py::arg("group_size"), py::arg("scale_rows") = py::none(),
         "CPU twin of gemv_cuda (same header code): x (m<=8, k) float32, layer arrays as for "
         "dequantize_host, t (m, r) float32 with lr_up (n, r) float16, extra (m, n) float32, bias "
         "(n) float32, each or None. Returns y (m, n) float32 before the cast, original order.");

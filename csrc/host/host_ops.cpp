@@ -42,6 +42,12 @@ py::array as_half(const py::array& a, const std::string& name) {
   return py::array::ensure(a, py::array::c_style);
 }
 
+py::array as_uint8(const py::array& a, const std::string& name) {
+  if (a.dtype().kind() != 'u' || a.dtype().itemsize() != 1)
+    fail("bitfuse: " + name + " must be a uint8 array (compact codes), got " + dtype_str(a));
+  return py::array::ensure(a, py::array::c_style);
+}
+
 void check_shape(const py::array& a, const std::string& name, std::vector<py::ssize_t> shape) {
   bool ok = a.ndim() == py::ssize_t(shape.size());
   for (size_t i = 0; ok && i < shape.size(); ++i) ok = a.shape(i) == shape[i];
@@ -118,7 +124,7 @@ py::array_t<float> dequantize_host(const py::array& qweight_in, const py::array&
                                    std::optional<py::array> res_alpha_in,
                                    const std::vector<int>& class_bits,
                                    const std::vector<int>& class_rows, int n, int k, int k_pad,
-                                   int group_size) {
+                                   int group_size, std::optional<py::array> scale_rows_in) {
   DequantArgs a{};
   a.classes = make_class_table(class_bits, class_rows, n, k, k_pad, group_size);
   a.n = n;
@@ -132,13 +138,19 @@ py::array_t<float> dequantize_host(const py::array& qweight_in, const py::array&
   const int64_t total =
       class_word_offset(class_bits.data(), class_rows.data(), int(class_bits.size()), k_pad);
   check_shape(qweight, "qweight", {py::ssize_t(total)});
-  const auto scales = as_half(scales_in, "scales");
-  const auto zeros = as_half(zeros_in, "zeros");
+  // fp16 pairs, or (with scale_rows) compact codes (FORMAT.md §5.1).
+  const bool compact = bool(scale_rows_in);
+  const auto scales = compact ? as_uint8(scales_in, "scales") : as_half(scales_in, "scales");
+  const auto zeros = compact ? as_uint8(zeros_in, "zeros") : as_half(zeros_in, "zeros");
   check_shape(scales, "scales", {n, G});
   check_shape(zeros, "zeros", {n, G});
+  py::array scale_rows;
   a.qweight = data_of<uint32_t>(qweight);
-  a.scales = data_of<uint16_t>(scales);
-  a.zeros = data_of<uint16_t>(zeros);
+  if (compact) {
+    scale_rows = as_half(*scale_rows_in, "scale_rows");
+    check_shape(scale_rows, "scale_rows", {n, 3});
+  }
+  set_scale_pointers(a, scales.data(), zeros.data(), compact ? scale_rows.data() : nullptr);
 
   py::array_t<int32_t> perm;
   if (perm_in) {
@@ -204,9 +216,9 @@ void register_host_ops(py::module_& m) {
   m.def("dequantize_host", &dequantize_host, py::arg("qweight"), py::arg("scales"),
         py::arg("zeros"), py::arg("perm"), py::arg("res_index"), py::arg("res_plane"),
         py::arg("res_alpha"), py::arg("class_bits"), py::arg("class_rows"), py::arg("n"),
-        py::arg("k"), py::arg("k_pad"), py::arg("group_size"),
+        py::arg("k"), py::arg("k_pad"), py::arg("group_size"), py::arg("scale_rows") = py::none(),
         "CPU twin of dequantize_cuda on numpy arrays: qweight int32 flat, scales/zeros float16 "
-        "(n, G), perm int32 (n) or None, res_index int32 (n) / res_plane int32 (Nr, k_pad/32) / "
+        "(n, G) (or uint8 compact codes with scale_rows float16 (n, 3), FORMAT.md §5.1), perm int32 (n) or None, res_index int32 (n) / res_plane int32 (Nr, k_pad/32) / "
         "res_alpha float16 (Nr, G) or all None. Returns the (n, k) float32 weight in original "
         "row order, residual included.");
 }

@@ -41,6 +41,14 @@ def _ptr(t) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def _scale_ptrs(pw: PackedWeight):
+    """(scales_ptr, zeros_ptr) for either scale form: the fp16 pairs, or the uint8 compact codes
+    (FORMAT.md §5.1), which the kernels recognise by scale_rows_ptr != 0."""
+    if pw.compact_scales:
+        return _ptr(pw.scale_codes), _ptr(pw.zero_codes)
+    return _ptr(pw.scales), _ptr(pw.zeros)
+
+
 def dequantize_dense(pw: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
     """Codes + residual as an (N, K) weight in original order, on the GPU."""
     q = pw.qweight
@@ -51,10 +59,11 @@ def dequantize_dense(pw: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
     _check(pw, q.device)
     out = torch.empty(pw.out_features, pw.in_features, dtype=dtype, device=q.device)
     extension().dequantize_cuda(
-        _ptr(q), _ptr(pw.scales), _ptr(pw.zeros), _ptr(pw.perm), _ptr(pw.res_index),
+        _ptr(q), *_scale_ptrs(pw), _ptr(pw.perm), _ptr(pw.res_index),
         _ptr(pw.res_plane), _ptr(pw.res_alpha), _ptr(out), list(pw.class_bits),
         list(pw.class_rows), pw.out_features, pw.in_features, pw.k_pad, pw.group_size,
         _OUT_DTYPES[dtype], torch.cuda.current_stream(q.device).cuda_stream,
+        scale_rows_ptr=_ptr(pw.scale_rows),
     )
     return out
 
@@ -101,10 +110,11 @@ def gemv(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     t, lr_up, extra, bias, r = _side_branches(x, pw)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     extension().gemv_cuda(
-        _ptr(x), _ptr(out), _ptr(pw.qweight), _ptr(pw.scales), _ptr(pw.zeros), _ptr(pw.perm),
+        _ptr(x), _ptr(out), _ptr(pw.qweight), *_scale_ptrs(pw), _ptr(pw.perm),
         _ptr(pw.res_index), _ptr(pw.res_plane), _ptr(pw.res_alpha), _ptr(t), _ptr(lr_up),
         _ptr(extra), _ptr(bias), list(pw.class_bits), list(pw.class_rows), m, n, k, pw.k_pad,
         pw.group_size, r, _OUT_DTYPES[x.dtype], torch.cuda.current_stream(x.device).cuda_stream,
+        scale_rows_ptr=_ptr(pw.scale_rows),
     )
     return out
 
@@ -221,14 +231,14 @@ def gemm(x: torch.Tensor, pw: PackedWeight, *, split: int = 0) -> torch.Tensor:
         ws = torch.empty(plan["workspace_bytes"] // 4, dtype=torch.float32, device=x.device)
     with torch.cuda.device(x.device):  # the launch goes to the current device: make it x's
         extension().gemm_cuda(
-            _ptr(x), lda, _ptr(out), _ptr(pw.qweight), _ptr(pw.scales), _ptr(pw.zeros),
+            _ptr(x), lda, _ptr(out), _ptr(pw.qweight), *_scale_ptrs(pw),
             _ptr(pw.perm), _ptr(pw.res_index), _ptr(pw.res_plane), _ptr(pw.res_alpha), nr, _ptr(t),
             _ptr(lr_up), _ptr(extra), _ptr(bias), list(pw.class_bits), list(pw.class_rows), m, n,
             k, pw.k_pad, pw.group_size, r, _OUT_DTYPES[x.dtype],
             torch.cuda.current_stream(x.device).cuda_stream,
             workspace_ptr=_ptr(ws), workspace_bytes=plan["workspace_bytes"] if ws is not None else 0,
             counters_ptr=_ptr(counters), counters_len=counters.numel(),
-            split=plan["split"],
+            split=plan["split"], scale_rows_ptr=_ptr(pw.scale_rows),
         )
     return out
 

@@ -112,11 +112,11 @@ def quantize_cmd(args: argparse.Namespace) -> int:
                          "inputs they were not fitted to, which needs activations: add --calib N with N >= 2")
     if not (math.isfinite(args.calib_memory) and args.calib_memory >= 0):
         raise SystemExit(f"bitfuse quantize: --calib-memory must be a number of GiB >= 0, got {args.calib_memory}")
-    config = QuantConfig(target="auto", **RECIPES[args.recipe])
+    config = QuantConfig(target="auto", compact_scales=args.compact_scales, **RECIPES[args.recipe])
     candidates = None
     if args.avg_bpw is not None:
         # the candidates cover the layers the recipe covers: its convs too when it takes them
-        candidates = [dataclasses.replace(c, convs=config.convs)
+        candidates = [dataclasses.replace(c, convs=config.convs, compact_scales=args.compact_scales)
                       for c in _candidates(args.candidates or DEFAULT_CANDIDATES)]
     t0 = time.perf_counter()
     model = build_denoiser(args.model, args.path).float()
@@ -281,6 +281,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "(needs --calib; docs/CALIBRATION.md, layer-wise allocation)")
     qz.add_argument("--candidates", default=None,
                     help=f"the per-layer choices of --avg-bpw (default {DEFAULT_CANDIDATES})")
+    qz.add_argument("--compact-scales", action="store_true",
+                    help="8-bit scale and offset codes on per-row grids (FORMAT.md §5.1): 16 bits a "
+                         "group + 48 a row instead of 32 a group, in layers of >= 4 groups a row")
     qz.set_defaults(func=quantize_cmd)
     b = sub.add_parser("backends", help="which backends run here, and why the others do not")
     b.set_defaults(func=show_backends)

@@ -52,6 +52,11 @@ class QuantConfig:
                  padding, finer scales) without costing the kernels their 16-byte row loads;
                  False pads K to group_size everywhere. The layer's
                  PackedWeight.group_size is the one used; this config keeps the one asked for.
+    compact_scales: store each group's scale and offset as 8-bit codes on per-row linear grids
+                 (FORMAT.md §5.1: 16 bits a group + 48 a row instead of 32 a group), in layers
+                 with at least 4 groups a row, where that is smaller. Codes are chosen against
+                 the compact values. Off by default: what it costs the kernels (two byte loads
+                 and a row's factors per group; the CUDA GEMM reads them unstaged) is unmeasured.
     """
 
     bits: int = 4
@@ -64,6 +69,7 @@ class QuantConfig:
     target: str = "auto"
     convs: bool = False
     fit_group: bool = True
+    compact_scales: bool = False
 
     def __post_init__(self) -> None:
         if not _is_int(self.bits) or self.bits not in ALLOWED_BITS:
@@ -117,7 +123,7 @@ class QuantConfig:
                 f"QuantConfig.outliers must be a fraction in [0, {MAX_OUTLIER_FRACTION}], got {o!r}"
             )
         object.__setattr__(self, "outliers", float(o))
-        for flag in ("convs", "fit_group"):
+        for flag in ("convs", "fit_group", "compact_scales"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"QuantConfig.{flag} must be True or False, got {getattr(self, flag)!r}")
         if self.target not in ALLOWED_TARGETS:
@@ -131,7 +137,8 @@ class QuantConfig:
             return self.group_size
         from .pack import fitted_group_size  # pack imports this module
 
-        return fitted_group_size(in_features, self.group_size, self.bits, self.mixed_bits or ())
+        return fitted_group_size(in_features, self.group_size, self.bits, self.mixed_bits or (),
+                                 compact=self.compact_scales)
 
     @property
     def effective_avg_bits(self) -> float:

@@ -28,8 +28,12 @@ FORMAT_VERSION = 2  # 2: slot order inside 32-column runs (FORMAT.md §3.1); 1 r
 # name -> (dtype, is it required). Order fixes the op signature (ops.py) and the checkpoint.
 TENSOR_SPECS: Dict[str, Tuple[torch.dtype, bool]] = {
     "qweight": (torch.int32, True),
-    "scales": (torch.float16, True),
-    "zeros": (torch.float16, True),
+    # One of two scale forms (FORMAT.md §5): fp16 pairs, or compact codes + row factors.
+    "scales": (torch.float16, False),
+    "zeros": (torch.float16, False),
+    "scale_codes": (torch.uint8, False),
+    "zero_codes": (torch.uint8, False),
+    "scale_rows": (torch.float16, False),
     "perm": (torch.int32, False),
     "res_index": (torch.int32, False),
     "res_plane": (torch.int32, False),
@@ -46,6 +50,8 @@ TENSOR_NAMES = tuple(TENSOR_SPECS)
 
 # Groups of optional tensors that exist together or not at all.
 _BRANCHES = {
+    "fp16 scale": ("scales", "zeros"),
+    "compact scale": ("scale_codes", "zero_codes", "scale_rows"),
     "residual": ("res_index", "res_plane", "res_alpha"),
     "lowrank": ("lr_down", "lr_up", "lr_scale"),
     "sparse": ("sp_indptr", "sp_indices", "sp_values"),
@@ -118,6 +124,19 @@ class PackedWeight:
         t = self.tensors.get("res_plane")
         return 0 if t is None else int(t.shape[0])
 
+    @property
+    def compact_scales(self) -> bool:
+        """Whether the scales are stored compact (FORMAT.md §5.1) rather than as fp16 pairs."""
+        return "scale_codes" in self.tensors
+
+    def group_params(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(scales, zeros) as fp32 (N, G), whichever form stores them: the values every kernel
+        dequantizes with."""
+        t = self.tensors
+        if "scale_codes" in t:
+            return pack.expand_scales(t["scale_codes"], t["zero_codes"], t["scale_rows"])
+        return t["scales"].float(), t["zeros"].float()
+
     def get(self, name: str) -> Optional[torch.Tensor]:
         return self.tensors.get(name)
 
@@ -175,6 +194,9 @@ class PackedWeight:
             "qweight": (words,),
             "scales": (n, g),
             "zeros": (n, g),
+            "scale_codes": (n, g),
+            "zero_codes": (n, g),
+            "scale_rows": (n, pack.COMPACT_ROW_FACTORS),
             "perm": (n,),
             "res_index": (n,),
             "res_plane": (rr, kp // 32),
@@ -263,6 +285,11 @@ class PackedWeight:
             if any(have) and not all(have):
                 raise FormatError(f"{branch} branch needs all of {names}, got only "
                                   f"{[x for x, h in zip(names, have) if h]}")
+        forms = ("scales" in self.tensors) + ("scale_codes" in self.tensors)
+        if forms != 1:
+            raise FormatError("PackedWeight needs exactly one scale form: fp16 'scales' + 'zeros', or "
+                              "compact 'scale_codes' + 'zero_codes' + 'scale_rows' (FORMAT.md §5); got "
+                              + ("both" if forms else "neither"))
         if len(self.class_bits) > 1 and "perm" not in self.tensors:
             raise FormatError("a layer with several bit classes needs 'perm'")
         self._validate_lora_table()
@@ -307,9 +334,11 @@ class PackedWeight:
     def _validate_values(self) -> None:
         n, k = self.out_features, self.in_features
         t = self.tensors
-        for name in ("scales", "zeros", "res_alpha", "lr_down", "lr_up", "lr_scale", "sp_values", "bias"):
+        for name in ("scales", "zeros", "scale_rows", "res_alpha", "lr_down", "lr_up", "lr_scale", "sp_values", "bias"):
             if name in t and not bool(torch.isfinite(t[name]).all()):
                 raise FormatError(f"tensor '{name}' holds NaN or Inf")
+        if "scale_rows" in t and bool((t["scale_rows"][:, [0, 2]] < 0).any()):
+            raise FormatError("tensor 'scale_rows' must have steps (columns 0 and 2) >= 0")
         for e in self.lora:
             # The invariant that makes the table trustworthy: an adapter's strength lives in its
             # lr_scale entries, scale·alpha/rank each (in fp32).

@@ -83,10 +83,98 @@ def padded_k(k: int, group_size: int) -> int:
 SCALE_OFFSET_BITS = 32  # one fp16 scale + one fp16 offset per (row, group)
 VECTOR_ROWS_MIN_SAVING = 0.25  # fitted_group_size: what losing 16-byte rows must save (unmeasured)
 
+# ---- compact scales (FORMAT.md §5.1) -------------------------------------------------------------
+# A row's G scales and G offsets as 8-bit codes on two per-row linear grids, 3 fp16 row factors:
+#   scale  = scale_codes[i, j] · scale_rows[i, 0]
+#   offset = scale_rows[i, 1] + zero_codes[i, j] · scale_rows[i, 2]
+# 16 bits a group + 48 a row instead of 32 a group, so a layer takes it only with more than
+# COMPACT_MIN_GROUPS - 1 groups a row (where it is smaller). Each product is exact in fp32 (8-bit
+# code × 11-bit fp16 mantissa), so mul + add and fma give the same bits: the reference, the Triton
+# and the CUDA dequant agree bit for bit, as with fp16 scales.
+COMPACT_CODE_MAX = 255
+COMPACT_ROW_FACTORS = 3
+COMPACT_SCALE_BITS = 16  # 8-bit scale code + 8-bit offset code per (row, group)
+COMPACT_MIN_GROUPS = 4
 
-def fitted_group_size(k: int, group_size: int, bits: int, widths: Sequence[int] = ()) -> int:
+
+def uses_compact_scales(n_groups: int, compact: bool) -> bool:
+    """Whether a layer with n_groups groups a row stores compact scales, when its config asks."""
+    return bool(compact) and n_groups >= COMPACT_MIN_GROUPS
+
+
+def scale_bits_per_row(n_groups: int, compact: bool = False) -> int:
+    """Bits a row spends on its scales and offsets (fp16 pairs, or compact codes + row factors)."""
+    if uses_compact_scales(n_groups, compact):
+        return n_groups * COMPACT_SCALE_BITS + COMPACT_ROW_FACTORS * 16
+    return n_groups * SCALE_OFFSET_BITS
+
+
+def _fp16_up(t: torch.Tensor) -> torch.Tensor:
+    """t (fp32, ≥ 0) rounded up to fp16: the smallest fp16 value ≥ t."""
+    h = t.clamp_max(65504.0).to(torch.float16)
+    low = h.float() < t
+    return torch.where(low, (h.view(torch.int16) + 1).view(torch.float16), h)
+
+
+def _fp16_down(t: torch.Tensor) -> torch.Tensor:
+    """t (fp32, finite, within ±65504) rounded down to fp16: the largest fp16 value ≤ t."""
+    h = t.to(torch.float16)
+    high = h.float() > t
+    # One fp16 step towards -inf: the bit pattern moves away from zero for a negative value
+    # and towards it for a positive one (-0.0 and +0.0 both step to the smallest negative).
+    bits = h.view(torch.int16)
+    step = torch.where(h > 0, bits - 1, torch.where(h < 0, bits + 1, torch.full_like(bits, -32767)))
+    return torch.where(high, step.view(torch.float16), h)
+
+
+def compact_scales(scales: torch.Tensor, zeros: torch.Tensor):
+    """(N, G) scales (≥ 0) and offsets, any float dtype -> (scale_codes uint8 (N, G),
+    zero_codes uint8 (N, G), scale_rows fp16 (N, 3)): the nearest point of each row's grids.
+
+    The scale step is the row's largest scale / 255 rounded up to fp16, so every code fits; a
+    scale > 0 keeps code ≥ 1 (a group never collapses to its offset). The offset grid runs from
+    the row's smallest offset (rounded down to fp16) in 255 steps to its largest."""
+    s, z = scales.float(), zeros.float()
+    if s.dim() != 2 or s.shape != z.shape:
+        raise PackError(f"scales and zeros must be (N, G) of one shape, got {tuple(s.shape)} and {tuple(z.shape)}")
+    if s.numel() and (not bool(torch.isfinite(s).all() and torch.isfinite(z).all()) or bool((s < 0).any())):
+        raise PackError("scales must be finite and >= 0 and zeros finite to be compacted")
+    smax = s.amax(dim=1) if s.shape[1] else s.new_zeros(s.shape[0])
+    step = _fp16_up(smax / COMPACT_CODE_MAX)
+    step = torch.where((smax > 0) & (step == 0), torch.full_like(step, 2.0 ** -24), step)
+    safe = torch.where(step > 0, step.float(), torch.ones_like(smax))[:, None]
+    sc = torch.clamp(torch.round(s / safe), 1, COMPACT_CODE_MAX)
+    sc = torch.where(s > 0, sc, torch.zeros_like(sc))
+    zlo = _fp16_down(z.amin(dim=1) if z.shape[1] else z.new_zeros(z.shape[0]))
+    zspan = (z.amax(dim=1) if z.shape[1] else z.new_zeros(z.shape[0])) - zlo.float()
+    zstep = _fp16_up(zspan / COMPACT_CODE_MAX)
+    zsafe = torch.where(zstep > 0, zstep.float(), torch.ones_like(zspan))[:, None]
+    zc = torch.clamp(torch.round((z - zlo.float()[:, None]) / zsafe), 0, COMPACT_CODE_MAX)
+    zc = torch.where(zstep[:, None] > 0, zc, torch.zeros_like(zc))
+    rows = torch.stack([step, zlo, zstep], dim=1)
+    return sc.to(torch.uint8), zc.to(torch.uint8), rows.contiguous()
+
+
+def expand_scales(scale_codes: torch.Tensor, zero_codes: torch.Tensor, scale_rows: torch.Tensor):
+    """Compact scales -> (scales fp32 (N, G), zeros fp32 (N, G)), exactly as every kernel computes
+    them: code · step, and base + code · step (both products exact in fp32)."""
+    r = scale_rows.float()
+    s = scale_codes.float() * r[:, 0:1]
+    z = r[:, 1:2] + zero_codes.float() * r[:, 2:3]
+    return s, z
+
+
+def snap_scales(scales: torch.Tensor, zeros: torch.Tensor):
+    """The compact grid's (scales, zeros) fp32 nearest to the given ones (calibration uses it to
+    choose codes against the values the kernels will see)."""
+    return expand_scales(*compact_scales(scales, zeros))
+
+
+def fitted_group_size(k: int, group_size: int, bits: int, widths: Sequence[int] = (),
+                      compact: bool = False) -> int:
     """The group size, at most `group_size`, that stores a K-wide row of `bits`-bit codes in the
-    fewest bits: codes over k_pad plus a scale/offset pair per group. Ties go to the smaller group.
+    fewest bits: codes over k_pad plus its scales and offsets (fp16 pairs, or compact scales
+    when `compact` and the layer qualifies: scale_bits_per_row). Ties go to the smaller group.
 
     Why: K is padded to whole groups (padded_k), and padding costs code bits and scale bits for
     columns that do not exist. At K = 320 with g128 a row stores 384 codes + 3 scale pairs
@@ -107,7 +195,7 @@ def fitted_group_size(k: int, group_size: int, bits: int, widths: Sequence[int] 
 
     def cost(g: int) -> int:
         kp = padded_k(k, g)
-        return kp * bits + (kp // g) * SCALE_OFFSET_BITS
+        return kp * bits + scale_bits_per_row(kp // g, compact)
 
     def vector_rows(g: int, b: int) -> bool:
         return words_per_row(b, padded_k(k, g)) % 4 == 0

@@ -22,7 +22,8 @@ def dequantize_rows(pw: PackedWeight, residual: bool = True) -> torch.Tensor:
     kp, g = pw.k_pad, pw.group_size
     codes = pack.unpack_classes(pw.qweight, pw.class_bits, pw.class_rows, kp)
     q = torch.cat(codes, dim=0).float()
-    w = q * _expand_groups(pw.scales, g) + _expand_groups(pw.zeros, g)
+    scales, zeros = pw.group_params()  # fp16 pairs or compact codes (FORMAT.md §5)
+    w = q * _expand_groups(scales, g) + _expand_groups(zeros, g)
     if residual and pw.res_plane is not None:
         ri = pw.res_index.long()
         rows = torch.nonzero(ri >= 0).flatten()

@@ -170,12 +170,52 @@ struct ClassTable {
   int rows[kMaxClasses];
 };
 
+// Compact scales (FORMAT.md §5.1): a group's scale and offset from its two 8-bit codes and the
+// row's fp16 factors (step, offset base, offset step). code · factor is exact in fp32 (8 + 11
+// significant bits), so the fmaf here and the reference's mul + add round the offset once and
+// agree bit for bit (pack.expand_scales).
+BF_HD inline void compact_params(uint32_t scale_code, uint32_t zero_code, const uint16_t* factors,
+                                 float& scale, float& zero) {
+  scale = float(scale_code) * half_to_float(factors[0]);
+  zero = fmaf(float(zero_code), half_to_float(factors[2]), half_to_float(factors[1]));
+}
+
+// Group g of packed row `row` of a layer (any argument struct with scales, zeros, scale_codes,
+// zero_codes and scale_rows): its scale and offset in fp32, from whichever form it stores (§5).
+template <class A>
+BF_HD inline void group_params(const A& a, int64_t row, int G, int g, float& scale, float& zero) {
+  const int64_t i = row * G + g;
+  if (a.scale_codes) {
+    compact_params(a.scale_codes[i], a.zero_codes[i], a.scale_rows + row * 3, scale, zero);
+  } else {
+    scale = half_to_float(a.scales[i]);
+    zero = half_to_float(a.zeros[i]);
+  }
+}
+
+// Point a layer's argument struct (DequantArgs, gemv::Args, gemm::Args) at its scales: fp16
+// pairs, or, when scale_rows is given, compact codes in `scales` / `zeros` (§5.1).
+template <class A>
+inline void set_scale_pointers(A& a, const void* scales, const void* zeros, const void* scale_rows) {
+  if (scale_rows) {
+    a.scale_codes = static_cast<const uint8_t*>(scales);
+    a.zero_codes = static_cast<const uint8_t*>(zeros);
+    a.scale_rows = static_cast<const uint16_t*>(scale_rows);
+  } else {
+    a.scales = static_cast<const uint16_t*>(scales);
+    a.zeros = static_cast<const uint16_t*>(zeros);
+  }
+}
+
 // Everything the dense dequant reads, as raw pointers. Tensors indexed by packed row: qweight,
 // scales, zeros, res_index. fp16 tensors are uint16_t (raw bits).
 struct DequantArgs {
   const uint32_t* qweight;    // flat buffer of §3
-  const uint16_t* scales;     // (n, G) fp16
-  const uint16_t* zeros;      // (n, G) fp16
+  const uint16_t* scales;     // (n, G) fp16; null with compact scales
+  const uint16_t* zeros;      // (n, G) fp16; null with compact scales
+  const uint8_t* scale_codes;  // (n, G) compact scale codes (§5.1), or null: fp16 pairs
+  const uint8_t* zero_codes;   // (n, G) compact offset codes
+  const uint16_t* scale_rows;  // (n, 3) fp16 row factors: scale step, offset base, offset step
   const int32_t* perm;        // (n): original output channel of each packed row; null = identity
   const int32_t* res_index;   // (n): residual row or -1; null = no residual branch
   const uint32_t* res_plane;  // (Nr, k_pad/32) sign plane
@@ -188,8 +228,11 @@ struct DequantArgs {
 struct RowView {
   const uint32_t* words;   // the row's packed codes
   int bits;
-  const uint16_t* scales;  // the row's G scales
+  const uint16_t* scales;  // the row's G scales (fp16 pairs), or null
   const uint16_t* zeros;   // the row's G offsets
+  const uint8_t* scale_codes;  // the row's G compact codes (§5.1), or null
+  const uint8_t* zero_codes;
+  const uint16_t* factors;     // the row's 3 fp16 factors, with scale_codes
   const uint32_t* plane;   // the row's residual sign plane, or null when it has no residual
   const uint16_t* alpha;   // the row's G residual alphas
   int out_row;             // the output channel it is written to: perm[row] (§4)
@@ -203,8 +246,17 @@ BF_HD inline RowView row_view(const DequantArgs& a, int row) {
       row_word_offset(a.classes.bits, a.classes.rows, a.classes.count, a.k_pad, row, &r.bits);
   const int G = a.k_pad / a.group_size;
   r.words = a.qweight + off;
-  r.scales = a.scales + int64_t(row) * G;
-  r.zeros = a.zeros + int64_t(row) * G;
+  if (a.scale_codes) {
+    r.scales = r.zeros = nullptr;
+    r.scale_codes = a.scale_codes + int64_t(row) * G;
+    r.zero_codes = a.zero_codes + int64_t(row) * G;
+    r.factors = a.scale_rows + int64_t(row) * 3;
+  } else {
+    r.scales = a.scales + int64_t(row) * G;
+    r.zeros = a.zeros + int64_t(row) * G;
+    r.scale_codes = r.zero_codes = nullptr;
+    r.factors = nullptr;
+  }
   const int ri = a.res_index ? a.res_index[row] : -1;
   r.plane = ri >= 0 ? a.res_plane + int64_t(ri) * (a.k_pad / kWordBits) : nullptr;
   r.alpha = ri >= 0 ? a.res_alpha + int64_t(ri) * G : nullptr;
@@ -216,8 +268,14 @@ BF_HD inline RowView row_view(const DequantArgs& a, int row) {
 // R̂ = α · (2·sign − 1) on rows with a residual: +α for a set bit, −α for a clear one.
 BF_HD inline float dequant_element(const RowView& r, int k, int group_size) {
   const int g = k / group_size;
-  float w = dequant_value(extract_code(r.words, r.bits, k), half_to_float(r.scales[g]),
-                          half_to_float(r.zeros[g]));
+  float scale, zero;
+  if (r.scale_codes) {
+    compact_params(r.scale_codes[g], r.zero_codes[g], r.factors, scale, zero);
+  } else {
+    scale = half_to_float(r.scales[g]);
+    zero = half_to_float(r.zeros[g]);
+  }
+  float w = dequant_value(extract_code(r.words, r.bits, k), scale, zero);
   if (r.plane) {
     const float alpha = half_to_float(r.alpha[g]);
     w += sign_bit(r.plane, k) ? alpha : -alpha;

@@ -141,8 +141,11 @@ struct Args {
   const void* x;              // (m, lda) fp16 / bf16; columns >= k are never read
   void* out;                  // (m, n) same dtype, original output order
   const uint32_t* qweight;    // FORMAT.md §3
-  const uint16_t* scales;     // (n, G) fp16 bits, 4-byte aligned buffer
-  const uint16_t* zeros;      // (n, G) fp16 bits, 4-byte aligned buffer
+  const uint16_t* scales;     // (n, G) fp16 bits, 4-byte aligned buffer; null with compact
+  const uint16_t* zeros;      // (n, G) fp16 bits, 4-byte aligned buffer; null with compact
+  const uint8_t* scale_codes;  // (n, G) compact codes (FORMAT.md §5.1), or null: fp16 pairs
+  const uint8_t* zero_codes;   // (n, G)
+  const uint16_t* scale_rows;  // (n, 3) fp16 row factors
   const int32_t* perm;        // (n) or null
   const int32_t* res_index;   // (n) or null (no residual branch)
   const uint32_t* res_plane;  // (nr, k_pad/32)
@@ -413,13 +416,19 @@ BF_HD inline void stage_copies(const Args& a, const BlockTile& bt, int kt, const
   const uint32_t* sc = reinterpret_cast<const uint32_t*>(a.scales);
   const uint32_t* zr = reinterpret_cast<const uint32_t*>(a.zeros);
   const uint32_t* al = reinterpret_cast<const uint32_t*>(a.res_alpha);
+  // Compact scales are not staged: decode_b reads a row's two code bytes and its factors
+  // straight from global memory (L1-cached; a byte window would need its own alignment rules).
+  const bool stage_scales = a.scale_codes == nullptr;
   for (int q = q0; q < T::BN * T::SW; q += step) {
     const int rr = q / T::SW, u = q % T::SW;
     const int row = bt.row0 + rr < bt.row_end ? bt.row0 + rr : -1;
-    Copy c = group_copy<T>(a, T::S_OFF, rr, u, row, a.n * G, kt);
-    copy(4, c.smem, sc + c.src, c.bytes);
-    c = group_copy<T>(a, T::Z_OFF, rr, u, row, a.n * G, kt);
-    copy(4, c.smem, zr + c.src, c.bytes);
+    Copy c;
+    if (stage_scales) {
+      c = group_copy<T>(a, T::S_OFF, rr, u, row, a.n * G, kt);
+      copy(4, c.smem, sc + c.src, c.bytes);
+      c = group_copy<T>(a, T::Z_OFF, rr, u, row, a.n * G, kt);
+      copy(4, c.smem, zr + c.src, c.bytes);
+    }
     if (res) {
       c = group_copy<T>(a, T::AL_OFF, rr, u, s_ri[rr], a.nr * G, kt);
       copy(4, c.smem, al + c.src, c.bytes);
@@ -451,9 +460,14 @@ BF_HD inline void decode_b(const Args& a, const BlockTile& bt, int kt, const cha
   BF_UNROLL for (int j = 0; j < T::NT; ++j) {
     const int rr = b_tile_row<T>(w, j, lane);
     const int row = bt.row0 + rr;
-    const int wi = window_index(a, row, kt, T::BK, k_run);
-    const float scale = half_to_float(mma::window_half(sS + rr * T::SW, wi));
-    const float zero = half_to_float(mma::window_half(sZ + rr * T::SW, wi));
+    float scale = 0.0f, zero = 0.0f;  // rows past the class's end: Ŵ = 0·0 + 0, as staged
+    if (a.scale_codes) {
+      if (row < bt.row_end) group_params(a, row, a.k_pad / a.group_size, k_run / a.group_size, scale, zero);
+    } else {
+      const int wi = window_index(a, row, kt, T::BK, k_run);
+      scale = half_to_float(mma::window_half(sS + rr * T::SW, wi));
+      zero = half_to_float(mma::window_half(sZ + rr * T::SW, wi));
+    }
     uint32_t sign = 0;
     float alpha = 0.0f;
     if (res) {

@@ -31,8 +31,11 @@ struct Args {
   const void* x;              // (m, k) fp16 / bf16, row-major contiguous
   void* out;                  // (m, n) same dtype, original output order
   const uint32_t* qweight;    // FORMAT.md §3
-  const uint16_t* scales;     // (n, G) fp16 bits
-  const uint16_t* zeros;      // (n, G) fp16 bits
+  const uint16_t* scales;     // (n, G) fp16 bits; null with compact scales
+  const uint16_t* zeros;      // (n, G) fp16 bits; null with compact scales
+  const uint8_t* scale_codes;  // (n, G) compact codes (FORMAT.md §5.1), or null: fp16 pairs
+  const uint8_t* zero_codes;   // (n, G)
+  const uint16_t* scale_rows;  // (n, 3) fp16 row factors
   const int32_t* perm;        // (n) or null
   const int32_t* res_index;   // (n) or null
   const uint32_t* res_plane;  // (Nr, k_pad/32)

@@ -158,3 +158,43 @@ def quantize(w, mask, bits, group_size, method: str = "search", col_weight=None)
     if method == "rtn":
         return rtn_quantize(w, mask, bits, group_size)
     return search_quantize(w, mask, bits, group_size, col_weight)
+
+
+# Neighbours of the snapped point tried on the compact grid (FORMAT.md §5.1): scale codes ± 1,
+# offset codes ± 2. Rounding each parameter alone ignores how a group's error depends on both.
+COMPACT_SCALE_MOVES = (-1, 0, 1)
+COMPACT_ZERO_MOVES = (-2, -1, 0, 1, 2)
+
+
+def refine_compact(w: torch.Tensor, mask: torch.Tensor, bits: int, group_size: int,
+                   scale_codes: torch.Tensor, zero_codes: torch.Tensor, scale_rows: torch.Tensor,
+                   col_weight: Optional[torch.Tensor] = None):
+    """Per group, the best (scale code, offset code) among the snapped point's neighbours on the
+    row's compact grids, by the same (activation-weighted) group error the range search uses.
+    Never worse than the snapped point (it is a candidate). Returns new (scale_codes, zero_codes)."""
+    rows, kp = w.shape
+    cw = torch.ones(kp, device=w.device) if col_weight is None else col_weight.float()
+    cw = group_view(cw.unsqueeze(0), group_size)
+    out_s, out_z = scale_codes.clone(), zero_codes.clone()
+    step = max(1, CHUNK_ELEMENTS // kp)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        wg, mg = group_view(w[r0:r1], group_size), group_view(mask[r0:r1], group_size)
+        ev = _Evaluator(wg, cw * mg.float(), bits)
+        sc0, zc0 = scale_codes[r0:r1].long(), zero_codes[r0:r1].long()
+        rf = scale_rows[r0:r1].float()
+        best_s, best_z, best_e = sc0, zc0, None
+        for ds in COMPACT_SCALE_MOVES:
+            # a zero scale stays zero (an empty or constant group), a positive one stays >= 1
+            sc = torch.where(sc0 > 0, (sc0 + ds).clamp(1, 255), sc0)
+            for dz in COMPACT_ZERO_MOVES:
+                zc = (zc0 + dz).clamp(0, 255)
+                e = ev.error(sc.float() * rf[:, 0:1], rf[:, 1:2] + zc.float() * rf[:, 2:3])
+                if best_e is None:
+                    best_e, best_s, best_z = e, sc, zc
+                    continue
+                better = e < best_e
+                best_e = torch.where(better, e, best_e)
+                best_s, best_z = torch.where(better, sc, best_s), torch.where(better, zc, best_z)
+        out_s[r0:r1], out_z[r0:r1] = best_s.to(torch.uint8), best_z.to(torch.uint8)
+    return out_s, out_z

@@ -182,14 +182,15 @@ def _constexpr_text(fn, consts) -> str:
 # (BITS 2/3/4), one to three bit classes, and every branch. Heavy-tailed weights, so the mixed
 # recipes really split into classes (checked below).
 LAYERS = {
-    #  name: (bits, group, mixed_bits, avg_bits, branches, expected class widths)
-    "w4g128": (4, 128, None, None, False, [4]),
-    "mixed3": (3, 64, (2, 3, 4), 3.0, False, [4, 2, 3]),
-    "mixed+all": (3, 64, (2, 3, 4), 3.5, True, [4, 3]),
+    #  name: (bits, group, mixed_bits, avg_bits, branches, expected class widths, compact scales)
+    "w4g128": (4, 128, None, None, False, [4], False),
+    # compact scales (FORMAT.md §5.1) here: the COMPACT=True kernels compile too, at no extra case
+    "mixed3": (3, 64, (2, 3, 4), 3.0, False, [4, 2, 3], True),
+    "mixed+all": (3, 64, (2, 3, 4), 3.5, True, [4, 3], False),
 }
 FULL_LAYERS = {
-    "w3g32+all": (3, 32, None, None, True, [3]),
-    "w2g64": (2, 64, None, None, False, [2]),
+    "w3g32+all": (3, 32, None, None, True, [3], False),
+    "w2g64": (2, 64, None, None, False, [2], False),
 }
 
 
@@ -202,16 +203,18 @@ def _layer(name: str, k: int = 512, n: int = 1024):
     from ..config import QuantConfig
     from ..synthetic import heavy_tailed
 
-    bits, group, mixed_bits, avg_bits, branches, classes = {**LAYERS, **FULL_LAYERS}[name]
+    bits, group, mixed_bits, avg_bits, branches, classes, compact = {**LAYERS, **FULL_LAYERS}[name]
     w = heavy_tailed(n, k, seed=3, outlier_channels=8)
-    kw = dict(bits=bits, group_size=group, mixed_bits=mixed_bits, avg_bits=avg_bits)
+    kw = dict(bits=bits, group_size=group, mixed_bits=mixed_bits, avg_bits=avg_bits,
+              compact_scales=compact)
     if branches:
         kw.update(residual=True, rank=8, outliers=0.002)
     bias = torch.randn(n, generator=torch.Generator().manual_seed(0)) if branches else None
     pw = calibrate(w, QuantConfig(**kw), bias=bias, method="rtn")
-    if list(pw.class_bits) != classes:  # the cases would silently cover less than they claim
-        raise RuntimeError(f"bitfuse aot: layer {name} calibrated to classes {pw.class_bits}, "
-                           f"expected {classes}")
+    if list(pw.class_bits) != classes or pw.compact_scales != compact:
+        # the cases would silently cover less than they claim
+        raise RuntimeError(f"bitfuse aot: layer {name} calibrated to classes {pw.class_bits} "
+                           f"(compact scales: {pw.compact_scales}), expected {classes} ({compact})")
     return pw
 
 

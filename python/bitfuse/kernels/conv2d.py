@@ -89,19 +89,19 @@ def _gather_a(x_ptr, xb_off, ih0, iw0, m_mask, offs_k, K, H, W, stride_xc, strid
 
 @triton.jit
 def _conv_k_loop(acc, x_ptr, xb_off, ih0, iw0, m_mask, K, H, W, stride_xc, stride_xh, stride_xw,
-                 kt0, kt1, qw_ptr, word_base, offs_n, n_mask, scales_ptr, zeros_ptr, G,
+                 kt0, kt1, qw_ptr, word_base, offs_n, n_mask, scales_ptr, zeros_ptr, rows_ptr, G,
                  res_index_ptr, res_plane_ptr, res_alpha_ptr, KW1,
                  KH: tl.constexpr, KW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-                 A_M_MAJOR: tl.constexpr, BITS: tl.constexpr, HAS_RES: tl.constexpr,
+                 A_M_MAJOR: tl.constexpr, BITS: tl.constexpr, HAS_RES: tl.constexpr, COMPACT: tl.constexpr,
                  GROUP: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
                  DOT_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr):
     for kt in range(kt0, kt1):
         offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
         a = _gather_a(x_ptr, xb_off, ih0, iw0, m_mask, offs_k, K, H, W, stride_xc, stride_xh,
                       stride_xw, KH, KW, DH, DW, A_M_MAJOR)
-        w = _dequant_tile(qw_ptr, word_base, kt * BLOCK_K, offs_n, n_mask, scales_ptr, zeros_ptr,
+        w = _dequant_tile(qw_ptr, word_base, kt * BLOCK_K, offs_n, n_mask, scales_ptr, zeros_ptr, rows_ptr,
                           (kt * BLOCK_K) // GROUP, G, res_index_ptr, res_plane_ptr, res_alpha_ptr,
-                          KW1, BITS, HAS_RES, BLOCK_K)
+                          KW1, BITS, HAS_RES, COMPACT, BLOCK_K)
         acc += _mm(a, w, USE_DOT, DOT_DTYPE, DOT_FP32)
     return acc
 
@@ -109,7 +109,7 @@ def _conv_k_loop(acc, x_ptr, xb_off, ih0, iw0, m_mask, K, H, W, stride_xc, strid
 @triton.jit
 def conv2d_kernel(
     x_ptr, out_ptr, part_ptr,
-    qw_ptr, scales_ptr, zeros_ptr, perm_ptr, res_index_ptr, res_plane_ptr, res_alpha_ptr,
+    qw_ptr, scales_ptr, zeros_ptr, rows_ptr, perm_ptr, res_index_ptr, res_plane_ptr, res_alpha_ptr,
     t_ptr, lr_up_ptr, extra_ptr, bias_ptr,
     M, N, K, K_PAD, R, H, W, HO, WO,
     stride_xb, stride_xc, stride_xh, stride_xw, stride_om, stride_tm,
@@ -120,7 +120,7 @@ def conv2d_kernel(
     BITS0: tl.constexpr, BITS1: tl.constexpr, BITS2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr,
-    HAS_PERM: tl.constexpr, HAS_RES: tl.constexpr, HAS_LR: tl.constexpr, R_PAD: tl.constexpr,
+    HAS_PERM: tl.constexpr, HAS_RES: tl.constexpr, COMPACT: tl.constexpr, HAS_LR: tl.constexpr, R_PAD: tl.constexpr,
     HAS_EXTRA: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -145,26 +145,26 @@ def conv2d_kernel(
     if N_CLASSES == 1:
         acc = _conv_k_loop(acc, x_ptr, xb_off, ih0, iw0, m_mask, K, H, W, stride_xc, stride_xh,
                            stride_xw, kt0, kt1, qw_ptr, offs_n64 * ((K_PAD // 32) * BITS0), offs_n,
-                           n_mask, scales_ptr, zeros_ptr, G, res_index_ptr, res_plane_ptr,
-                           res_alpha_ptr, KW1, KH, KW, DH, DW, A_M_MAJOR, BITS0, HAS_RES, GROUP,
+                           n_mask, scales_ptr, zeros_ptr, rows_ptr, G, res_index_ptr, res_plane_ptr,
+                           res_alpha_ptr, KW1, KH, KW, DH, DW, A_M_MAJOR, BITS0, HAS_RES, COMPACT, GROUP,
                            BLOCK_K, USE_DOT, DOT_DTYPE, DOT_FP32)
     elif row0 < ROW1:
         acc = _conv_k_loop(acc, x_ptr, xb_off, ih0, iw0, m_mask, K, H, W, stride_xc, stride_xh,
                            stride_xw, kt0, kt1, qw_ptr, offs_n64 * ((K_PAD // 32) * BITS0), offs_n,
-                           n_mask, scales_ptr, zeros_ptr, G, res_index_ptr, res_plane_ptr,
-                           res_alpha_ptr, KW1, KH, KW, DH, DW, A_M_MAJOR, BITS0, HAS_RES, GROUP,
+                           n_mask, scales_ptr, zeros_ptr, rows_ptr, G, res_index_ptr, res_plane_ptr,
+                           res_alpha_ptr, KW1, KH, KW, DH, DW, A_M_MAJOR, BITS0, HAS_RES, COMPACT, GROUP,
                            BLOCK_K, USE_DOT, DOT_DTYPE, DOT_FP32)
     elif row0 < ROW2:
         acc = _conv_k_loop(acc, x_ptr, xb_off, ih0, iw0, m_mask, K, H, W, stride_xc, stride_xh,
                            stride_xw, kt0, kt1, qw_ptr, WORD1 + (offs_n64 - ROW1) * ((K_PAD // 32) * BITS1),
-                           offs_n, n_mask, scales_ptr, zeros_ptr, G, res_index_ptr, res_plane_ptr,
-                           res_alpha_ptr, KW1, KH, KW, DH, DW, A_M_MAJOR, BITS1, HAS_RES, GROUP,
+                           offs_n, n_mask, scales_ptr, zeros_ptr, rows_ptr, G, res_index_ptr, res_plane_ptr,
+                           res_alpha_ptr, KW1, KH, KW, DH, DW, A_M_MAJOR, BITS1, HAS_RES, COMPACT, GROUP,
                            BLOCK_K, USE_DOT, DOT_DTYPE, DOT_FP32)
     else:
         acc = _conv_k_loop(acc, x_ptr, xb_off, ih0, iw0, m_mask, K, H, W, stride_xc, stride_xh,
                            stride_xw, kt0, kt1, qw_ptr, WORD2 + (offs_n64 - ROW2) * ((K_PAD // 32) * BITS2),
-                           offs_n, n_mask, scales_ptr, zeros_ptr, G, res_index_ptr, res_plane_ptr,
-                           res_alpha_ptr, KW1, KH, KW, DH, DW, A_M_MAJOR, BITS2, HAS_RES, GROUP,
+                           offs_n, n_mask, scales_ptr, zeros_ptr, rows_ptr, G, res_index_ptr, res_plane_ptr,
+                           res_alpha_ptr, KW1, KH, KW, DH, DW, A_M_MAJOR, BITS2, HAS_RES, COMPACT, GROUP,
                            BLOCK_K, USE_DOT, DOT_DTYPE, DOT_FP32)
     if SPLIT_K > 1:
         # Partials in packed-row order; fused_linear.splitk_epilogue_kernel sums them in split

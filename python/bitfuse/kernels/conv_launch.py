@@ -18,8 +18,8 @@ from ..reference import sparse_coo
 from . import tuning
 from .conv2d import conv2d_kernel, conv_lowrank_down_kernel
 from .fused_linear import splitk_epilogue_kernel
-from .launch import (_DOT_DTYPES, _fit, _next_pow2, _or, class_geometry, interpreting, layer_signature,
-                     target_for)
+from .launch import (_DOT_DTYPES, _fit, _next_pow2, _or, _scale_args, class_geometry, interpreting,
+                     layer_signature, target_for)
 from .tuning import KernelConfig
 
 _INT32_MAX = 2**31 - 1
@@ -178,7 +178,7 @@ def _launch(x, pw, out, cfg: KernelConfig, bits, row1, row2, word1, word2, geom,
     grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), cfg.split_k)
     conv2d_kernel[grid](
         x, out, part if part is not None else dummy,
-        pw.qweight, pw.scales, pw.zeros, _or(pw.perm, dummy), _or(pw.res_index, dummy),
+        pw.qweight, *_scale_args(pw), _or(pw.perm, dummy), _or(pw.res_index, dummy),
         _or(pw.res_plane, dummy), _or(pw.res_alpha, dummy),
         _or(t, dummy), _or(pw.lr_up, dummy), _or(extra, dummy), _or(pw.bias, dummy),
         m, n, k, pw.k_pad, r, h, w, ho, wo, *xs, stride_om, t.stride(0) if t is not None else 0,
@@ -186,7 +186,7 @@ def _launch(x, pw, out, cfg: KernelConfig, bits, row1, row2, word1, word2, geom,
         GROUP=pw.group_size, N_CLASSES=len(pw.class_bits), BITS0=bits[0], BITS1=bits[1], BITS2=bits[2],
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
         USE_DOT=use_dot, DOT_DTYPE=_DOT_DTYPES[x.dtype], DOT_FP32=dot_fp32,
-        HAS_RES=pw.res_plane is not None, **flags,
+        HAS_RES=pw.res_plane is not None, COMPACT=pw.compact_scales, **flags,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if part is not None:

@@ -50,9 +50,9 @@ def _mm(a, b, USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_FP32: tl.const
 
 
 @triton.jit
-def _dequant_tile(qw_ptr, word_base, k0, offs_n, n_mask, scales_ptr, zeros_ptr, g_idx, G,
+def _dequant_tile(qw_ptr, word_base, k0, offs_n, n_mask, scales_ptr, zeros_ptr, rows_ptr, g_idx, G,
                   res_index_ptr, res_plane_ptr, res_alpha_ptr, KW1,
-                  BITS: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_K: tl.constexpr):
+                  BITS: tl.constexpr, HAS_RES: tl.constexpr, COMPACT: tl.constexpr, BLOCK_K: tl.constexpr):
     """Ŵ_b (+ R̂) for columns k0 .. k0 + BLOCK_K (k0 a multiple of 32) × BLOCK_N packed rows, as
     fp32 [BLOCK_K, BLOCK_N] in natural column order.
 
@@ -93,8 +93,19 @@ def _dequant_tile(qw_ptr, word_base, k0, offs_n, n_mask, scales_ptr, zeros_ptr, 
         q = ((lo[:, None, :, None, :] >> (2 * (4 * u + v))) & 3) \
             | (((hi[:, None, None, None, :] >> (16 * c2 + 4 * u + v)) & 1) << 2)
     q = tl.reshape(q, (BLOCK_K, q.shape[-1]))
-    s = tl.load(scales_ptr + offs_n * G + g_idx, mask=n_mask, other=0.0).to(tl.float32)
-    z = tl.load(zeros_ptr + offs_n * G + g_idx, mask=n_mask, other=0.0).to(tl.float32)
+    if COMPACT:
+        # Compact scales (FORMAT.md §5.1): 8-bit codes on the row's grids, 3 fp16 row factors.
+        # Both products are exact in fp32, so this matches pack.expand_scales bit for bit.
+        sc = tl.load(scales_ptr + offs_n * G + g_idx, mask=n_mask, other=0).to(tl.float32)
+        zc = tl.load(zeros_ptr + offs_n * G + g_idx, mask=n_mask, other=0).to(tl.float32)
+        f_step = tl.load(rows_ptr + offs_n * 3, mask=n_mask, other=0.0).to(tl.float32)
+        f_zlo = tl.load(rows_ptr + offs_n * 3 + 1, mask=n_mask, other=0.0).to(tl.float32)
+        f_zstep = tl.load(rows_ptr + offs_n * 3 + 2, mask=n_mask, other=0.0).to(tl.float32)
+        s = sc * f_step
+        z = f_zlo + zc * f_zstep
+    else:
+        s = tl.load(scales_ptr + offs_n * G + g_idx, mask=n_mask, other=0.0).to(tl.float32)
+        z = tl.load(zeros_ptr + offs_n * G + g_idx, mask=n_mask, other=0.0).to(tl.float32)
     w = q.to(tl.float32) * s[None, :] + z[None, :]
     if HAS_RES:
         ri = tl.load(res_index_ptr + offs_n, mask=n_mask, other=-1)
@@ -110,17 +121,17 @@ def _dequant_tile(qw_ptr, word_base, k0, offs_n, n_mask, scales_ptr, zeros_ptr, 
 
 @triton.jit
 def _k_loop(acc, x_ptr, stride_xm, offs_m, m_mask, K, kt0, kt1,
-            qw_ptr, word_base, offs_n, n_mask, scales_ptr, zeros_ptr, G,
+            qw_ptr, word_base, offs_n, n_mask, scales_ptr, zeros_ptr, rows_ptr, G,
             res_index_ptr, res_plane_ptr, res_alpha_ptr, KW1,
-            BITS: tl.constexpr, HAS_RES: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
+            BITS: tl.constexpr, HAS_RES: tl.constexpr, COMPACT: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
             USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr):
     for kt in range(kt0, kt1):
         offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
         g_idx = (kt * BLOCK_K) // GROUP
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                      mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
-        w = _dequant_tile(qw_ptr, word_base, kt * BLOCK_K, offs_n, n_mask, scales_ptr, zeros_ptr,
-                          g_idx, G, res_index_ptr, res_plane_ptr, res_alpha_ptr, KW1, BITS, HAS_RES,
+        w = _dequant_tile(qw_ptr, word_base, kt * BLOCK_K, offs_n, n_mask, scales_ptr, zeros_ptr, rows_ptr,
+                          g_idx, G, res_index_ptr, res_plane_ptr, res_alpha_ptr, KW1, BITS, HAS_RES, COMPACT,
                           BLOCK_K)
         acc += _mm(xt, w, USE_DOT, DOT_DTYPE, DOT_FP32)
     return acc
@@ -157,7 +168,7 @@ def _epilogue(acc, offs_m, offs_n, m_mask, n_mask, out_ptr, stride_om, N, perm_p
 @triton.jit
 def fused_linear_kernel(
     x_ptr, out_ptr, part_ptr,
-    qw_ptr, scales_ptr, zeros_ptr, perm_ptr, res_index_ptr, res_plane_ptr, res_alpha_ptr,
+    qw_ptr, scales_ptr, zeros_ptr, rows_ptr, perm_ptr, res_index_ptr, res_plane_ptr, res_alpha_ptr,
     t_ptr, lr_up_ptr, extra_ptr, bias_ptr,
     M, N, K, K_PAD, R, stride_xm, stride_om, stride_tm,
     ROW1, ROW2, WORD1, WORD2,
@@ -165,7 +176,7 @@ def fused_linear_kernel(
     BITS0: tl.constexpr, BITS1: tl.constexpr, BITS2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr,
-    HAS_PERM: tl.constexpr, HAS_RES: tl.constexpr, HAS_LR: tl.constexpr, R_PAD: tl.constexpr,
+    HAS_PERM: tl.constexpr, HAS_RES: tl.constexpr, COMPACT: tl.constexpr, HAS_LR: tl.constexpr, R_PAD: tl.constexpr,
     HAS_EXTRA: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -190,26 +201,26 @@ def fused_linear_kernel(
     # vectors (cp.async 16 / ld.v4; the other form compiled to 8-byte loads, AOT check PTX).
     if N_CLASSES == 1:
         acc = _k_loop(acc, x_ptr, stride_xm, offs_m, m_mask, K, kt0, kt1, qw_ptr,
-                      offs_n64 * ((K_PAD // 32) * BITS0), offs_n, n_mask, scales_ptr, zeros_ptr, G,
-                      res_index_ptr, res_plane_ptr, res_alpha_ptr, KW1, BITS0, HAS_RES, GROUP,
+                      offs_n64 * ((K_PAD // 32) * BITS0), offs_n, n_mask, scales_ptr, zeros_ptr, rows_ptr, G,
+                      res_index_ptr, res_plane_ptr, res_alpha_ptr, KW1, BITS0, HAS_RES, COMPACT, GROUP,
                       BLOCK_K, USE_DOT, DOT_DTYPE, DOT_FP32)
     else:
         # The tile's class, from its first row (tiles never straddle classes, see module doc).
         if row0 < ROW1:
             acc = _k_loop(acc, x_ptr, stride_xm, offs_m, m_mask, K, kt0, kt1, qw_ptr,
-                          offs_n64 * ((K_PAD // 32) * BITS0), offs_n, n_mask, scales_ptr, zeros_ptr,
-                          G, res_index_ptr, res_plane_ptr, res_alpha_ptr, KW1, BITS0, HAS_RES,
+                          offs_n64 * ((K_PAD // 32) * BITS0), offs_n, n_mask, scales_ptr, zeros_ptr, rows_ptr,
+                          G, res_index_ptr, res_plane_ptr, res_alpha_ptr, KW1, BITS0, HAS_RES, COMPACT,
                           GROUP, BLOCK_K, USE_DOT, DOT_DTYPE, DOT_FP32)
         elif row0 < ROW2:
             acc = _k_loop(acc, x_ptr, stride_xm, offs_m, m_mask, K, kt0, kt1, qw_ptr,
                           WORD1 + (offs_n64 - ROW1) * ((K_PAD // 32) * BITS1), offs_n, n_mask,
-                          scales_ptr, zeros_ptr, G, res_index_ptr, res_plane_ptr, res_alpha_ptr,
-                          KW1, BITS1, HAS_RES, GROUP, BLOCK_K, USE_DOT, DOT_DTYPE, DOT_FP32)
+                          scales_ptr, zeros_ptr, rows_ptr, G, res_index_ptr, res_plane_ptr, res_alpha_ptr,
+                          KW1, BITS1, HAS_RES, COMPACT, GROUP, BLOCK_K, USE_DOT, DOT_DTYPE, DOT_FP32)
         else:
             acc = _k_loop(acc, x_ptr, stride_xm, offs_m, m_mask, K, kt0, kt1, qw_ptr,
                           WORD2 + (offs_n64 - ROW2) * ((K_PAD // 32) * BITS2), offs_n, n_mask,
-                          scales_ptr, zeros_ptr, G, res_index_ptr, res_plane_ptr, res_alpha_ptr,
-                          KW1, BITS2, HAS_RES, GROUP, BLOCK_K, USE_DOT, DOT_DTYPE, DOT_FP32)
+                          scales_ptr, zeros_ptr, rows_ptr, G, res_index_ptr, res_plane_ptr, res_alpha_ptr,
+                          KW1, BITS2, HAS_RES, COMPACT, GROUP, BLOCK_K, USE_DOT, DOT_DTYPE, DOT_FP32)
     if SPLIT_K > 1:
         # Partial sums in packed-row order; splitk_epilogue_kernel adds them in a fixed order.
         p = part_ptr + (pid_k * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]

@@ -62,7 +62,7 @@ def layer_signature(pw: PackedWeight) -> tuple:
     """What makes two layers compile to the same kernels and tiles (the fitted-config cache key)."""
     return (pw.out_features, pw.in_features, tuple(pw.class_bits), tuple(pw.class_rows), pw.group_size,
             pw.perm is not None, pw.res_plane is not None, pw.rank, pw.sp_values is not None,
-            pw.bias is not None)
+            pw.bias is not None, pw.compact_scales)
 
 
 def _fit(cfg: KernelConfig, pw: PackedWeight, m: int, row1: int, row2: int, sms: int) -> KernelConfig:
@@ -167,7 +167,7 @@ def _launch(x, pw, out, cfg: KernelConfig, bits, row1, row2, word1, word2, inter
     grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), cfg.split_k)
     fused_linear_kernel[grid](
         x, out, part if part is not None else dummy,
-        pw.qweight, pw.scales, pw.zeros, _or(pw.perm, dummy), _or(pw.res_index, dummy),
+        pw.qweight, *_scale_args(pw), _or(pw.perm, dummy), _or(pw.res_index, dummy),
         _or(pw.res_plane, dummy), _or(pw.res_alpha, dummy),
         _or(t, dummy), _or(pw.lr_up, dummy), _or(extra, dummy), _or(pw.bias, dummy),
         m, n, k, pw.k_pad, r, x.stride(0), out.stride(0), t.stride(0) if t is not None else 0,
@@ -175,7 +175,7 @@ def _launch(x, pw, out, cfg: KernelConfig, bits, row1, row2, word1, word2, inter
         GROUP=pw.group_size, N_CLASSES=len(pw.class_bits), BITS0=bits[0], BITS1=bits[1], BITS2=bits[2],
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
         USE_DOT=use_dot, DOT_DTYPE=_DOT_DTYPES[x.dtype], DOT_FP32=dot_fp32,
-        HAS_RES=pw.res_plane is not None, **flags,
+        HAS_RES=pw.res_plane is not None, COMPACT=pw.compact_scales, **flags,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if part is not None:
@@ -189,3 +189,11 @@ def _launch(x, pw, out, cfg: KernelConfig, bits, row1, row2, word1, word2, inter
 
 def _or(t, dummy):
     return dummy if t is None else t
+
+
+def _scale_args(pw: PackedWeight) -> tuple:
+    """The kernels' (scales_ptr, zeros_ptr, rows_ptr) for either scale form (FORMAT.md §5):
+    fp16 pairs (rows_ptr unused), or compact codes and their row factors (COMPACT=True)."""
+    if pw.compact_scales:
+        return pw.scale_codes, pw.zero_codes, pw.scale_rows
+    return pw.scales, pw.zeros, pw.scales
