@@ -55,6 +55,14 @@ BITFUSE = [
 GPTQ = [(f"{name} + gptq", cfg, dict(kw, rounding="gptq"), True) for name, cfg, kw, uses_act in BITFUSE
         if name in ("search W3 g128", "mixed+outliers W3 g128", "all W3 g128", "W2 g64 + residual(25%)",
                     "all W2 g64")]
+# Compact scales (FORMAT.md §5.1: 16 bits a group + 48 a row, in layers of >= 4 groups a row):
+# the same grids in fewer bits, and the finer groups those bits buy.
+COMPACT = [
+    ("search W3 g128 + compact", dict(bits=3, group_size=128, compact_scales=True), {}, True),
+    ("search W3 g64 + compact", dict(bits=3, group_size=64, compact_scales=True), {}, True),
+    ("search W3 g64 + compact + gptq", dict(bits=3, group_size=64, compact_scales=True),
+     dict(rounding="gptq"), True),
+]
 
 
 HQQ_VERSION = "0.2.8.post1"
@@ -175,7 +183,7 @@ def main(argv=None) -> int:
     else:
         import importlib.metadata as md
         hqq_env = f"hqq {md.version('hqq')} (data-free half-quadratic solver, fp16 scale and zero)"
-    recipes = RTN + hqq_recipes(quantizer) + BITFUSE + GPTQ
+    recipes = RTN + hqq_recipes(quantizer) + BITFUSE + GPTQ + COMPACT
     t0 = time.perf_counter()
     suites = {"synthetic": evaluate(list(synthetic_layers(args.quick)), recipes, quantizer),
               "tiny-unet": evaluate(list(unet_layers()), recipes, quantizer)}
@@ -193,6 +201,11 @@ def main(argv=None) -> int:
         # linears alone, 56 calls here (docs/CALIBRATION.md).
         suites[MODEL_SUITE.format("tiny-unet, convs too")] = evaluate_model(
             hqq_quantizer=quantizer, hqq_dequantize=hqq_dequantize, convs=True)
+        # The same, the bitfuse recipes with compact scales (the baselines keep fp16 pairs).
+        suites[MODEL_SUITE.format("tiny-unet, convs too, compact scales")] = evaluate_model(
+            hqq_quantizer=quantizer, hqq_dequantize=hqq_dequantize, convs=True, compact=True)
+    suites[MODEL_SUITE.format("tiny-unet, compact scales")] = evaluate_model(
+        hqq_quantizer=quantizer, hqq_dequantize=hqq_dequantize, compact=True)
     env = {"bitfuse": bitfuse.__version__, "torch": torch.__version__, "python": platform.python_version(),
            "device": "cpu", "seconds": time.perf_counter() - t0, "hqq": hqq_env}
     verdict = {}

@@ -55,10 +55,13 @@ def _relative_error(unet, weights: Dict[str, torch.Tensor], held, ref) -> float:
 
 
 def evaluate_model(width: int = 64, cross_dim: int = 128, sample_size: int = 16, seq: int = 8,
-                   hqq_quantizer=None, hqq_dequantize=None, convs: bool = False) -> List[dict]:
+                   hqq_quantizer=None, hqq_dequantize=None, convs: bool = False,
+                   compact: bool = False) -> List[dict]:
     """Rows {"recipe", "bpw", "output_rel_err"} for one UNet (tiny_unet's arguments). convs=True
     quantizes the convs too (every recipe; statistics over their patches, collect(convs=True)),
-    so bpw is over the whole UNet's quantized layers."""
+    so bpw is over the whole UNet's quantized layers. compact=True gives the bitfuse recipes
+    (search + gptq, allocated) compact scales (FORMAT.md §5.1); the RTN and HQQ baselines keep
+    their fp16 scales and offsets."""
     from bitfuse.calibrate import merge_stats
     from bitfuse.integrations.diffusers import (_at_timestep, collect, holdout_timesteps, sensitivity,
                                                 tiny_unet, unet_inputs)
@@ -71,7 +74,8 @@ def evaluate_model(width: int = 64, cross_dim: int = 128, sample_size: int = 16,
     kinds = (torch.nn.Linear, torch.nn.Conv2d) if convs else (torch.nn.Linear,)
     sens = sensitivity(unet, batches[::2][:2], steps=CALIB_TIMESTEPS, probes=4,
                        filter_fn=lambda m, n: isinstance(m, kinds))
-    candidates = [dataclasses.replace(c, convs=convs) for c in CANDIDATES]
+    candidates = [dataclasses.replace(c, convs=convs, compact_scales=compact) for c in CANDIDATES]
+    baselines = [dataclasses.replace(c, convs=convs) for c in CANDIDATES]
     evals = [_at_timestep(unet_inputs(unet, batch=2, seq=seq, seed=s), t, None, None)
              for s in (2, 3) for t in EVAL_TIMESTEPS]
     with torch.no_grad():
@@ -101,12 +105,12 @@ def evaluate_model(width: int = 64, cross_dim: int = 128, sample_size: int = 16,
         add(recipe, {n: reference.dequantize(prices.packed[n][i]) for n, i in idx.items()},
             sum(prices.bits[n][i] for n, i in idx.items()))
 
-    for cfg, label in zip(candidates, CANDIDATE_NAMES):
-        packed = {n: calibrate(weight(n), cfg, method="rtn") for n in names}
+    for cfg, base, label in zip(candidates, baselines, CANDIDATE_NAMES):
+        packed = {n: calibrate(weight(n), base, method="rtn") for n in names}
         add(f"RTN {label}", {n: reference.dequantize(p) for n, p in packed.items()},
             sum(p.bpw * prices.weights[n] for n, p in packed.items()))
-        if hqq_quantizer is not None and cfg.bits >= 3:
-            hq = {n: hqq_dequantize(hqq_quantizer, weight(n).float(), cfg.bits, cfg.group_size)
+        if hqq_quantizer is not None and base.bits >= 3:
+            hq = {n: hqq_dequantize(hqq_quantizer, weight(n).float(), base.bits, base.group_size)
                   for n in names}
             add(f"HQQ {label}", {n: w for n, (w, _) in hq.items()},
                 sum(b * prices.weights[n] for n, (_, b) in hq.items()))
