@@ -56,6 +56,10 @@ def test_compact_rejects_bad_input():
         pack.compact_scales(torch.tensor([[1.0]]), torch.tensor([[float("nan")]]))
     with pytest.raises(pack.PackError, match="one shape"):
         pack.compact_scales(torch.ones(2, 3), torch.ones(2, 4))
+    with pytest.raises(pack.PackError, match="overflows fp16"):  # finite, but not fp16-sized
+        pack.compact_scales(torch.tensor([[1e8]]), torch.tensor([[0.0]]))
+    with pytest.raises(pack.PackError, match="overflows fp16"):
+        pack.compact_scales(torch.tensor([[1.0]]), torch.tensor([[-65504.4]]))
 
 
 def test_scale_bits_and_the_group_fit():

@@ -198,13 +198,14 @@ MIXED = [([2, 3, 4], [16, 32, 5]), ([4, 2], [7, 9]), ([3, 4, 2], [64, 0, 21]), (
 
 @pytest.mark.parametrize("m", [9, 16, 17, 40, 64, 65, 130])
 @pytest.mark.parametrize("dtype", [1, 2])
-def test_gemm_host_mixed_classes_all_branches(m, dtype):
+@pytest.mark.parametrize("compact", [False, True], ids=["fp16-scales", "compact-scales"])
+def test_gemm_host_mixed_classes_all_branches(m, dtype, compact):
     """Mixed classes (boundaries not multiples of 16, an empty class, a 1-row class) with every
     branch, over M across the small/large switch, fp16 and bf16, each architecture's tiles."""
     for i in ((m + dtype) % 4, (m + dtype + 2) % 4):  # every layout twice over the M × dtype grid
         cb, cr = MIXED[i]
         pw = _layer(cb, cr, 133 + 2 * i, [32, 64, 128, 64][i], True, 3, True, True, seed=m + i,
-                    compact=i % 2 == 1)  # compact scales (FORMAT.md §5.1) on half the layouts
+                    compact=compact)  # compact scales: FORMAT.md §5.1
         cc = ARCHS[(m + i) % 4]
         info = _check(pw, m, dtype, cc, seed=i, what=f"{cb} {cr} m={m} dt={dtype} sm_{cc}")
         row = next(r for r in _C.gemm_tile_table() if r["cc"] == cc)
@@ -213,11 +214,12 @@ def test_gemm_host_mixed_classes_all_branches(m, dtype):
 
 @pytest.mark.parametrize("tile", _tiles())
 @pytest.mark.parametrize("misaligned", [False, True])
-def test_gemm_host_every_tile_and_copy_width(tile, misaligned):
+@pytest.mark.parametrize("compact", [False, True], ids=["fp16-scales", "compact-scales"])
+def test_gemm_host_every_tile_and_copy_width(tile, misaligned, compact):
     """Each tile of the table, with 16-byte weight copies where the rows allow them and with
-    4-byte ones only; K spans several k tiles of every tile and ends inside a run. The
-    misaligned runs use compact scales, which are read directly, not staged."""
-    pw = _layer([4, 2, 3], [80, 16, 19], 389, 64, True, 2, False, True, seed=tile, compact=misaligned)
+    4-byte ones only; K spans several k tiles of every tile and ends inside a run. Compact scales
+    are read directly, not staged: both forms with both copy widths."""
+    pw = _layer([4, 2, 3], [80, 16, 19], 389, 64, True, 2, False, True, seed=tile, compact=compact)
     info = _check(pw, 70, 2 if tile % 2 else 1, tile=tile, misaligned=misaligned,
                   what=f"tile {tile} misaligned={misaligned}")
     if misaligned:

@@ -152,6 +152,9 @@ def compact_scales(scales: torch.Tensor, zeros: torch.Tensor):
     zc = torch.clamp(torch.round((z - zlo.float()[:, None]) / zsafe), 0, COMPACT_CODE_MAX)
     zc = torch.where(zstep[:, None] > 0, zc, torch.zeros_like(zc))
     rows = torch.stack([step, zlo, zstep], dim=1)
+    if not bool(torch.isfinite(rows).all()):
+        raise PackError("compact_scales: a row's scale step or offset base overflows fp16 (scales "
+                        "must be at most 255·65504 and offsets within ±65504)")
     return sc.to(torch.uint8), zc.to(torch.uint8), rows.contiguous()
 
 

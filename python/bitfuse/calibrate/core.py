@@ -324,12 +324,13 @@ def _fit_dense(target, valid, out_mask, class_bits, class_rows, perm, ctx: _Cont
         # the plain snap gave 1.00-1.13x). GPTQ re-chooses the codes on the grid, and that error
         # is not what the neighbours are scored by: measured, the refined grid did no better
         # under GPTQ (1.02-1.17x vs 0.98-1.19x), so GPTQ takes the plain snap.
+        gptq = ctx.rounding == "gptq" and ctx.gptq_factor is not None
         sc, zc, rf = pack.compact_scales(scales, zeros)
         plane = torch.zeros_like(wq)
         if res_rows is not None:
             plane[res_rows] = residual_values(signs[res_rows], alpha[res_rows], g)
         start = 0
-        for b, r in zip(class_bits, class_rows) if ctx.rounding == "nearest" else ():
+        for b, r in zip(class_bits, class_rows) if not gptq else ():
             sl = slice(start, start + r)
             sc[sl], zc[sl] = refine_compact(wq[sl] - plane[sl], vq[sl], b, g, sc[sl], zc[sl], rf[sl],
                                             ctx.col_weight)
@@ -337,6 +338,13 @@ def _fit_dense(target, valid, out_mask, class_bits, class_rows, perm, ctx: _Cont
         compact = (sc, zc, rf)
         scales, zeros = pack.expand_scales(*compact)
         codes, what = _codes_on_grid(wq - plane, class_bits, class_rows, scales, zeros, g)
+        if res_rows is not None and not gptq:
+            # The plane was fitted to the fp16 dense part: refit it to the snapped one. Signs and α
+            # in closed form are the best plane for these codes, so this never adds error.
+            # (GPTQ re-chooses the signs itself on the same α.)
+            new_signs, new_alpha, _ = fit_residual((wq - what)[res_rows], vq[res_rows], g, ctx.col_weight)
+            signs, alpha = signs.clone(), alpha.clone()
+            signs[res_rows], alpha[res_rows] = new_signs, new_alpha
 
     if ctx.rounding == "gptq" and ctx.gptq_factor is not None:
         codes, signs, what = _gptq_codes(wq, vq, class_bits, class_rows, codes, scales, zeros,

@@ -184,9 +184,10 @@ def _constexpr_text(fn, consts) -> str:
 LAYERS = {
     #  name: (bits, group, mixed_bits, avg_bits, branches, expected class widths, compact scales)
     "w4g128": (4, 128, None, None, False, [4], False),
-    # compact scales (FORMAT.md §5.1) here: the COMPACT=True kernels compile too, at no extra case
-    "mixed3": (3, 64, (2, 3, 4), 3.0, False, [4, 2, 3], True),
+    "mixed3": (3, 64, (2, 3, 4), 3.0, False, [4, 2, 3], False),
     "mixed+all": (3, 64, (2, 3, 4), 3.5, True, [4, 3], False),
+    # the COMPACT=True kernels (compact scales, FORMAT.md §5.1), three classes
+    "mixed3+compact": (3, 64, (2, 3, 4), 3.0, False, [4, 2, 3], True),
 }
 FULL_LAYERS = {
     "w3g32+all": (3, 32, None, None, True, [3], False),
