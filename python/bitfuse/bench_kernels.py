@@ -53,6 +53,8 @@ RECIPES = {
     "w2g128": dict(bits=2, group_size=128, fit_group=False),
     "w3g128+res": dict(bits=3, group_size=128, residual=True, fit_group=False),
     "w4g128+r32": dict(bits=4, group_size=128, rank=32, fit_group=False),
+    # compact scales (FORMAT.md §5.1): what reading 8-bit codes + row factors costs the kernels
+    "w4g128+compact": dict(bits=4, group_size=128, compact_scales=True, fit_group=False),
 }
 
 
