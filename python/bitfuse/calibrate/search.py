@@ -16,6 +16,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .. import pack
 from .rtn import group_view, rtn_quantize
 
 # Candidate ranges: first shrink both ends by the same fraction of the range, then shift the
@@ -182,14 +183,14 @@ def refine_compact(w: torch.Tensor, mask: torch.Tensor, bits: int, group_size: i
         wg, mg = group_view(w[r0:r1], group_size), group_view(mask[r0:r1], group_size)
         ev = _Evaluator(wg, cw * mg.float(), bits)
         sc0, zc0 = scale_codes[r0:r1].long(), zero_codes[r0:r1].long()
-        rf = scale_rows[r0:r1].float()
+        rf = scale_rows[r0:r1]
         best_s, best_z, best_e = sc0, zc0, None
         for ds in COMPACT_SCALE_MOVES:
             # a zero scale stays zero (an empty or constant group), a positive one stays >= 1
             sc = torch.where(sc0 > 0, (sc0 + ds).clamp(1, 255), sc0)
             for dz in COMPACT_ZERO_MOVES:
                 zc = (zc0 + dz).clamp(0, 255)
-                e = ev.error(sc.float() * rf[:, 0:1], rf[:, 1:2] + zc.float() * rf[:, 2:3])
+                e = ev.error(*pack.expand_scales(sc, zc, rf))
                 if best_e is None:
                     best_e, best_s, best_z = e, sc, zc
                     continue
