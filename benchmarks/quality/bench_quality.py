@@ -231,7 +231,10 @@ def main(argv=None) -> int:
              "conv layer (bpw over all of them); relative error of the "
              "UNet's output on held-out inputs and timesteps (benchmarks/quality/model_output.py). "
              "\"allocated ≤b\" chooses W2 g64 / W3 g128 / W4 g128 per layer under a b bpw budget "
-             "(bitfuse.calibrate.allocate_bits).", ""]
+             "(bitfuse.calibrate.allocate_bits).",
+             "- \"compact scales\" suites and \"+ compact\" recipes: the bitfuse recipes store 8-bit scale and "
+             "offset codes on per-row grids (docs/FORMAT.md §5.1; 16 bits a group + 48 a row where a row has "
+             "at least 4 groups); the RTN and HQQ baselines keep fp16 scales and offsets.", ""]
     for suite, rows in suites.items():
         v = verdict[suite]
         lines += [f"## {suite}", "", "| recipe | bpw | output rel. error |", "|---|---|---|"]
