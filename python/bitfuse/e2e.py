@@ -39,6 +39,8 @@ RECIPES: Dict[str, dict] = {
     "w3res": dict(bits=3, group_size=64, residual=True, convs=True),
     "w3mix": dict(bits=3, group_size=64, mixed_bits=(2, 3, 4), residual=0.5, convs=True),
     "w4-linear": dict(bits=4, group_size=64),
+    # w4 with compact scales (FORMAT.md §5.1): 8-bit scale/offset codes, fewer bits at about the same error
+    "w4c": dict(bits=4, group_size=64, convs=True, compact_scales=True),
 }
 ORIN = {"AGX Orin 64GB": 204.8, "Orin Nano": 68.0}  # GB/s, vendor figures (shared/hardware.md)
 # Dense fp16 tensor-core peak, TFLOP/s. shared/hardware.md gives none, so it is DERIVED here from
