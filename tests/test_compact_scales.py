@@ -134,6 +134,13 @@ def test_format_needs_exactly_one_scale_form():
         type(pw)(**{**pw.__dict__, "tensors": bad}).validate()
 
 
+def test_module_and_report_say_which_scales():
+    from bitfuse.calibrate.report import layer_report
+    q = _layer()
+    assert "compact_scales" in repr(q) and "compact_scales" not in repr(_layer(compact=False))
+    assert layer_report(q.dequantize(), q.packed)["scales"] == "compact"
+
+
 def test_checkpoint_round_trip(tmp_path):
     from bitfuse import load_quantized, save_quantized
     model = torch.nn.Sequential(_layer())

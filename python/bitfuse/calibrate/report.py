@@ -29,6 +29,7 @@ def layer_report(weight: torch.Tensor, packed: PackedWeight, activations=None,
         "class_bits": list(packed.class_bits), "class_rows": list(packed.class_rows),
         "bits": bits, "bpw": packed.bpw, "rank": packed.rank, "nnz": packed.nnz,
         "residual_rows": packed.n_residual_rows, "target": packed.target,
+        "scales": "compact" if packed.compact_scales else "fp16",  # FORMAT.md §5 / §5.1
         "weight_mse": float(e.square().mean()),
         "weight_rel_err": float(e.square().sum() / w.square().sum().clamp_min(1e-30)),
     }

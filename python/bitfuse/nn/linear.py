@@ -384,6 +384,8 @@ class QuantLinear(nn.Module):
         classes = ", ".join(f"{b}b×{r}" for b, r in zip(self.class_bits, self.class_rows))
         parts = [f"in_features={self.in_features}", f"out_features={self.out_features}",
                  f"group_size={self.group_size}", f"classes=[{classes}]"]
+        if self.scale_codes is not None:
+            parts.append("compact_scales")
         if self.res_plane is not None:
             parts.append(f"residual_rows={self.res_plane.shape[0]}")
         if self.lr_down is not None:
