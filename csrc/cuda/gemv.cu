@@ -40,6 +40,12 @@
 namespace bitfuse {
 namespace {
 
+// Read-only loads (LDG.NC) for group_params: the scales are never written during a launch.
+struct LdgLoad {
+  template <class V>
+  __device__ V operator()(const V* p) const { return __ldg(p); }
+};
+
 using gemv::Args;
 using gemv::kRowsPerBlock;
 using gemv::kThreads;
@@ -174,16 +180,8 @@ __device__ __forceinline__ void gemv_tile(const Args& a, int dtype, int cls, int
           const int k0 = kb[b] + 32 * run;
           if (k0 >= a.k) break;  // k0 < k <= k_pad: the run lies inside the row
           const int g = k0 / a.group_size;
-          float scale, zero;
-          if (a.scale_codes) {  // compact scales (FORMAT.md §5.1)
-            const int64_t i = int64_t(row[b]) * G + g;
-            const uint16_t* f = a.scale_rows + int64_t(row[b]) * 3;
-            const uint16_t fr[3] = {__ldg(f), __ldg(f + 1), __ldg(f + 2)};
-            compact_params(__ldg(a.scale_codes + i), __ldg(a.zero_codes + i), fr, scale, zero);
-          } else {
-            scale = half_to_float(__ldg(a.scales + int64_t(row[b]) * G + g));
-            zero = half_to_float(__ldg(a.zeros + int64_t(row[b]) * G + g));
-          }
+          float scale, zero;  // either scale form (FORMAT.md §5), read-only loads
+          group_params(a, row[b], G, g, scale, zero, LdgLoad());
           float wd[32];
           if (ri >= 0) {
             const uint32_t plane = __ldg(a.res_plane + int64_t(ri) * KW1 + k0 / 32);

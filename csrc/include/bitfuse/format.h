@@ -180,16 +180,27 @@ BF_HD inline void compact_params(uint32_t scale_code, uint32_t zero_code, const 
   zero = fmaf(float(zero_code), half_to_float(factors[2]), half_to_float(factors[1]));
 }
 
+// A plain load; kernels pass their own (the GEMV's read-only __ldg) to group_params.
+struct PlainLoad {
+  template <class V>
+  BF_HD V operator()(const V* p) const { return *p; }
+};
+
 // Group g of packed row `row` of a layer (any argument struct with scales, zeros, scale_codes,
 // zero_codes and scale_rows): its scale and offset in fp32, from whichever form it stores (§5).
-template <class A>
-BF_HD inline void group_params(const A& a, int64_t row, int G, int g, float& scale, float& zero) {
+// The one place that tells the two forms apart: the dequantize, the GEMV, the GEMM (compact
+// form) and their CPU twins all read a group through it.
+template <class A, class Load = PlainLoad>
+BF_HD inline void group_params(const A& a, int64_t row, int G, int g, float& scale, float& zero,
+                               Load ld = Load()) {
   const int64_t i = row * G + g;
   if (a.scale_codes) {
-    compact_params(a.scale_codes[i], a.zero_codes[i], a.scale_rows + row * 3, scale, zero);
+    const uint16_t* f = a.scale_rows + row * 3;
+    const uint16_t factors[3] = {ld(f), ld(f + 1), ld(f + 2)};
+    compact_params(ld(a.scale_codes + i), ld(a.zero_codes + i), factors, scale, zero);
   } else {
-    scale = half_to_float(a.scales[i]);
-    zero = half_to_float(a.zeros[i]);
+    scale = half_to_float(ld(a.scales + i));
+    zero = half_to_float(ld(a.zeros + i));
   }
 }
 
@@ -228,11 +239,8 @@ struct DequantArgs {
 struct RowView {
   const uint32_t* words;   // the row's packed codes
   int bits;
-  const uint16_t* scales;  // the row's G scales (fp16 pairs), or null
-  const uint16_t* zeros;   // the row's G offsets
-  const uint8_t* scale_codes;  // the row's G compact codes (§5.1), or null
-  const uint8_t* zero_codes;
-  const uint16_t* factors;     // the row's 3 fp16 factors, with scale_codes
+  const DequantArgs* args;  // for the row's scales and offsets (group_params), either form
+  int row, groups;         // the packed row and G
   const uint32_t* plane;   // the row's residual sign plane, or null when it has no residual
   const uint16_t* alpha;   // the row's G residual alphas
   int out_row;             // the output channel it is written to: perm[row] (§4)
@@ -246,17 +254,9 @@ BF_HD inline RowView row_view(const DequantArgs& a, int row) {
       row_word_offset(a.classes.bits, a.classes.rows, a.classes.count, a.k_pad, row, &r.bits);
   const int G = a.k_pad / a.group_size;
   r.words = a.qweight + off;
-  if (a.scale_codes) {
-    r.scales = r.zeros = nullptr;
-    r.scale_codes = a.scale_codes + int64_t(row) * G;
-    r.zero_codes = a.zero_codes + int64_t(row) * G;
-    r.factors = a.scale_rows + int64_t(row) * 3;
-  } else {
-    r.scales = a.scales + int64_t(row) * G;
-    r.zeros = a.zeros + int64_t(row) * G;
-    r.scale_codes = r.zero_codes = nullptr;
-    r.factors = nullptr;
-  }
+  r.args = &a;
+  r.row = row;
+  r.groups = G;
   const int ri = a.res_index ? a.res_index[row] : -1;
   r.plane = ri >= 0 ? a.res_plane + int64_t(ri) * (a.k_pad / kWordBits) : nullptr;
   r.alpha = ri >= 0 ? a.res_alpha + int64_t(ri) * G : nullptr;
@@ -269,12 +269,7 @@ BF_HD inline RowView row_view(const DequantArgs& a, int row) {
 BF_HD inline float dequant_element(const RowView& r, int k, int group_size) {
   const int g = k / group_size;
   float scale, zero;
-  if (r.scale_codes) {
-    compact_params(r.scale_codes[g], r.zero_codes[g], r.factors, scale, zero);
-  } else {
-    scale = half_to_float(r.scales[g]);
-    zero = half_to_float(r.zeros[g]);
-  }
+  group_params(*r.args, r.row, r.groups, g, scale, zero);
   float w = dequant_value(extract_code(r.words, r.bits, k), scale, zero);
   if (r.plane) {
     const float alpha = half_to_float(r.alpha[g]);

@@ -457,12 +457,13 @@ BF_HD inline void decode_b(const Args& a, const BlockTile& bt, int kt, const cha
   const uint32_t* sP = reinterpret_cast<const uint32_t*>(stage + T::P_OFF);
   const int t = mma::thread_in_group(lane);
   const int k_run = kt * T::BK + 32 * rho;
+  const int G = a.k_pad / a.group_size, g = k_run / a.group_size;  // for compact scales
   BF_UNROLL for (int j = 0; j < T::NT; ++j) {
     const int rr = b_tile_row<T>(w, j, lane);
     const int row = bt.row0 + rr;
     float scale = 0.0f, zero = 0.0f;  // rows past the class's end: Ŵ = 0·0 + 0, as staged
     if (a.scale_codes) {
-      if (row < bt.row_end) group_params(a, row, a.k_pad / a.group_size, k_run / a.group_size, scale, zero);
+      if (row < bt.row_end) group_params(a, row, G, g, scale, zero);
     } else {
       const int wi = window_index(a, row, kt, T::BK, k_run);
       scale = half_to_float(mma::window_half(sS + rr * T::SW, wi));

@@ -122,6 +122,20 @@ def _search_chunk(wg, weight, lo0, hi0, bits, refit_rounds):
     return codes_for(wg, best_s, best_z, bits), best_s, best_z
 
 
+def _row_chunks(w, mask, group_size, col_weight):
+    """(r0, r1, wg, mg, weight) over row chunks of at most CHUNK_ELEMENTS entries (bounding the
+    candidate buffers on wide layers): the chunk's groups (rows, G, g), their mask, and each
+    entry's error weight (col_weight, 1 when None, times the mask)."""
+    rows, kp = w.shape
+    cw = torch.ones(kp, device=w.device) if col_weight is None else col_weight.float()
+    cw = group_view(cw.unsqueeze(0), group_size)
+    step = max(1, CHUNK_ELEMENTS // kp)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        wg, mg = group_view(w[r0:r1], group_size), group_view(mask[r0:r1], group_size)
+        yield r0, r1, wg, mg, cw * mg.float()
+
+
 def search_quantize(
     w: torch.Tensor, mask: torch.Tensor, bits: int, group_size: int,
     col_weight: Optional[torch.Tensor] = None, refit_rounds: int = REFIT_ROUNDS,
@@ -135,13 +149,7 @@ def search_quantize(
     n_g = kp // group_size
     scales = torch.empty(rows, n_g, dtype=torch.float16, device=w.device)
     zeros = torch.empty_like(scales)
-    cw = torch.ones(kp, device=w.device) if col_weight is None else col_weight.float()
-    cw = group_view(cw.unsqueeze(0), group_size)
-    step = max(1, CHUNK_ELEMENTS // kp)
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        wg, mg = group_view(w[r0:r1], group_size), group_view(mask[r0:r1], group_size)
-        weight = cw * mg.float()
+    for r0, r1, wg, mg, weight in _row_chunks(w, mask, group_size, col_weight):
         lo = torch.where(mg, wg, torch.full_like(wg, float("inf"))).amin(dim=-1)
         hi = torch.where(mg, wg, torch.full_like(wg, float("-inf"))).amax(dim=-1)
         empty = ~mg.any(dim=-1)
@@ -173,15 +181,9 @@ def refine_compact(w: torch.Tensor, mask: torch.Tensor, bits: int, group_size: i
     """Per group, the best (scale code, offset code) among the snapped point's neighbours on the
     row's compact grids, by the same (activation-weighted) group error the range search uses.
     Never worse than the snapped point (it is a candidate). Returns new (scale_codes, zero_codes)."""
-    rows, kp = w.shape
-    cw = torch.ones(kp, device=w.device) if col_weight is None else col_weight.float()
-    cw = group_view(cw.unsqueeze(0), group_size)
     out_s, out_z = scale_codes.clone(), zero_codes.clone()
-    step = max(1, CHUNK_ELEMENTS // kp)
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        wg, mg = group_view(w[r0:r1], group_size), group_view(mask[r0:r1], group_size)
-        ev = _Evaluator(wg, cw * mg.float(), bits)
+    for r0, r1, wg, _, weight in _row_chunks(w, mask, group_size, col_weight):
+        ev = _Evaluator(wg, weight, bits)
         sc0, zc0 = scale_codes[r0:r1].long(), zero_codes[r0:r1].long()
         rf = scale_rows[r0:r1]
         best_s, best_z, best_e = sc0, zc0, None
