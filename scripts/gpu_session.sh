@@ -64,7 +64,7 @@ step kernels "${BENCH_TIMEOUT:-100}" python3 -m bitfuse.cli bench kernels ${BENC
 # SpMV/SpMM: HBP (CUDA, Triton) vs CSR scalar/vector vs torch CSR (benchmarks/bench_spmv.py).
 step spmv "${SPMV_TIMEOUT:-50}" python3 -m bitfuse.cli bench kernels --suite sparse ${SPMV_ARGS:---quick} --out "$WORK/spmv"
 # End to end (issue #7), opt-in because it does not fit beside the rest in one call: e.g.
-# E2E="sd15-unet:w4 dit-xl-2:w3res" GPU_TRITON_TIMEOUT=1 BENCH_TIMEOUT=1 SPMV_TIMEOUT=1 bash ...
+# E2E="sd15-unet:w4 dit-xl-2:w3res sd3-medium:w4" GPU_TRITON_TIMEOUT=1 BENCH_TIMEOUT=1 SPMV_TIMEOUT=1 bash ...
 for job in ${E2E:-}; do
   step "e2e_${job/:/_}" "${E2E_TIMEOUT:-150}" python3 -m bitfuse.cli bench e2e --model "${job%%:*}" \
     --recipe "${job##*:}" --steps "${E2E_STEPS:-10}" --resolution 512 --cuda-graphs --out "$WORK/e2e"

@@ -174,14 +174,13 @@ def _calibration_batches(model, n: int) -> list:
     collect and sensitivity run each at --calib-steps timesteps spread over [0, 1000).
     Random conditioning is a stand-in: for a real model, collect from real prompts with
     bitfuse.integrations.diffusers.collect(pipe, prompts)."""
-    from .e2e import make_inputs
+    from .e2e import make_inputs, sample_key
 
     p = next(model.parameters())
     batches = []
     for seed in range(n):
         lat, cond = make_inputs(model, 1, p.device, p.dtype, None, seed=seed)
-        key = "sample" if type(model).__name__ == "UNet2DConditionModel" else "hidden_states"
-        batches.append({key: lat, "timestep": 0, **cond})
+        batches.append({sample_key(model): lat, "timestep": 0, **cond})
     return batches
 
 
@@ -254,7 +253,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     d.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
     d.set_defaults(func=demo)
     qz = sub.add_parser("quantize", help="quantize a denoiser (built-in config or local folder) to a checkpoint")
-    qz.add_argument("--model", default="tiny", help="tiny, sd15-unet, dit-xl-2 or pixart-alpha (random weights)")
+    qz.add_argument("--model", default="tiny", help="tiny, sd15-unet, dit-xl-2, pixart-alpha or sd3-medium (random weights)")
     qz.add_argument("--path", default=None, help="a local diffusers denoiser folder (with config.json)")
     qz.add_argument("--recipe", default="w4", help="w4, w4g128, w3res, w3mix, w4-linear or w4c (w4 with compact scales)")
     qz.add_argument("--out", required=True, help="the .safetensors checkpoint to write")
@@ -295,8 +294,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     kb.add_argument("--suite", choices=("dense", "sparse", "all"), default="dense",
                     help="dense: fused linear; sparse: HBP/CSR SpMV/SpMM (benchmarks/bench_spmv.py); all")
     kb.set_defaults(func=bench_kernels)
-    e = bench.add_parser("e2e", help="float vs bitfuse denoiser over a DDIM loop, + Orin projection")
-    e.add_argument("--model", default="tiny", help="tiny, sd15-unet, dit-xl-2 or pixart-alpha")
+    e = bench.add_parser("e2e", help="float vs bitfuse denoiser over its sampling loop, + Orin projection")
+    e.add_argument("--model", default="tiny", help="tiny, sd15-unet, dit-xl-2, pixart-alpha or sd3-medium")
     e.add_argument("--path", default=None, help="a local diffusers denoiser folder (with config.json)")
     e.add_argument("--recipe", default="w4", help="w4, w4g128, w3res, w3mix, w4-linear or w4c")
     e.add_argument("--steps", type=int, default=4)

@@ -1,9 +1,9 @@
-"""End-to-end denoiser benchmark (`bitfuse bench e2e`): fp16 vs bitfuse over a real DDIM loop.
+"""End-to-end denoiser benchmark (`bitfuse bench e2e`): fp16 vs bitfuse over a real sampling loop.
 
 Builds a denoiser from its published config (random weights; nothing is downloaded) or loads a
-local diffusers folder, quantizes a copy with a named recipe, runs both through the same DDIM
-steps from the same noise, and reports per-step latency, peak memory, weight bytes, and the
-fidelity of the final latents. Every result records the device, versions, backend and recipe.
+local diffusers folder, quantizes a copy with a named recipe, runs both through the same sampler
+steps from the same noise (DDIM; flow-matching Euler for SD3), and reports per-step latency, peak
+memory, weight bytes, and the fidelity of the final latents. Every result records the device, versions, backend and recipe.
 On a CPU the timings are CPU timings of the torch reference path, and say so. One extra
 profiled step per model splits the time by layer type (LayerTimer); --cuda-graphs also times the
 loop as CUDA-graph replays (graph_denoise, GPU only). The record is written as JSON and markdown.
@@ -68,7 +68,26 @@ DIT_XL_2 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, ou
 PIXART_ALPHA = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8,
                     num_layers=28, cross_attention_dim=1152, caption_channels=4096, sample_size=64,
                     patch_size=2, norm_type="ada_norm_single", use_additional_conditions=False)
-MODELS = ("tiny", "sd15-unet", "dit-xl-2", "pixart-alpha")
+# stabilityai/stable-diffusion-3-medium-diffusers, transformer/config.json (2.0B parameters).
+SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                  num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                  pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)
+# model name -> (diffusers class, published config; None: bitfuse's tiny UNet)
+MODEL_SPECS = {
+    "tiny": ("UNet2DConditionModel", None),
+    "sd15-unet": ("UNet2DConditionModel", SD15_UNET),
+    "dit-xl-2": ("DiTTransformer2DModel", DIT_XL_2),
+    "pixart-alpha": ("PixArtTransformer2DModel", PIXART_ALPHA),
+    "sd3-medium": ("SD3Transformer2DModel", SD3_MEDIUM),
+}
+MODELS = tuple(MODEL_SPECS)
+# Denoisers trained with rectified flow (flow matching) are sampled by Euler steps over sigmas, with
+# float timesteps sigma·1000 (their pipelines' FlowMatchEulerDiscreteScheduler, SD3's shift 3.0);
+# the others by DDIM on their eps prediction with integer timesteps.
+FLOW_MATCHING = {"SD3Transformer2DModel": dict(shift=3.0)}
+# Conditioning lengths of the real pipelines: CLIP's 77 tokens (SD1.5), PixArt-α's 120 T5 tokens,
+# SD3's 77 CLIP + 256 T5 tokens.
+TEXT_TOKENS = {"UNet2DConditionModel": 77, "PixArtTransformer2DModel": 120, "SD3Transformer2DModel": 333}
 
 
 class E2EError(ValueError):
@@ -80,11 +99,10 @@ def build_denoiser(model: str, path: Optional[str] = None):
 
     from .integrations.diffusers import tiny_unet
 
-    if model not in MODELS:
+    if model not in MODEL_SPECS:
         raise E2EError(f"unknown model {model!r}; choose one of {MODELS}")
-    cls = {"tiny": diffusers.UNet2DConditionModel, "sd15-unet": diffusers.UNet2DConditionModel,
-           "dit-xl-2": diffusers.DiTTransformer2DModel,
-           "pixart-alpha": diffusers.PixArtTransformer2DModel}[model]
+    cls_name, cfg = MODEL_SPECS[model]
+    cls = getattr(diffusers, cls_name)
     if path is not None:
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise E2EError(f"{path!r} is not a diffusers model folder (no config.json); give the "
@@ -93,11 +111,15 @@ def build_denoiser(model: str, path: Optional[str] = None):
             return cls.from_pretrained(path, local_files_only=True).eval()
         except Exception as e:  # noqa: BLE001 - diffusers raises many types here
             raise E2EError(f"could not load {cls.__name__} from {path!r}: {e}") from e
-    if model == "tiny":
+    if cfg is None:
         return tiny_unet()
     torch.manual_seed(0)
-    cfg = {"sd15-unet": SD15_UNET, "dit-xl-2": DIT_XL_2, "pixart-alpha": PIXART_ALPHA}[model]
     return cls(**cfg).eval()
+
+
+def sample_key(den) -> str:
+    """The forward argument that takes the latents."""
+    return "sample" if type(den).__name__ == "UNet2DConditionModel" else "hidden_states"
 
 
 def make_inputs(den, batch: int, device, dtype, resolution: Optional[int], seed: int = 0):
@@ -107,28 +129,49 @@ def make_inputs(den, batch: int, device, dtype, resolution: Optional[int], seed:
     size = (resolution // 8) if resolution else c.sample_size
     lat = torch.randn(batch, c.in_channels, size, size, generator=g).to(device, dtype)
     name = type(den).__name__
-    if name == "UNet2DConditionModel":
-        ctx = torch.randn(batch, 77, c.cross_attention_dim, generator=g).to(device, dtype)
-        return lat, dict(encoder_hidden_states=ctx)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)  # noqa: E731
     if name == "DiTTransformer2DModel":
         return lat, dict(class_labels=torch.zeros(batch, dtype=torch.long, device=device))
-    ctx = torch.randn(batch, 120, c.caption_channels, generator=g).to(device, dtype)
-    return lat, dict(encoder_hidden_states=ctx, added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    if name not in TEXT_TOKENS:
+        raise E2EError(f"the e2e benchmark does not know how to condition a {name}")
+    seq = TEXT_TOKENS[name]
+    if name == "UNet2DConditionModel":
+        return lat, dict(encoder_hidden_states=rand(batch, seq, c.cross_attention_dim))
+    if name == "SD3Transformer2DModel":
+        return lat, dict(encoder_hidden_states=rand(batch, seq, c.joint_attention_dim),
+                         pooled_projections=rand(batch, c.pooled_projection_dim))
+    return lat, dict(encoder_hidden_states=rand(batch, seq, c.caption_channels),
+                     added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+
+
+def make_scheduler(den):
+    """The sampler the denoiser's own pipelines use: flow-matching Euler or DDIM (see FLOW_MATCHING)."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    flow = FLOW_MATCHING.get(type(den).__name__)
+    return DDIMScheduler() if flow is None else FlowMatchEulerDiscreteScheduler(**flow)
+
+
+def timestep_tensor(den, t, batch: int, device) -> torch.Tensor:
+    """Timestep t for a batch, in the dtype the denoiser's pipeline passes: float for flow
+    matching (t = sigma·1000 is not an integer), int64 for DDIM."""
+    flow = type(den).__name__ in FLOW_MATCHING
+    return torch.full((batch,), float(t) if flow else int(t), device=device,
+                      dtype=torch.float32 if flow else torch.long)
 
 
 def denoise(den, latents, cond, steps: int, device, step_fn: Optional[Callable] = None) -> Dict[str, object]:
-    """A DDIM loop; returns the final latents and the per-step times (seconds). `step_fn(x, t)`
-    replaces the eager denoiser call (the CUDA-graph replay uses it)."""
-    from diffusers import DDIMScheduler
-
+    """The denoiser's sampling loop (make_scheduler: DDIM, or flow-matching Euler); returns the
+    final latents and the per-step times (seconds). `step_fn(x, t)` replaces the eager denoiser
+    call (the CUDA-graph replay uses it)."""
     step_fn = step_fn or (lambda x, tt: call(den, x, tt, cond))
-    sched = DDIMScheduler()
+    sched = make_scheduler(den)
     sched.set_timesteps(steps)
     x = latents.clone()
     times = []
     with torch.no_grad():
         for t in sched.timesteps:
-            tt = torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
+            tt = timestep_tensor(den, t, x.shape[0], device)
             if device.type == "cuda":
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 a.record()
@@ -175,7 +218,7 @@ def orin_projection(model, latents, cond) -> Dict[str, object]:
 
     hooks = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     try:
-        call(model, latents, torch.full((latents.shape[0],), 500, dtype=torch.long, device=latents.device), cond)
+        call(model, latents, timestep_tensor(model, 500, latents.shape[0], latents.device), cond)
     finally:
         for h in hooks:
             h.remove()
@@ -298,7 +341,7 @@ class LayerTimer:
 def layer_breakdown(den, latents, cond, device) -> Dict[str, object]:
     """Time one denoiser call (t=500) split by layer type; see BREAKDOWN_METHOD."""
     dev = torch.device(device)
-    tt = torch.full((latents.shape[0],), 500, dtype=torch.long, device=dev)
+    tt = timestep_tensor(den, 500, latents.shape[0], dev)
     with LayerTimer(den, dev) as timer:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
@@ -318,7 +361,7 @@ def layer_breakdown(den, latents, cond, device) -> Dict[str, object]:
 # ---- CUDA graphs ------------------------------------------------------------------------------
 
 def graph_denoise(den, latents, cond, steps: int, device) -> Dict[str, object]:
-    """The DDIM loop with each denoiser call replayed from one CUDA graph.
+    """The sampling loop with each denoiser call replayed from one CUDA graph.
 
     One call is captured with static input buffers (latents, timestep; the conditioning tensors
     are already fixed); each step copies its x and t into them and replays. Graph-safe: the
@@ -332,7 +375,7 @@ def graph_denoise(den, latents, cond, steps: int, device) -> Dict[str, object]:
     if dev.type != "cuda":
         return {"status": "ignored: not on CPU (CUDA graphs need a GPU)"}
     static_x = latents.clone()
-    static_t = torch.full((latents.shape[0],), 999, dtype=torch.long, device=dev)
+    static_t = timestep_tensor(den, 999, latents.shape[0], dev)
     try:
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
@@ -360,15 +403,13 @@ def graph_denoise(den, latents, cond, steps: int, device) -> Dict[str, object]:
 
 def call(den, x, t, cond):
     with torch.no_grad():
-        if type(den).__name__ == "UNet2DConditionModel":
-            return den(x, t, **cond).sample
-        return den(x, timestep=t, **cond).sample
+        return den(**{sample_key(den): x}, timestep=t, **cond).sample
 
 
 def run(model: str = "tiny", recipe: str = "w4", steps: int = 4, batch: int = 1,
         resolution: Optional[int] = None, path: Optional[str] = None, device: Optional[str] = None,
         out_dir: Optional[str] = None, cuda_graphs: bool = False, breakdown: bool = True) -> dict:
-    """Float vs bitfuse over the same DDIM loop; returns (and with out_dir writes, as JSON and a
+    """Float vs bitfuse over the same sampling loop (make_scheduler); returns (and with out_dir writes, as JSON and a
     markdown table) the record. breakdown: profile one extra step per model by layer type (off
     the timed loop). cuda_graphs: also time the loop with each call replayed from a CUDA graph
     (GPU only; on a CPU the record says it was ignored)."""
@@ -407,6 +448,7 @@ def run(model: str = "tiny", recipe: str = "w4", steps: int = 4, batch: int = 1,
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     result = {
         "model": model, "recipe": recipe, "config": RECIPES[recipe], "steps": steps, "batch": batch,
+        "sampler": type(make_scheduler(qden)).__name__.replace("Scheduler", ""),
         "latent_shape": list(latents.shape),
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or 'unknown'})",
         "timing": "GPU time, CUDA events" if dev.type == "cuda" else "CPU timings of the torch reference path",
@@ -451,7 +493,7 @@ def _graph_record(gr_fp, gr_q, ref, got, med) -> Dict[str, object]:
 def format_report(r: dict) -> str:
     o = r["orin"]
     lines = [
-        f"bitfuse e2e: {r['model']} ({r['recipe']}: {r['config']}), {r['steps']} DDIM steps, latents {r['latent_shape']}",
+        f"bitfuse e2e: {r['model']} ({r['recipe']}: {r['config']}), {r['steps']} {r.get('sampler', 'DDIM')} steps, latents {r['latent_shape']}",
         f"device: {r['device']}, backend: gemv (M<=8) {r['backend']['gemv']}, gemm {r['backend']['gemm']}, "
         f"timing: {r['timing']}",
         f"per step: float ({r['float_dtype']}) {r['float_step_ms']:.2f} ms, bitfuse {r['bitfuse_step_ms']:.2f} ms "
@@ -491,7 +533,7 @@ def format_markdown(r: dict) -> str:
     mib = lambda n: "n/a" if n is None else f"{n / 2**20:.2f} MiB"  # noqa: E731
     lines = [
         f"# bitfuse e2e: {r['model']}, recipe {r['recipe']}", "",
-        f"{r['steps']} DDIM steps, latents {r['latent_shape']}, device **{r['device']}** "
+        f"{r['steps']} {r.get('sampler', 'DDIM')} steps, latents {r['latent_shape']}, device **{r['device']}** "
         f"({r['timing']}), backend gemv {r['backend']['gemv']} / gemm {r['backend']['gemm']}, "
         f"bitfuse {r['versions']['bitfuse']}, torch {r['versions']['torch']}. Recipe: `{r['config']}`.", "",
         f"| | float ({r['float_dtype']}) | bitfuse | ratio |", "|---|---|---|---|",

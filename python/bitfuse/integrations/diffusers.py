@@ -77,8 +77,8 @@ def dit_inputs(dit, batch: int = 1, seed: int = 1):
 
 # Pipeline-level API (quantize_pipeline, save/load per component, tiny pipelines).
 from .pipelines import (  # noqa: E402,F401
-    load_pipeline, quantize_pipeline, save_pipeline, tiny_dit_pipeline, tiny_pixart_pipeline,
-    tiny_sd_pipeline, tiny_vae,
+    load_pipeline, quantize_pipeline, save_pipeline, tiny_dit_pipeline, tiny_flux_pipeline,
+    tiny_pixart_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_vae,
 )
 
 

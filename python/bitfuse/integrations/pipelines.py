@@ -105,7 +105,8 @@ def load_pipeline(pipe, directory: str, components: Optional[Iterable[str]] = No
 
 
 def tiny_vae(seed: int = 0):
-    """A small AutoencoderKL (4 latent channels, 2 blocks) with random weights, from a config."""
+    """A small AutoencoderKL (4 latent channels, 2 blocks) with random weights, from a config.
+    (Its latents are 2x smaller than the image, not 8x: pass height/width accordingly.)"""
     import torch
     from diffusers import AutoencoderKL
 
@@ -179,3 +180,48 @@ def tiny_pixart_pipeline(seed: int = 0):
     t5 = T5EncoderModel(T5Config(vocab_size=32, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)).eval()
     return PixArtAlphaPipeline(tokenizer=None, text_encoder=t5, vae=tiny_vae(seed), transformer=transformer,
                                scheduler=DDIMScheduler())
+
+
+def tiny_sd3_pipeline(directory: str, seed: int = 0):
+    """A StableDiffusion3Pipeline from tiny components built from configs: a 2-block
+    SD3Transformer2DModel (joint attention, the last block context-pre-only), two 2-layer CLIP
+    text encoders with projections, no T5 (the pipeline then feeds zeros in its place), the tiny
+    VAE and the flow-matching Euler scheduler (shift 3, as SD3's). Needs transformers;
+    `directory` holds the tokenizer files it writes."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16,
+        num_attention_heads=4, joint_attention_dim=128, caption_projection_dim=64,
+        pooled_projection_dim=64, pos_embed_max_size=16,
+    ).eval()
+
+    def clip():  # hidden 64: the two encoders' 128 wide context fits joint_attention_dim; pooled 2 x 32
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=5, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=77, projection_dim=32, bos_token_id=0, eos_token_id=1)).eval()
+
+    tokenizer = _tiny_clip_tokenizer(directory)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=tiny_vae(seed),
+        text_encoder=clip(), tokenizer=tokenizer, text_encoder_2=clip(), tokenizer_2=tokenizer,
+        text_encoder_3=None, tokenizer_3=None)
+
+
+def tiny_flux_pipeline(seed: int = 0):
+    """A FluxPipeline from tiny components built from configs: a FluxTransformer2DModel with one
+    double-stream and two single-stream blocks, the tiny VAE, flow-matching Euler, and no text
+    encoders: call it with prompt_embeds (…, 32) and pooled_prompt_embeds (…, 32)."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
+    ).eval()
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(seed), text_encoder=None,
+                        tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer)
