@@ -38,7 +38,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$WOR
 # Build for the machine's own arch only (the four-arch build is CI's job): minutes saved.
 CAP=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d . )
 export BITFUSE_CUDA_ARCHS=${BITFUSE_CUDA_ARCHS:-${CAP:-90}} MAX_JOBS=${MAX_JOBS:-$(nproc)}
-step install 130 python3 -m pip install -q --no-build-isolation . || { cat "$SUMMARY"; exit 1; }
+# A CUDA build that fails there must not cost the session its Triton and HBP-Triton results:
+# then build the host part alone (about 30 s) and go on; the CUDA tests skip with the reason.
+if ! step install 130 python3 -m pip install -q --no-build-isolation .; then
+  echo "!!! CUDA build failed (install.log): retrying with BITFUSE_CUDA=0" >> "$SUMMARY"
+  step install_nocuda 60 env BITFUSE_CUDA=0 python3 -m pip install -q --no-build-isolation . \
+    || { cat "$SUMMARY"; exit 1; }
+fi
 SRC=$PWD
 cd /tmp  # import the installed package, not the source tree
 python3 -c "import bitfuse, bitfuse._C as C; print(bitfuse.__version__, C.cuda_status(), C.cuda_archs()); print(bitfuse.backends())" \
