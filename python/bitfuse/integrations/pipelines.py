@@ -225,3 +225,34 @@ def tiny_flux_pipeline(seed: int = 0):
     ).eval()
     return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(seed), text_encoder=None,
                         tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+
+
+def run_tiny_pipeline(pipe, seed: int = 0, steps: int = 4, **kwargs):
+    """The final latents (a tensor) of one call of a tiny_*_pipeline, with the arguments each kind
+    needs: a prompt where it has text encoders and tokenizers, fixed random embeddings where it
+    has none (PixArt, Flux), a class label for DiT. `seed` seeds the initial noise; kwargs
+    override the call's (e.g. generator, or a different prompt)."""
+    import numpy as np
+    import torch
+
+    kind = type(pipe).__name__
+    emb = torch.Generator().manual_seed(1)
+    call = dict(num_inference_steps=steps, output_type="latent", generator=torch.Generator().manual_seed(seed))
+    if kind == "DiTPipeline":
+        call.update(class_labels=[1])
+    elif kind == "StableDiffusionPipeline":
+        call.update(prompt="a cat")
+    elif kind == "StableDiffusion3Pipeline":
+        call.update(prompt="a cat", height=32, width=32, max_sequence_length=8)
+    elif kind == "PixArtAlphaPipeline":
+        e, mask = torch.randn(1, 8, 32, generator=emb), torch.ones(1, 8)
+        call.update(prompt=None, negative_prompt=None, prompt_embeds=e, prompt_attention_mask=mask,
+                    negative_prompt_embeds=torch.zeros_like(e), negative_prompt_attention_mask=mask,
+                    height=64, width=64, use_resolution_binning=False)
+    elif kind == "FluxPipeline":
+        call.update(prompt_embeds=torch.randn(1, 8, 32, generator=emb),
+                    pooled_prompt_embeds=torch.randn(1, 32, generator=emb), height=32, width=32)
+    else:
+        raise TypeError(f"run_tiny_pipeline runs the tiny_*_pipeline kinds, not a {kind}")
+    call.update(kwargs)
+    return torch.as_tensor(np.asarray(pipe(**call).images))
