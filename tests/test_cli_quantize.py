@@ -194,8 +194,13 @@ def test_quantize_cli_transformer_from_a_local_folder(tmp_path):
     ckpt = tmp_path / "sd3.safetensors"
     assert main(["quantize", "--model", "sd3-medium", "--path", str(tmp_path / "transformer"), "--calib", "4",
                  "--calib-steps", "2", "--rounding", "gptq", "--avg-bpw", "3.3", "--out", str(ckpt)]) == 0
-    widths = {m["config"]["bits"] for m in bitfuse.io.read_metadata(str(ckpt))["layers"].values()}
-    assert len(widths) > 1  # the allocation mixes widths under the budget
+    layers = bitfuse.io.read_metadata(str(ckpt))["layers"]
+    assert len({m["config"]["bits"] for m in layers.values()}) > 1  # the allocation mixes widths
+    assert "proj_out" not in layers and "context_embedder" in layers  # the output layer stays float
+    everything = tmp_path / "all.safetensors"
+    assert main(["quantize", "--model", "sd3-medium", "--path", str(tmp_path / "transformer"),
+                 "--keep-float", "none", "--out", str(everything)]) == 0
+    assert "proj_out" in bitfuse.io.read_metadata(str(everything))["layers"]
     torch.manual_seed(1)
     model = bitfuse.load_quantized(diffusers.SD3Transformer2DModel(**kw).eval(), str(ckpt))
     lat, cond = make_inputs(model, 1, torch.device("cpu"), torch.float32, None)

@@ -146,6 +146,8 @@ def test_e2e_every_model_from_a_local_folder(tmp_path, model):
     _tiny_denoiser(model).save_pretrained(str(tmp_path / "den"))
     res = run(model=model, path=str(tmp_path / "den"), steps=2, out_dir=str(tmp_path))
     assert res["sampler"] == ("FlowMatchEulerDiscrete" if model == "sd3-medium" else "DDIM")
+    assert res["kept_float"] == {"sd15-unet": ["conv_in", "conv_out"], "dit-xl-2": ["proj_out_1", "proj_out_2"]
+                                 }.get(model, ["proj_out"])
     assert res["fidelity"]["cosine"] > 0.99, res["fidelity"]
     assert res["weight_reduction"] > 1.5 and res["orin"]["flops_per_step"] > 0
     assert res["breakdown"]["bitfuse"]["calls"]["QuantLinear"] > 0

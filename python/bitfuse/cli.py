@@ -94,7 +94,7 @@ def quantize_cmd(args: argparse.Namespace) -> int:
     interrupted run never leaves a half-written file (or clobbers an older one) at --out."""
     from . import QuantConfig, quantize_, save_quantized
     from .e2e import RECIPES, E2EError, build_denoiser
-    from .integrations.diffusers import collect
+    from .integrations.diffusers import collect, keep_float_filter
 
     if args.recipe not in RECIPES:
         raise E2EError(f"unknown recipe {args.recipe!r}; choose one of {sorted(RECIPES)}")
@@ -118,6 +118,8 @@ def quantize_cmd(args: argparse.Namespace) -> int:
         # the candidates cover the layers the recipe covers: its convs too when it takes them
         candidates = [dataclasses.replace(c, convs=config.convs, compact_scales=args.compact_scales)
                       for c in _candidates(args.candidates or DEFAULT_CANDIDATES)]
+    keep = _keep_float(args.keep_float)
+    only = keep_float_filter(keep)  # None when nothing is kept float
     t0 = time.perf_counter()
     model = build_denoiser(args.model, args.path).float()
     if torch.cuda.is_available():
@@ -137,25 +139,26 @@ def quantize_cmd(args: argparse.Namespace) -> int:
         # (a weighting, one backward per probe) from two of the fitted inputs. fit, held and
         # their merge are alive at once: a third of --calib-memory each.
         fit = collect(model, batches[::2], steps=args.calib_steps, convs=config.convs,
-                      max_full_bytes=memory // 3)
+                      max_full_bytes=memory // 3, filter_fn=only)
         held = collect(model, batches[1::2], steps=holdout_timesteps(args.calib_steps),
-                       convs=config.convs, max_full_bytes=memory // 3)
+                       convs=config.convs, max_full_bytes=memory // 3, filter_fn=only)
         kinds = (torch.nn.Linear, torch.nn.Conv2d) if config.convs else (torch.nn.Linear,)
         sens = sensitivity(model, batches[::2][:2], steps=args.calib_steps,
-                           filter_fn=lambda m, n: isinstance(m, kinds))
+                           filter_fn=lambda m, n: isinstance(m, kinds) and (only is None or only(m, n)))
         configs = allocate_bits(model, candidates, args.avg_bpw, calib_data=fit, holdout=held,
-                                sensitivity=sens, calib_options=options)
+                                sensitivity=sens, calib_options=options, filter_fn=only)
         calib = merge_stats(fit, held)
         del fit, held
-        quantize_per_layer(model, configs, config, calib_data=calib, calib_options=options, report=rows)
+        quantize_per_layer(model, configs, config, filter_fn=only, calib_data=calib, calib_options=options,
+                           report=rows)
     elif batches:
         # in passes, so every layer's XᵀX fits --calib-memory (calibrate/sequential.py)
         from .calibrate.sequential import quantize_in_passes
 
-        quantize_in_passes(model, config, batches, max_full_bytes=memory, calib_options=options, report=rows,
-                           collect_fn=lambda m, b, **kw: collect(m, b, steps=args.calib_steps, **kw))
+        quantize_in_passes(model, config, batches, max_full_bytes=memory, filter_fn=only, calib_options=options,
+                           report=rows, collect_fn=lambda m, b, **kw: collect(m, b, steps=args.calib_steps, **kw))
     else:
-        quantize_(model, config, calib_options=options, report=rows)
+        quantize_(model, config, filter_fn=only, calib_options=options, report=rows)
     save_quantized(model, args.out)
     if args.report:
         from .calibrate.report import write_report
@@ -185,6 +188,19 @@ def _calibration_batches(model, n: int) -> list:
 
 
 DEFAULT_CANDIDATES = "w2g64,w3g128,w4g128"
+
+
+def _keep_float(spec: str) -> tuple:
+    """--keep-float: "auto" -> the denoiser's input/output layers (DENOISER_KEEP_FLOAT), "none" ->
+    (), else a comma-separated list of layer names."""
+    from .integrations.pipelines import DENOISER_KEEP_FLOAT
+
+    spec = spec.strip()
+    if spec == "auto":
+        return DENOISER_KEEP_FLOAT
+    if spec == "none":
+        return ()
+    return tuple(n.strip() for n in spec.split(",") if n.strip())
 
 
 def _candidates(spec: str) -> list:
@@ -258,6 +274,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     qz.add_argument("--recipe", default="w4", help="w4, w4g128, w3res, w3mix, w4-linear or w4c (w4 with compact scales)")
     qz.add_argument("--out", required=True, help="the .safetensors checkpoint to write")
     qz.add_argument("--report", default=None, help="also write the per-layer report as JSON here")
+    qz.add_argument("--keep-float", default="auto", metavar="NAMES",
+                    help="layers left float: auto (default: the denoiser's input and output layers, "
+                         "conv_in/conv_out/proj_out/proj_out_1/proj_out_2), none, or comma-separated names")
     qz.add_argument("--calib", type=int, default=0, metavar="N",
                     help="activation-aware calibration from N random inputs (latents + conditioning) "
                          "at --calib-steps timesteps; 0 (default): data-free")

@@ -413,6 +413,8 @@ def run(model: str = "tiny", recipe: str = "w4", steps: int = 4, batch: int = 1,
     markdown table) the record. breakdown: profile one extra step per model by layer type (off
     the timed loop). cuda_graphs: also time the loop with each call replayed from a CUDA graph
     (GPU only; on a CPU the record says it was ignored)."""
+    from .integrations.pipelines import DENOISER_KEEP_FLOAT, keep_float_filter
+
     if recipe not in RECIPES:
         raise E2EError(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -429,7 +431,8 @@ def run(model: str = "tiny", recipe: str = "w4", steps: int = 4, batch: int = 1,
         bd_fp = layer_breakdown(den, latents, cond, dev) if breakdown else None
         gr_fp = graph_denoise(den, latents, cond, steps, dev) if cuda_graphs else None
         t0 = time.perf_counter()
-        qden = quantize_(den, QuantConfig(target="auto", **RECIPES[recipe]))  # in place: frees fp weights
+        # in place (frees the fp weights); the input and output layers stay float (DENOISER_KEEP_FLOAT)
+        qden = quantize_(den, QuantConfig(target="auto", **RECIPES[recipe]), filter_fn=keep_float_filter())
         quant_s = time.perf_counter() - t0
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -449,6 +452,7 @@ def run(model: str = "tiny", recipe: str = "w4", steps: int = 4, batch: int = 1,
     result = {
         "model": model, "recipe": recipe, "config": RECIPES[recipe], "steps": steps, "batch": batch,
         "sampler": type(make_scheduler(qden)).__name__.replace("Scheduler", ""),
+        "kept_float": [n for n in DENOISER_KEEP_FLOAT if _has_layer(qden, n)],
         "latent_shape": list(latents.shape),
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or 'unknown'})",
         "timing": "GPU time, CUDA events" if dev.type == "cuda" else "CPU timings of the torch reference path",
@@ -477,6 +481,13 @@ def run(model: str = "tiny", recipe: str = "w4", steps: int = 4, batch: int = 1,
     return result
 
 
+def _has_layer(model, fqn: str) -> bool:
+    try:
+        return isinstance(model.get_submodule(fqn), (torch.nn.Linear, torch.nn.Conv2d))
+    except AttributeError:
+        return False
+
+
 def _graph_record(gr_fp, gr_q, ref, got, med) -> Dict[str, object]:
     """The --cuda-graphs part of the record: replay step times, and how far the replayed loop's
     final latents are from the eager loop's (they should match to rounding)."""
@@ -499,7 +510,7 @@ def format_report(r: dict) -> str:
         f"per step: float ({r['float_dtype']}) {r['float_step_ms']:.2f} ms, bitfuse {r['bitfuse_step_ms']:.2f} ms "
         f"({r['speedup']:.2f}x)",
         f"weights: fp16 {r['weight_bytes_fp16'] / 2**20:.2f} MiB -> bitfuse {r['weight_bytes_bitfuse'] / 2**20:.2f} MiB "
-        f"({r['weight_reduction']:.2f}x smaller)",
+        f"({r['weight_reduction']:.2f}x smaller; kept float: {', '.join(r.get('kept_float', [])) or 'none'})",
         f"final latents vs float: PSNR {r['fidelity']['psnr_db']:.2f} dB, cosine {r['fidelity']['cosine']:.5f}",
     ]
     if r["peak_mem_float"] is not None:
@@ -535,7 +546,8 @@ def format_markdown(r: dict) -> str:
         f"# bitfuse e2e: {r['model']}, recipe {r['recipe']}", "",
         f"{r['steps']} {r.get('sampler', 'DDIM')} steps, latents {r['latent_shape']}, device **{r['device']}** "
         f"({r['timing']}), backend gemv {r['backend']['gemv']} / gemm {r['backend']['gemm']}, "
-        f"bitfuse {r['versions']['bitfuse']}, torch {r['versions']['torch']}. Recipe: `{r['config']}`.", "",
+        f"bitfuse {r['versions']['bitfuse']}, torch {r['versions']['torch']}. Recipe: `{r['config']}`; "
+        f"kept float: {', '.join(r.get('kept_float', [])) or 'none'}.", "",
         f"| | float ({r['float_dtype']}) | bitfuse | ratio |", "|---|---|---|---|",
         f"| per-step latency | {r['float_step_ms']:.2f} ms | {r['bitfuse_step_ms']:.2f} ms | {r['speedup']:.2f}x |",
         f"| weight bytes (fp16 deployment) | {mib(r['weight_bytes_fp16'])} | {mib(r['weight_bytes_bitfuse'])} "

@@ -77,8 +77,9 @@ def dit_inputs(dit, batch: int = 1, seed: int = 1):
 
 # Pipeline-level API (quantize_pipeline, save/load per component, tiny pipelines).
 from .pipelines import (  # noqa: E402,F401
-    load_pipeline, quantize_pipeline, save_pipeline, tiny_dit_pipeline, tiny_flux_pipeline,
-    tiny_pixart_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_vae,
+    DENOISER_KEEP_FLOAT, keep_float_filter, load_pipeline, quantize_pipeline, run_tiny_pipeline,
+    save_pipeline, tiny_dit_pipeline, tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sd3_pipeline,
+    tiny_sd_pipeline, tiny_vae,
 )
 
 

@@ -20,6 +20,25 @@ log = logging.getLogger("bitfuse")
 
 DENOISERS = ("unet", "transformer")
 
+# A denoiser's first and last layers stay float by default, as post-training quantization usually
+# leaves a network's input and output layers: they hold a negligible share of its weights (SD3's
+# proj_out is 0.005% of the model, DiT-XL's final layer 0.4%), and every other layer's error
+# passes through the last one. benchmarks/results/cpu/pipelines.md measures what it buys on the
+# tiny pipelines (its last column quantizes them too). Top-level names: UNet conv_in /
+# conv_out, the transformers' proj_out, DiT's final layer (proj_out_1 is its adaLN modulation,
+# proj_out_2 the projection). keep_float=() quantizes them too.
+DENOISER_KEEP_FLOAT = ("conv_in", "conv_out", "proj_out", "proj_out_1", "proj_out_2")
+
+
+def keep_float_filter(keep_float=DENOISER_KEEP_FLOAT, filter_fn=None, explicit=()):
+    """A quantize_ filter_fn that leaves the layers named in keep_float (fully qualified names)
+    float and asks filter_fn about the rest. Layers in `explicit` (given their own config, e.g.
+    by layer_configs) are quantized even if keep_float names them: an explicit choice wins."""
+    keep = frozenset(keep_float) - frozenset(explicit)
+    if not keep:
+        return filter_fn
+    return lambda m, fqn: fqn not in keep and (filter_fn is None or filter_fn(m, fqn))
+
 
 def _component_names(pipe) -> list:
     comps = getattr(pipe, "components", None)
@@ -48,14 +67,17 @@ def resolve_components(pipe, components: Optional[Sequence[str]]) -> list:
 def quantize_pipeline(pipe, config: QuantConfig, components: Optional[Sequence[str]] = None,
                       calib: Optional[Mapping[str, Mapping[str, object]]] = None, filter_fn=None, *,
                       calib_options: Optional[Mapping[str, object]] = None,
-                      layer_configs: Optional[Mapping[str, Mapping[str, QuantConfig]]] = None):
+                      layer_configs: Optional[Mapping[str, Mapping[str, QuantConfig]]] = None,
+                      keep_float: Sequence[str] = DENOISER_KEEP_FLOAT):
     """Quantize a diffusers pipeline's denoiser (and any other listed components) in place.
 
     calib, if given, maps a component name to its quantize_ calib_data (layer name -> activations
     or statistics). calib_options go to calibrate() (e.g. {"rounding": "gptq"}), as quantize_
     takes them. layer_configs maps a component name to a per-layer {fqn: QuantConfig} (what
     bitfuse.calibrate.allocate_bits returns); that component's other layers get `config`.
-    Returns the pipeline.
+    keep_float: layers of the denoiser ("unet" / "transformer") left float, by default its
+    input and output layers (DENOISER_KEEP_FLOAT); a layer layer_configs names is quantized
+    anyway; () quantizes every layer. Returns the pipeline.
     """
     from ..calibrate import quantize_per_layer
 
@@ -69,12 +91,12 @@ def quantize_pipeline(pipe, config: QuantConfig, components: Optional[Sequence[s
     for name in names:
         log.info("bitfuse: quantizing pipeline component %s", name)
         module = getattr(pipe, name)
+        fn = keep_float_filter(keep_float, filter_fn, layer_configs.get(name, ())) if name in DENOISERS else filter_fn
         if name in layer_configs:
-            quantize_per_layer(module, layer_configs[name], config, filter_fn=filter_fn,
+            quantize_per_layer(module, layer_configs[name], config, filter_fn=fn,
                                calib_data=calib.get(name), calib_options=calib_options)
         else:
-            quantize_(module, config, filter_fn=filter_fn, calib_data=calib.get(name),
-                      calib_options=calib_options)
+            quantize_(module, config, filter_fn=fn, calib_data=calib.get(name), calib_options=calib_options)
     return pipe
 
 
