@@ -48,8 +48,10 @@ def layer(bits: int, group: int, branch: str, n: int = N, k: int = K) -> QuantLi
             # three classes for W3 "mixed"; two elsewhere (with the outliers out, the flattest
             # rows of W3 "all" gain nothing from b-1, and the calibrator rightly refuses it).
             # avg_bits counts the 32-bit-per-row permutation too (32/K = 0.16 bpw here), so W3
-            # "all" needs 3.5 to afford one 16-row 4-bit class.
-            kw["mixed_bits"], kw["avg_bits"] = {2: ((2, 3), 2.4), 3: ((2, 3, 4), 3.0), 4: ((3, 4), 3.8),
+            # "all" needs 3.5 to afford one 16-row 4-bit class. W3 "mixed" asks 2.95, not 3.0: at
+            # the GPU sweep's K = 1000, plain W3 meets 3.0 without a permutation and the
+            # calibrator rightly keeps one class.
+            kw["mixed_bits"], kw["avg_bits"] = {2: ((2, 3), 2.4), 3: ((2, 3, 4), 2.95), 4: ((3, 4), 3.8),
                                                 -3: ((3, 4), 3.5)}[-bits if branch.startswith("all") and bits == 3 else bits]
         lin = linear_from(heavy_tailed(n, k, seed=bits * group, outlier_channels=8),
                           bias=branch in ("bias", "all"))
@@ -246,14 +248,31 @@ def test_autotune_measures_the_crossover(monkeypatch, m, forced, which, paths):
 
 # ---- compiled, on a GPU -------------------------------------------------------------------------
 
+GPU_SWEEP = list(itertools.product([2, 3, 4], ["plain", "residual", "mixed", "all", "all+compact"]))
+
+
+def test_gpu_sweep_layers_are_what_they_claim():
+    """The GPU sweep's layers (K = 1000, N = 1088) build here with the classes and scale form
+    their names promise; a layer that does not would fail every GPU case of it on the device."""
+    for bits, branch in GPU_SWEEP:
+        layer(bits, 64, branch, n=1088, k=1000)  # asserts inside
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 3, 8, 16, 17, 64, 256, 1024, 4096, 8192])
-@pytest.mark.parametrize("bits,branch", list(itertools.product([2, 3, 4], ["plain", "residual", "mixed", "all",
-                                                                      "all+compact"])))
+@pytest.mark.parametrize("m", [1, 3, 8, 16, 17, 64, 256, 1024, 8192])
+@pytest.mark.parametrize("bits,branch", GPU_SWEEP)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_triton(m, bits, branch, dtype):
+    """The compiled kernels over M from the GEMV to many GEMM M tiles. Rows of the product are
+    independent, so at M = 8192 every row is checked finite and a sample (first and last M tiles,
+    200 random) against the reference: the fp64 bound of every row costs seconds of CPU each."""
     q = layer(bits, 64, branch, n=1088, k=1000)
-    x = torch.randn(m, 1000).to(dtype)
+    x = torch.randn(m, 1000, generator=torch.Generator().manual_seed(m)).to(dtype)
     y = fused_linear(x.cuda(), copy.deepcopy(q).cuda().packed).cpu()
     path = tuning.choose_path(m, "h100")
+    if m > 1024:
+        assert torch.isfinite(y).all()
+        rows = torch.cat([torch.arange(128), torch.arange(m - 128, m),
+                          torch.randperm(m, generator=torch.Generator().manual_seed(2))[:200]])
+        x, y = x[rows], y[rows]
     check(q, x, y, path, f"GPU W{bits} {branch} M={m} {dtype}")

@@ -166,7 +166,7 @@ def gemlite_w4(w16: torch.Tensor, group: int = 128):
 
 
 def bench_case(name: str, n: int, k: int, ms: List[int], recipes: List[str], bw: float,
-               results: list, dtype=torch.float16) -> None:
+               results: list, dtype=torch.float16, gemlite: bool = True) -> None:
     import bitfuse
     from bitfuse import QuantConfig, QuantLinear
     from bitfuse.kernels import fused_linear, tuning
@@ -178,7 +178,8 @@ def bench_case(name: str, n: int, k: int, ms: List[int], recipes: List[str], bw:
     w16 = lin.weight.detach().to(dtype)
     layers = {r: QuantLinear.from_linear(lin, QuantConfig(target="auto", **RECIPES[r])) for r in recipes}
     tg = tinygemm(w16.to(torch.bfloat16)) if dtype == torch.float16 else None
-    gl, gl_w = gemlite_w4(w16)
+    # gemlite autotunes on its first call per shape: left out of --quick, whose budget is short
+    gl, gl_w = gemlite_w4(w16) if gemlite else (None, "gemlite skipped under --quick (it autotunes per shape)")
     cuda_ok = bitfuse.backends()["cuda"]["available"]
     if cuda_ok:
         from bitfuse.backend_cuda import linear as cuda_linear
@@ -426,8 +427,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if case[-1] == "conv":
             bench_conv_case(*case[:5], ["w4g128", "w3g128+res"], bw, results)
         else:
-            bench_case(*case, bw, results)
-    write_outputs(results, env, out, bw)
+            bench_case(*case, bw, results, gemlite=not args.quick)
+        # after every shape: a run stopped by a time limit keeps what it measured
+        write_outputs(results, env, out, bw)
     print(f"wrote {out}/kernels.json, kernels.md" + (", kernels.png" if os.path.exists(os.path.join(out, "kernels.png")) else ""))
     return 0
 
