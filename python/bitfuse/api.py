@@ -15,7 +15,7 @@ from .calibrate.report import layer_report, write_report
 from .calibrate.collect import stats_width
 from .calibrate.stats import gptq_fallback
 from .config import QuantConfig
-from .nn import QuantConv2d, QuantLinear, conv_unsupported_reason
+from .nn import QuantConv2d, QuantEmbedding, QuantLinear, conv_unsupported_reason, embedding_unsupported_reason
 
 log = logging.getLogger("bitfuse")
 
@@ -23,6 +23,8 @@ FilterFn = Callable[[nn.Module, str], bool]
 
 
 def _in_out(layer: nn.Module):
+    if isinstance(layer, nn.Embedding):  # a table is (rows, dim): K = dim, N = rows
+        return layer.embedding_dim, layer.num_embeddings
     return stats_width(layer), layer.weight.shape[0]  # a conv's K is its patch width, C·kh·kw
 
 
@@ -91,7 +93,7 @@ def quantize_(
         raise TypeError(f"config must be a bitfuse.QuantConfig, got {type(config).__name__}")
     calib_data = dict(calib_data or {})
     calib_options = check_calib_options(calib_options)
-    kinds = (nn.Linear, nn.Conv2d) if config.convs else (nn.Linear,)
+    kinds = (nn.Linear,) + ((nn.Conv2d,) if config.convs else ()) + ((nn.Embedding,) if config.embeddings else ())
     layers = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, kinds)]
     unknown = set(calib_data) - {fqn for fqn, _ in layers}
     if unknown:
@@ -107,25 +109,26 @@ def quantize_(
             log.info("bitfuse: skipping %s (%s): too small to gain", fqn, why)
             skipped += 1
             continue
-        if isinstance(layer, nn.Conv2d):
-            why = conv_unsupported_reason(layer)
+        if isinstance(layer, (nn.Conv2d, nn.Embedding)):
+            why = (conv_unsupported_reason if isinstance(layer, nn.Conv2d) else embedding_unsupported_reason)(layer)
             if why:
                 log.info("bitfuse: skipping %s: %s", fqn, why)
                 skipped += 1
                 continue
         opts = calib_options
-        if calib_data:
+        if calib_data and not isinstance(layer, nn.Embedding):
             # GPTQ needs the layer's XᵀX; with calibration data for other layers (e.g. linears
             # collected, convs not, or a conv whose XᵀX collect's max_full_bytes left out), this
             # one is rounded to nearest and the run says so below.
             opts = gptq_fallback(calib_options, calib_data.get(fqn))
             if opts is not calib_options:
                 no_data.append(fqn)
-        if isinstance(layer, nn.Conv2d):
-            start = time.perf_counter()
+        start = time.perf_counter()
+        if isinstance(layer, nn.Embedding):  # weights only: a lookup has no activations
+            q = QuantEmbedding.from_embedding(layer, config, **opts)
+        elif isinstance(layer, nn.Conv2d):
             q = QuantConv2d.from_conv(layer, config, activations=calib_data.get(fqn), **opts)
         else:
-            start = time.perf_counter()
             q = QuantLinear.from_linear(layer, config, activations=calib_data.get(fqn), **opts)
         seconds = time.perf_counter() - start
         if report is not None:

@@ -47,6 +47,8 @@ class QuantConfig:
     outliers:    fraction of weights kept exactly in a sparse fp16 branch, 0 to 0.05.
     target:      hardware profile, one of "auto", "orin", "rtx30", "rtx40", "h100", "cpu".
     convs:       quantize_ also replaces nn.Conv2d layers (groups=1) with QuantConv2d.
+    embeddings:  quantize_ also replaces nn.Embedding tables with QuantEmbedding (weights-only
+                 calibration; a lookup dequantizes the table and gathers rows).
     fit_group:   a layer whose in_features is not a multiple of group_size uses the smaller group
                  (64 or 32) when that stores it in fewer bits (pack.fitted_group_size: less
                  padding, finer scales) without costing the kernels their 16-byte row loads;
@@ -68,6 +70,7 @@ class QuantConfig:
     outliers: float = 0.0
     target: str = "auto"
     convs: bool = False
+    embeddings: bool = False
     fit_group: bool = True
     compact_scales: bool = False
 
@@ -123,7 +126,7 @@ class QuantConfig:
                 f"QuantConfig.outliers must be a fraction in [0, {MAX_OUTLIER_FRACTION}], got {o!r}"
             )
         object.__setattr__(self, "outliers", float(o))
-        for flag in ("convs", "fit_group", "compact_scales"):
+        for flag in ("convs", "embeddings", "fit_group", "compact_scales"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"QuantConfig.{flag} must be True or False, got {getattr(self, flag)!r}")
         if self.target not in ALLOWED_TARGETS:

@@ -202,16 +202,20 @@ def orin_projection(model, latents, cond) -> Dict[str, object]:
     """Lower bounds on one step's quantized layers, per Orin variant (see the module doc).
 
     Per layer: bytes = packed weight + fp16 input and output activations; flops = 2·M·N·K with
-    M = output elements / N (tokens for a linear, output pixels for a conv). Memory bound = Σ
+    M = output elements / N (tokens for a linear, output pixels for a conv); an embedding lookup
+    moves its packed table and the fp16 rows it returns, with no flops. Memory bound = Σ
     bytes / bandwidth, compute bound = Σ flops / peak, roofline = Σ max(per-layer bounds)."""
-    from .nn import QuantLinear
+    from .nn import QuantEmbedding, QuantLinear
 
     layers: Dict[str, tuple] = {}
 
     def hook(name):
         def record(mod, inp, out):
-            nbytes = int(mod.bpw * mod.out_features * mod.in_features / 8) \
-                + 2 * (inp[0].numel() + out.numel())
+            packed = int(mod.bpw * mod.out_features * mod.in_features / 8)
+            if isinstance(mod, QuantEmbedding):  # a lookup: the table read, the rows written, no flops
+                layers[name] = (packed + 2 * out.numel(), 0)
+                return
+            nbytes = packed + 2 * (inp[0].numel() + out.numel())
             flops = 2 * (out.numel() // mod.out_features) * mod.out_features * mod.in_features
             layers[name] = (nbytes, flops)
         return record

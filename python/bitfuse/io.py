@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from .format import FORMAT_VERSION, FormatError
-from .nn import QuantConv2d, QuantLinear
+from .nn import QuantConv2d, QuantEmbedding, QuantLinear
 from .version import __version__
 
 META_KEY = "bitfuse"
@@ -70,6 +70,8 @@ def _layer_meta(m: QuantLinear) -> dict:
     meta = m.packed.meta()
     if isinstance(m, QuantConv2d):
         meta["module"], meta["conv"] = "conv2d", m.conv_meta()
+    elif isinstance(m, QuantEmbedding):
+        meta["module"], meta["embedding"] = "embedding", m.embedding_meta()
     else:
         meta["module"] = "linear"
     return meta
@@ -107,7 +109,7 @@ def read_metadata(path: str) -> dict:
 def load_quantized(model: nn.Module, path: str, device=None) -> nn.Module:
     """Quantize a float `model` (the original architecture) in place from a checkpoint.
 
-    Every layer recorded in the file must exist in the model as an nn.Linear of the same shape
+    Every layer recorded in the file must exist in the model as an nn.Linear (nn.Conv2d, nn.Embedding) of the same shape
     and bias; every tensor must match in name, shape and checksum. If anything fails, the model
     is left as it was. `device`, if given, is where the model is moved afterwards. Returns the model.
     """
@@ -129,12 +131,17 @@ def _swap_layers(model: nn.Module, meta: dict, swaps: list) -> None:
             old = model.get_submodule(fqn)
         except AttributeError:
             raise CheckpointError(f"checkpoint layer '{fqn}' does not exist in this model") from None
-        is_conv = lmeta.get("module") == "conv2d"
-        want = nn.Conv2d if is_conv else nn.Linear
+        kind = lmeta.get("module", "linear")
+        is_conv = kind == "conv2d"
+        want = {"conv2d": nn.Conv2d, "embedding": nn.Embedding}.get(kind, nn.Linear)
         if not isinstance(old, want):
-            raise CheckpointError(f"checkpoint layer '{fqn}' is a {'conv' if is_conv else 'linear'} layer, "
-                                  f"the model has {type(old).__name__}")
-        if is_conv:
+            raise CheckpointError(f"checkpoint layer '{fqn}' is a {kind} layer, the model has {type(old).__name__}")
+        if kind == "embedding":
+            shape = (lmeta.get("out_features"), lmeta.get("in_features"))
+            if (old.num_embeddings, old.embedding_dim) != shape:
+                raise CheckpointError(f"checkpoint embedding '{fqn}' is {shape[0]} x {shape[1]}, the model's is "
+                                      f"{old.num_embeddings} x {old.embedding_dim}: architecture mismatch")
+        elif is_conv:
             c = lmeta.get("conv") or {}
             got = {"in_channels": old.in_channels, "kernel_size": list(old.kernel_size),
                    "stride": list(old.stride), "padding": list(old.padding), "dilation": list(old.dilation)}
@@ -149,10 +156,12 @@ def _swap_layers(model: nn.Module, meta: dict, swaps: list) -> None:
                     f"{old.in_features} -> {old.out_features}: architecture mismatch"
                 )
         has_bias = "bias" in lmeta.get("tensors", [])
-        if (old.bias is not None) != has_bias:
+        if (getattr(old, "bias", None) is not None) != has_bias:
             raise CheckpointError(f"checkpoint layer '{fqn}' {'has' if has_bias else 'has no'} bias, the model's does not match")
         try:
-            new = (QuantConv2d if is_conv else QuantLinear).from_meta(lmeta)
+            new = {"conv2d": QuantConv2d, "embedding": QuantEmbedding}.get(kind, QuantLinear).from_meta(lmeta)
+            if kind == "embedding":
+                new.out_dtype = old.weight.dtype  # lookups return the dtype of the model loaded into
         except (FormatError, KeyError, TypeError) as e:
             raise CheckpointError(f"checkpoint layer '{fqn}': {e}") from e
         parent_name, _, child = fqn.rpartition(".")
