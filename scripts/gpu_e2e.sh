@@ -11,7 +11,7 @@ source "$(dirname "$0")/gpu_common.sh"
 cd /tmp
 # Issue 7's list first (sd15-unet and dit-xl-2, W4 and W3+residual), then SD3; each model is
 # built on the CPU from its published config (random weights) and quantized on the GPU.
-for job in ${E2E:-sd15-unet:w4 dit-xl-2:w3res sd15-unet:w3res dit-xl-2:w4 sd3-medium:w4}; do
+for job in ${E2E:-sd15-unet:w4 dit-xl-2:w3res sd15-unet:w3res dit-xl-2:w4 sd3-medium:w4 sd15-unet:w3resc}; do
   step "e2e_${job/:/_}" "${E2E_TIMEOUT:-150}" python3 -m bitfuse.cli bench e2e --model "${job%%:*}" \
     --recipe "${job##*:}" --steps "${E2E_STEPS:-10}" --resolution 512 --cuda-graphs --out "$WORK/e2e"
 done

@@ -271,7 +271,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     qz = sub.add_parser("quantize", help="quantize a denoiser (built-in config or local folder) to a checkpoint")
     qz.add_argument("--model", default="tiny", help="tiny, sd15-unet, dit-xl-2, pixart-alpha or sd3-medium (random weights)")
     qz.add_argument("--path", default=None, help="a local diffusers denoiser folder (with config.json)")
-    qz.add_argument("--recipe", default="w4", help="w4, w4g128, w3res, w3mix, w4-linear or w4c (w4 with compact scales)")
+    qz.add_argument("--recipe", default="w4", help="w4, w4g128, w3res, w3resc, w3mix, w4-linear or w4c (c: compact scales)")
     qz.add_argument("--out", required=True, help="the .safetensors checkpoint to write")
     qz.add_argument("--report", default=None, help="also write the per-layer report as JSON here")
     qz.add_argument("--keep-float", default="auto", metavar="NAMES",
@@ -316,7 +316,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     e = bench.add_parser("e2e", help="float vs bitfuse denoiser over its sampling loop, + Orin projection")
     e.add_argument("--model", default="tiny", help="tiny, sd15-unet, dit-xl-2, pixart-alpha or sd3-medium")
     e.add_argument("--path", default=None, help="a local diffusers denoiser folder (with config.json)")
-    e.add_argument("--recipe", default="w4", help="w4, w4g128, w3res, w3mix, w4-linear or w4c")
+    e.add_argument("--recipe", default="w4", help="w4, w4g128, w3res, w3resc, w3mix, w4-linear or w4c")
     e.add_argument("--steps", type=int, default=4)
     e.add_argument("--batch", type=int, default=1)
     e.add_argument("--resolution", type=int, default=None, help="image side in pixels (latents are /8)")

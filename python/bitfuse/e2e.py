@@ -37,6 +37,10 @@ RECIPES: Dict[str, dict] = {
     # K pads badly a smaller one (its PackedWeight.group_size, the quantize report's group_size).
     "w4g128": dict(bits=4, group_size=128, convs=True),
     "w3res": dict(bits=3, group_size=64, residual=True, convs=True),
+    # W3 + residual in fewer bytes: g128 and compact scales. SD1.5 UNet 3.73x smaller than fp16
+    # against w3res's 3.36x (benchmarks/results/cpu/weight_bytes.md); within 0.1-0.3 dB of w3res
+    # on the tiny pipelines (whose narrow layers keep fp16 scales)
+    "w3resc": dict(bits=3, group_size=128, residual=True, convs=True, compact_scales=True),
     "w3mix": dict(bits=3, group_size=64, mixed_bits=(2, 3, 4), residual=0.5, convs=True),
     "w4-linear": dict(bits=4, group_size=64),
     # w4 with compact scales (FORMAT.md §5.1): 8-bit scale/offset codes, fewer bits at about the same error
