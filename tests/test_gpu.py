@@ -24,12 +24,32 @@ CONFIGS = {
 }
 
 
+# Mixed widths with a budget that really splits the rows (with avg_bits = bits, the default, the
+# 32-bit-per-row permutation makes one class cheaper and the calibrator keeps it): the budgets of
+# tests/test_triton.py. With outliers taken out, W3's flattest rows gain nothing from 2 bits.
+MIXED = {2: ((2, 3), 2.4), 3: ((2, 3, 4), 2.95), 4: ((3, 4), 3.8)}
+MIXED_W3_WITH_OUTLIERS = ((3, 4), 3.5)
+MIXED_MIN_K = 128  # narrower layers (48 x 33, K = 77) keep one class: the degenerate case, on purpose
+
+
+def _mixed(kw: dict, bits: int) -> dict:
+    """kw with mixed_bits/avg_bits set for `bits` when the config asks for mixed widths."""
+    kw = dict(kw)
+    if "mixed_bits" in kw:
+        mb = MIXED_W3_WITH_OUTLIERS if bits == 3 and kw.get("outliers") else MIXED[bits]
+        kw["mixed_bits"], kw["avg_bits"] = mb
+    return kw
+
+
 def _quantize(lin, cfg: QuantConfig) -> QuantLinear:
     """QuantLinear.from_linear; a compact-scale case whose layer has too few groups a row for
-    them (it keeps fp16 pairs, which the other cases cover) is skipped, not silently run."""
+    them (it keeps fp16 pairs, which the other cases cover) is skipped, not silently run; a mixed
+    case wide enough must really have several bit classes (else it tests one class)."""
     q = QuantLinear.from_linear(lin, cfg)
     if cfg.compact_scales and not q.packed.compact_scales:
         pytest.skip(f"{q.packed.n_groups} groups a row: compact scales need >= 4 (FORMAT.md §5.1)")
+    if cfg.mixed_bits and q.in_features >= MIXED_MIN_K:
+        assert len(q.class_bits) > 1, f"mixed case {cfg} kept one class {q.class_bits}"
     return q
 
 
@@ -43,9 +63,7 @@ def _cuda_ready():
 @pytest.mark.parametrize("n,k", [(256, 200), (1088, 1000)])
 def test_cuda_dequantize_matches_reference(bits, name, g, n, k):
     _cuda_ready()
-    kw = dict(CONFIGS[name])
-    if "mixed_bits" in kw and bits != 3:
-        kw["mixed_bits"] = (2, 3) if bits == 2 else (3, 4)
+    kw = _mixed(CONFIGS[name], bits)
     q = _quantize(linear_from(heavy_tailed(n, k, seed=bits)), QuantConfig(bits=bits, group_size=g, **kw))
     ref = reference.dense_weight(q.packed)
     from bitfuse.backend_cuda import dequantize_dense
@@ -63,8 +81,8 @@ def test_cuda_dequantize_matches_reference(bits, name, g, n, k):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_linear_matches_reference(m, dtype):
     _cuda_ready()
-    cfg = QuantConfig(bits=3, group_size=64, residual=0.5, mixed_bits=(2, 3, 4), rank=8, outliers=0.005)
-    q = QuantLinear.from_linear(linear_from(heavy_tailed(512, 384, seed=1)), cfg)
+    cfg = QuantConfig(bits=3, group_size=64, residual=0.5, rank=8, **_mixed(dict(mixed_bits=True, outliers=0.005), 3))
+    q = _quantize(linear_from(heavy_tailed(512, 384, seed=1)), cfg)
     x = torch.randn(m, 384).to(dtype)
     y_ref = reference.linear(x, q.packed)
     y = q.cuda()(x.cuda()).cpu()
@@ -97,9 +115,7 @@ def test_cuda_gemv_matches_reference(bits, name, n, k, g, dtype):
     from _tolerance import branch_magnitudes
     from bitfuse.backend_cuda import gemv
 
-    kw = dict(GEMV_CONFIGS[name])
-    if "mixed_bits" in kw and bits != 3:
-        kw["mixed_bits"] = (2, 3) if bits == 2 else (3, 4)
+    kw = _mixed(GEMV_CONFIGS[name], bits)
     lin = linear_from(heavy_tailed(n, k, seed=bits + n))
     lin.bias = torch.nn.Parameter(torch.randn(n) * 0.1)
     q = _quantize(lin, QuantConfig(bits=bits, group_size=g, **kw))
@@ -122,8 +138,8 @@ def test_cuda_gemv_deterministic_and_unaligned_x(dtype):
     _cuda_ready()
     from bitfuse.backend_cuda import gemv
 
-    cfg = QuantConfig(bits=4, group_size=128, residual=0.5, mixed_bits=(3, 4), rank=8)
-    q_cpu = QuantLinear.from_linear(linear_from(heavy_tailed(512, 1024, seed=3)), cfg)
+    cfg = QuantConfig(bits=4, group_size=128, residual=0.5, rank=8, **_mixed(dict(mixed_bits=True), 4))
+    q_cpu = _quantize(linear_from(heavy_tailed(512, 1024, seed=3)), cfg)
     q = copy.deepcopy(q_cpu).cuda()
     buf = torch.randn(3 * 1024 + 1, dtype=dtype, device="cuda")
     x_aligned = buf[: 3 * 1024].view(3, 1024)
@@ -151,13 +167,16 @@ def test_cuda_linear_uses_gemv_for_small_m(monkeypatch):
 # ---- the fused CUDA tensor-core GEMM (csrc/cuda/gemm.cu), M > 8 ----------------------------------
 
 @functools.lru_cache(maxsize=None)
-def _gemm_layer(bits, name, n, k, g):
-    kw = dict(GEMV_CONFIGS[name])
-    if "mixed_bits" in kw and bits != 3:
-        kw["mixed_bits"] = (2, 3) if bits == 2 else (3, 4)
+def _gemm_layer_cpu(bits, name, n, k, g) -> QuantLinear:
+    kw = _mixed(GEMV_CONFIGS[name], bits)
     lin = linear_from(heavy_tailed(n, k, seed=bits + n + k))
     lin.bias = torch.nn.Parameter(torch.randn(n) * 0.1)
-    q = _quantize(lin, QuantConfig(bits=bits, group_size=g, **kw))
+    return _quantize(lin, QuantConfig(bits=bits, group_size=g, **kw))
+
+
+@functools.lru_cache(maxsize=None)
+def _gemm_layer(bits, name, n, k, g):
+    q = _gemm_layer_cpu(bits, name, n, k, g)
     return q, copy.deepcopy(q).cuda()  # Module.cuda() moves in place: keep q on the CPU
 
 

@@ -438,9 +438,12 @@ def _gpu_layer():
     # Built once (rtn: the kernels, not the calibration, are under test; the GPU session's time
     # is short), copied by each test.
     w = heavy_tailed(1088, 1000, seed=5, outlier_channels=8)
-    return QuantLinear.from_linear(linear_from(w), QuantConfig(bits=3, group_size=64, mixed_bits=(2, 3, 4),
-                                                               rank=8, residual=0.5, outliers=0.005),
-                                   method="rtn")
+    # avg_bits 3.5: with avg_bits = bits the permutation's 32 bits a row make one class cheaper
+    q = QuantLinear.from_linear(linear_from(w), QuantConfig(bits=3, group_size=64, mixed_bits=(3, 4), avg_bits=3.5,
+                                                            rank=8, residual=0.5, outliers=0.005),
+                                method="rtn")
+    assert len(q.class_bits) > 1, q.class_bits  # a mixed layer (perm), as the tests below say
+    return q
 
 
 @pytest.mark.gpu
