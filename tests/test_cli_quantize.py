@@ -201,6 +201,9 @@ def test_quantize_cli_transformer_from_a_local_folder(tmp_path):
     assert main(["quantize", "--model", "sd3-medium", "--path", str(tmp_path / "transformer"),
                  "--keep-float", "none", "--out", str(everything)]) == 0
     assert "proj_out" in bitfuse.io.read_metadata(str(everything))["layers"]
+    with pytest.raises(SystemExit, match=r"--keep-float names \['proj_outt'\], which are not linear or conv"):
+        main(["quantize", "--model", "sd3-medium", "--path", str(tmp_path / "transformer"),
+              "--keep-float", "proj_out,proj_outt", "--out", str(tmp_path / "x.safetensors")])
     torch.manual_seed(1)
     model = bitfuse.load_quantized(diffusers.SD3Transformer2DModel(**kw).eval(), str(ckpt))
     lat, cond = make_inputs(model, 1, torch.device("cpu"), torch.float32, None)

@@ -84,6 +84,11 @@ def test_bad_input_and_unsupported_tables(caplog):
     with pytest.raises(TypeError, match="int64 or int32 indices, got torch.float32"):
         m.emb(IDX.float())
     assert torch.equal(m.emb(IDX.int()), m.emb(IDX))
+    bad = torch.nn.Embedding(64, 64)
+    with torch.no_grad():
+        bad.weight[3, 4] = float("nan")
+    with pytest.raises(bitfuse.CalibrationError, match="NaN/Inf"):
+        QuantEmbedding.from_embedding(bad, QuantConfig(group_size=64))
     renorm = torch.nn.Embedding(100, 64, max_norm=1.0)
     with pytest.raises(ValueError, match="max_norm=1.0"):
         QuantEmbedding.from_embedding(renorm, QuantConfig(group_size=64))

@@ -122,6 +122,12 @@ def quantize_cmd(args: argparse.Namespace) -> int:
     only = keep_float_filter(keep)  # None when nothing is kept float
     t0 = time.perf_counter()
     model = build_denoiser(args.model, args.path).float()
+    if args.keep_float.strip() not in ("auto", "none"):  # names given by hand must name layers
+        have = dict(model.named_modules())
+        wrong = [n for n in keep if not isinstance(have.get(n), (torch.nn.Linear, torch.nn.Conv2d))]
+        if wrong:
+            raise SystemExit(f"bitfuse quantize: --keep-float names {wrong}, which are not linear or conv "
+                             f"layers of this model (names are fully qualified, e.g. 'proj_out')")
     if torch.cuda.is_available():
         model = model.cuda()
     batches = _calibration_batches(model, args.calib)
