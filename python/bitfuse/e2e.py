@@ -3,7 +3,8 @@
 Builds a denoiser from its published config (random weights; nothing is downloaded) or loads a
 local diffusers folder, quantizes a copy with a named recipe, runs both through the same sampler
 steps from the same noise (DDIM; flow-matching Euler for SD3), and reports per-step latency, peak
-memory, weight bytes, and the fidelity of the final latents. Every result records the device, versions, backend and recipe.
+memory, weight bytes, and the fidelity of the final latents. Every result records the device,
+versions, backend and recipe.
 On a CPU the timings are CPU timings of the torch reference path, and say so. One extra
 profiled step per model splits the time by layer type (LayerTimer); --cuda-graphs also times the
 loop as CUDA-graph replays (graph_denoise, GPU only). The record is written as JSON and markdown.
