@@ -42,9 +42,12 @@ step kernels "${BENCH_TIMEOUT:-100}" python3 -m bitfuse.cli bench kernels ${BENC
 # SpMV/SpMM: HBP (CUDA, Triton) vs CSR scalar/vector vs torch CSR (benchmarks/bench_spmv.py).
 step spmv "${SPMV_TIMEOUT:-50}" python3 -m bitfuse.cli bench kernels --suite sparse ${SPMV_ARGS:---quick} --out "$WORK/spmv"
 # racecheck + synccheck on one subset case each: the GEMM's shared-memory stages, the staged
-# low-rank epilogue and the split-K last-block reduction have barriers no CPU test can exercise.
+# low-rank epilogue and the split-K last-block reduction, and the tensor-core GEMV's staged x,
+# group sums and warp reduction have barriers no CPU test can exercise.
 step racecheck "${RACECHECK_TIMEOUT:-60}" bash -c "compute-sanitizer --tool racecheck --error-exitcode 3 python3 -m pytest \
   -m gpu -q -p no:cacheprovider '$SRC/tests/test_gpu.py' -k 'sanitizer_subset and 70-1999-3' && compute-sanitizer \
+  --tool racecheck --error-exitcode 3 python3 -m pytest -m gpu -q -p no:cacheprovider '$SRC/tests/test_gpu.py' \
+  -k 'gemv_sanitizer_subset and tc-5' && compute-sanitizer \
   --tool synccheck --error-exitcode 3 python3 -m pytest -m gpu -q -p no:cacheprovider '$SRC/tests/test_gpu.py' \
   -k 'sanitizer_subset and 9-77'"
 # End to end (issue #7) does not fit beside the rest: scripts/gpu_e2e.sh, a second call while the

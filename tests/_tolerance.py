@@ -63,3 +63,26 @@ def branch_magnitudes(q):
     if pw.sp_values is not None:
         mags.append(reference.sparse_weight(pw).abs())
     return mags
+
+
+def factored_magnitude(pw):
+    """|q·s| + |m| (+ |α|) per weight, (N, K) in original order: what a kernel that applies the
+    scales per group (Σx·q·s + m·Σx + α·Σ±x: the tensor-core GEMV, gemv_tc.h) sums, where a
+    kernel that dequantizes first sums |Ŵ|. Its fp32 error is bounded by γ_K times this."""
+    from bitfuse import pack, reference
+
+    kp, g = pw.k_pad, pw.group_size
+    q = torch.cat(pack.unpack_classes(pw.qweight, pw.class_bits, pw.class_rows, kp)).float()
+    scales, zeros = pw.group_params()
+    mag = (q * scales.float().repeat_interleave(g, 1)).abs() + zeros.float().abs().repeat_interleave(g, 1)
+    if pw.res_plane is not None:
+        ri = pw.res_index.long()
+        rows = torch.nonzero(ri >= 0).flatten()
+        mag[rows] += pw.res_alpha.float().abs().repeat_interleave(g, 1)[ri[rows]]
+    return reference.to_output_order(mag, pw)[:, : pw.in_features]
+
+
+def factored_branch_magnitudes(q):
+    """branch_magnitudes with the dense piece as factored_magnitude: |Ŵ| ≤ it, so the bound also
+    holds for a kernel that dequantizes first."""
+    return [factored_magnitude(q.packed)] + branch_magnitudes(q)[1:]

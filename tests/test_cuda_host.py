@@ -157,8 +157,9 @@ def _np(t):
     return None if t is None else t.numpy()
 
 
-def _gemv_host(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
-    """What backend_cuda.gemv hands the kernel, run through the CPU twin."""
+def _gemv_host(x: torch.Tensor, pw: PackedWeight, tensor_cores: bool = False) -> torch.Tensor:
+    """What backend_cuda.gemv hands the kernel, run through the CPU twin (of gemv_tc.cu with
+    tensor_cores, x's dtype fp16 or bf16)."""
     x32 = x.float()
     t = lr_up = extra = None
     if pw.lr_down is not None:
@@ -171,7 +172,8 @@ def _gemv_host(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
         x32.numpy(), _np(pw.qweight), scales, zeros, _np(pw.perm),
         _np(pw.res_index), _np(pw.res_plane), _np(pw.res_alpha), _np(t), _np(lr_up), _np(extra),
         _np(pw.bias), pw.class_bits, pw.class_rows, pw.out_features, pw.in_features, pw.k_pad,
-        pw.group_size, **rows))
+        pw.group_size, **rows, tensor_cores=tensor_cores,
+        dtype=2 if x.dtype == torch.bfloat16 else 1))
 
 
 @pytest.mark.parametrize("class_bits,class_rows", [([4], [7]), ([3], [33]), ([2], [16]),
@@ -195,6 +197,72 @@ def test_gemv_host_matches_reference(class_bits, class_rows, k, g, branches, m):
 
     bound = matmul_bound(xf, branch_magnitudes(_Q), torch.float32, bias=pw.bias)
     assert_within(y, y_ref, bound, f"gemv_host {class_bits} {k=} {g=} {branches} {m=}")
+
+
+@pytest.mark.parametrize("class_bits,class_rows", [([4], [7]), ([3], [33]), ([2], [16]),
+                                                   ([2, 3, 4], [16, 32, 5])])
+@pytest.mark.parametrize("k,g", [(100, 32), (200, 64), (257, 128)])
+@pytest.mark.parametrize("branches", ["plain", "residual", "all+compact"])
+@pytest.mark.parametrize("m,dtype", [(1, torch.float16), (3, torch.bfloat16), (8, torch.float16)])
+def test_gemv_tc_host_matches_reference(class_bits, class_rows, k, g, branches, m, dtype):
+    """The tensor-core GEMV's twin (gemv_tc.h: codes exact in A, x in B, scales per group in fp32)
+    against the fp32 reference, within the bound of the factored sums."""
+    from _tolerance import assert_within, factored_branch_magnitudes, matmul_bound
+
+    full = branches.startswith("all")
+    pw = _layer(class_bits, class_rows, k, g, residual=branches != "plain", rank=4 if full else 0,
+                sparse=full, bias=full, seed=k + m + len(class_bits), compact=branches == "all+compact")
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+    y = _gemv_host(x, pw, tensor_cores=True)
+    xf = x.float()
+    y_ref = reference.linear(xf, pw)
+
+    class _Q:
+        packed = pw
+
+    bound = matmul_bound(xf, factored_branch_magnitudes(_Q), torch.float32, bias=pw.bias)
+    assert_within(y, y_ref, bound, f"gemv_tc_host {class_bits} {k=} {g=} {branches} {m=} {dtype}")
+
+
+@pytest.mark.parametrize("m,k", [(8, 2300), (5, 4200), (1, 16500)])
+def test_gemv_tc_host_chunks_and_warps(m, k):
+    """K past one staged x chunk (16384 / m_stage columns) and past the warps' first blocks: every
+    run is summed once, whichever warp and chunk takes it; the residual's last group is partial."""
+    from _tolerance import assert_within, factored_branch_magnitudes, matmul_bound
+
+    pw = _layer([4, 3], [16, 16], k, 64, residual=True, rank=0, sparse=False, bias=True, seed=k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).half()
+    y = _gemv_host(x, pw, tensor_cores=True)
+
+    class _Q:
+        packed = pw
+
+    y_ref = reference.linear(x.float(), pw)
+    bound = matmul_bound(x.float(), factored_branch_magnitudes(_Q), torch.float32, bias=pw.bias)
+    assert_within(y, y_ref, bound, f"gemv_tc_host chunks {m=} {k=}")
+
+
+def test_gemv_tc_lane_fragments_are_the_columns_of_the_run():
+    """Lane t's A registers (gemv_tc.h lane_codes, via mma_tile.h lane_magic) hold, for k16 step s,
+    the codes of columns 16s + 2t + {0, 1} (a0) and 16s + 2t + {8, 9} (a2): the mma's own layout
+    (a_col), so A·B pairs each code with its column of x. Checked for every width against pack.py
+    through the twin: a layer whose row holds one nonzero code per column position."""
+    for bits in (2, 3, 4):
+        k = 32
+        for col in range(32):
+            codes = torch.zeros(16, k, dtype=torch.int32)
+            codes[:, col] = (1 << bits) - 1
+            pw = _layer([bits], [16], k, 32, False, 0, False, False, seed=col)
+            pw.tensors["qweight"] = pack.pack_classes([codes], [bits])
+            pw.tensors["scales"] = torch.ones(16, 1).half()
+            pw.tensors["zeros"] = torch.zeros(16, 1).half()
+            x = torch.zeros(1, k).half()
+            x[0, col] = 1.0
+            y = _gemv_host(x, pw, tensor_cores=True)
+            assert torch.equal(y, torch.full((1, 16), float((1 << bits) - 1))), (bits, col, y)
+            x[0, col] = 0.0
+            x[0, (col + 1) % 32] = 1.0
+            assert torch.equal(_gemv_host(x, pw, tensor_cores=True), torch.zeros(1, 16)), (bits, col)
 
 
 def test_gemv_host_rejects_unaligned_classes():
@@ -223,10 +291,17 @@ def test_gemv_cuda_fails_cleanly_without_gpu():
         "tests/test_gpu.py covers gemv_cuda")
 
 
-def test_gemv_cuda_validates_arguments():
+def test_gemv_tc_cuda_fails_cleanly_without_gpu():
+    assert_fails_cleanly_without_gpu(
+        "_C.gemv_cuda(256, 256, 256, 256, 256, 0, 0, 0, 0, 0, 0, 0, 0, [4], [16], 1, 16, 32, 32, 32, "
+        "0, 1, 0, tensor_cores=True)", "tests/test_gpu.py covers gemv_cuda(tensor_cores=True)")
+
+
+@pytest.mark.parametrize("tensor_cores", [False, True])
+def test_gemv_cuda_validates_arguments(tensor_cores):
     if not _C.cuda_built():
         with pytest.raises(RuntimeError, match="built without CUDA"):
-            _C.gemv_cuda(**_gemv_call())
+            _C.gemv_cuda(**_gemv_call(tensor_cores=tensor_cores))
         return
     for over, msg in [(dict(m=9), "m must be"), (dict(m=0), "m must be"),
                       (dict(dtype=0), "dtype"), (dict(class_bits=[5]), "2, 3 or 4 bits"),
@@ -235,4 +310,28 @@ def test_gemv_cuda_validates_arguments():
                       (dict(t_ptr=256, lr_up_ptr=256), "r >= 1"), (dict(extra_ptr=258), "aligned"),
                       (dict(class_bits=[4, 2], class_rows=[8, 8]), "multiples of 16")]:
         with pytest.raises(ValueError, match=msg):
-            _C.gemv_cuda(**_gemv_call(**over))
+            _C.gemv_cuda(**_gemv_call(tensor_cores=tensor_cores, **over))
+
+
+def test_gemv_kernel_choice(monkeypatch):
+    """BITFUSE_CUDA_GEMV / kernel= pick the CUDA GEMV; the tensor-core one is the default, and a
+    layer whose group size it does not take falls back to SIMT unless tc was asked for by name."""
+    from bitfuse import backend_cuda as bc
+
+    monkeypatch.delenv("BITFUSE_CUDA_GEMV", raising=False)
+    assert bc.gemv_kernel() == "tc" and bc.gemv_kernel("SIMT") == "simt"
+    monkeypatch.setenv("BITFUSE_CUDA_GEMV", "simt")
+    assert bc.gemv_kernel() == "simt" and bc.gemv_kernel("tc") == "tc"
+    monkeypatch.setenv("BITFUSE_CUDA_GEMV", "wmma")
+    with pytest.raises(ValueError, match="BITFUSE_CUDA_GEMV"):
+        bc.gemv_kernel()
+    monkeypatch.delenv("BITFUSE_CUDA_GEMV")
+    pw64 = _layer([4], [16], 100, 64, False, 0, False, False, seed=0)
+    pw256 = _layer([4], [16], 300, 256, False, 0, False, False, seed=0)
+    assert bc._gemv_tensor_cores(pw64, None) and not bc._gemv_tensor_cores(pw64, "simt")
+    assert not bc._gemv_tensor_cores(pw256, None)  # group 256: the SIMT GEMV
+    with pytest.raises(ValueError, match="group sizes"):
+        bc._gemv_tensor_cores(pw256, "tc")
+    x = torch.randn(1, 300).half()
+    with pytest.raises(ValueError, match="group sizes"):
+        _gemv_host(x, pw256, tensor_cores=True)

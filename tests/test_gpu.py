@@ -93,7 +93,7 @@ def test_cuda_linear_matches_reference(m, dtype):
     assert_within(y, y_ref, bound, f"cuda linear M={m} {dtype}")
 
 
-# ---- the fused CUDA GEMV (csrc/cuda/gemv.cu), M <= 8 ---------------------------------------------
+# ---- the fused CUDA GEMVs, M <= 8: tensor-core (csrc/cuda/gemv_tc.cu) and SIMT (gemv.cu) --------
 
 GEMV_CONFIGS = {
     "plain": {},
@@ -105,27 +105,35 @@ GEMV_CONFIGS = {
 }
 
 
+@functools.lru_cache(maxsize=None)
+def _gemv_layer_cpu(bits, name, n, k, g) -> QuantLinear:
+    kw = _mixed(GEMV_CONFIGS[name], bits)
+    lin = linear_from(heavy_tailed(n, k, seed=bits + n))
+    lin.bias = torch.nn.Parameter(torch.randn(n) * 0.1)
+    return _quantize(lin, QuantConfig(bits=bits, group_size=g, **kw))
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("name", list(GEMV_CONFIGS))
 @pytest.mark.parametrize("n,k,g", [(257, 200, 32), (1088, 1000, 64), (96, 4103, 128), (48, 33, 32)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_gemv_matches_reference(bits, name, n, k, g, dtype):
+@pytest.mark.parametrize("kernel", ["tc", "simt"])
+def test_cuda_gemv_matches_reference(bits, name, n, k, g, dtype, kernel):
     """Every M in 1..8 through backend_cuda.gemv vs the fp32 reference (odd K and N included)."""
     _cuda_ready()
-    from _tolerance import branch_magnitudes
+    from _tolerance import branch_magnitudes, factored_branch_magnitudes
     from bitfuse.backend_cuda import gemv
 
-    kw = _mixed(GEMV_CONFIGS[name], bits)
-    lin = linear_from(heavy_tailed(n, k, seed=bits + n))
-    lin.bias = torch.nn.Parameter(torch.randn(n) * 0.1)
-    q = _quantize(lin, QuantConfig(bits=bits, group_size=g, **kw))
+    q = _gemv_layer_cpu(bits, name, n, k, g)  # one quantization for both kernels
     qc = copy.deepcopy(q).cuda()  # Module.cuda() moves in place: keep q on the CPU
-    mags = branch_magnitudes(q)
+    # simt: Ŵ is the reference's fp32 value bit for bit, summed in another order; tc: exact codes
+    # and x on the tensor cores, scales per group in fp32 (|q·s| + |m| + |α| bounds the terms).
+    mags = factored_branch_magnitudes(q) if kernel == "tc" else branch_magnitudes(q)
     for m in range(1, 9):
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
         y_ref = reference.linear(x.float(), q.packed)  # fp32, before the cast
-        y = gemv(x.cuda(), qc.packed).float().cpu()
-        # Ŵ is the reference's fp32 value bit for bit; fp32 accumulation in another order, then
+        y = gemv(x.cuda(), qc.packed, kernel=kernel).float().cpu()
+        # fp32 accumulation in another order, then
         # one cast to x's dtype (operand_dtype covers the activations' own rounding: none here,
         # x is exact in fp32, so it only widens the bound by one more ulp of the dtype).
         bound = matmul_bound(x.float(), mags, dtype, y_ref=y_ref, operand_dtype=dtype,
@@ -134,7 +142,8 @@ def test_cuda_gemv_matches_reference(bits, name, n, k, g, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_gemv_deterministic_and_unaligned_x(dtype):
+@pytest.mark.parametrize("kernel", ["tc", "simt"])
+def test_cuda_gemv_deterministic_and_unaligned_x(dtype, kernel):
     _cuda_ready()
     from bitfuse.backend_cuda import gemv
 
@@ -145,10 +154,35 @@ def test_cuda_gemv_deterministic_and_unaligned_x(dtype):
     x_aligned = buf[: 3 * 1024].view(3, 1024)
     x_odd = buf[1:].view(3, 1024)  # 2-byte aligned only: the kernel's 16-bit x loads
     for x in (x_aligned, x_odd):
-        ys = [gemv(x, q.packed) for _ in range(3)]
+        ys = [gemv(x, q.packed, kernel=kernel) for _ in range(3)]
         assert all(torch.equal(ys[0], y) for y in ys[1:]), "split-K reduction is not deterministic"
         y_ref = reference.linear(x.float().cpu(), q_cpu.packed)
         assert torch.allclose(ys[0].float().cpu(), y_ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("kernel", ["tc", "simt"])
+def test_cuda_gemv_sanitizer_subset(kernel, m):
+    """A subset of the GEMVs for compute-sanitizer (scripts/gpu_session.sh: memcheck on all,
+    racecheck on the tensor-core one at m = 5): mixed classes, every branch, K ending inside a
+    run and a group, N ending inside the last 16-row block, fp16 and bf16."""
+    _cuda_ready()
+    from _tolerance import factored_branch_magnitudes
+    from bitfuse.backend_cuda import gemv
+
+    kw = _mixed(GEMV_CONFIGS["all"], 3)
+    lin = linear_from(heavy_tailed(200, 1001, seed=7))
+    lin.bias = torch.nn.Parameter(torch.randn(200) * 0.1)
+    q = _quantize(lin, QuantConfig(bits=3, group_size=64, **kw))
+    qc = copy.deepcopy(q).cuda()
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.randn(m, 1001, generator=torch.Generator().manual_seed(m)).to(dtype)
+        y_ref = reference.linear(x.float(), q.packed)
+        y = gemv(x.cuda(), qc.packed, kernel=kernel).float().cpu()
+        bound = matmul_bound(x.float(), factored_branch_magnitudes(q), dtype, y_ref=y_ref,
+                             operand_dtype=dtype, bias=q.packed.bias)
+        assert_within(y, y_ref, bound, f"gemv sanitizer subset {kernel} M={m} {dtype}")
+    torch.cuda.synchronize()
 
 
 def test_cuda_linear_uses_gemv_for_small_m(monkeypatch):

@@ -49,6 +49,7 @@
 #include "bitfuse/gemm_config.h"
 #include "bitfuse/mma_tile.h"
 #include "cuda_check.cuh"
+#include "ptx.cuh"
 
 namespace bitfuse {
 namespace {
@@ -96,22 +97,7 @@ __device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t a[4]) {
                : "memory");
 }
 
-template <int DT>
-__device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-  if constexpr (DT == mma::kDtypeBF16) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
+using ptx::mma16816;
 
 template <int DT>
 __device__ __forceinline__ uint16_t to_act(float v) {

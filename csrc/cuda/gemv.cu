@@ -34,18 +34,14 @@
 
 #include "bitfuse/cuda_api.h"
 #include "cuda_check.cuh"
+#include "ptx.cuh"
 #include "bitfuse/dequant_tricks.h"
 #include "bitfuse/gemv.h"
 
 namespace bitfuse {
 namespace {
 
-// Read-only loads (LDG.NC) for group_params: the scales are never written during a launch.
-struct LdgLoad {
-  template <class V>
-  __device__ V operator()(const V* p) const { return __ldg(p); }
-};
-
+using ptx::LdgLoad;
 using gemv::Args;
 using gemv::kRowsPerBlock;
 using gemv::kThreads;
@@ -267,16 +263,20 @@ void launch(const Args& a, int dtype, unsigned blocks, cudaStream_t s) {
 
 namespace cuda {
 
-std::string gemv(const gemv::Args& args, int dtype, std::uintptr_t stream) {
+std::string gemv(const gemv::Args& args, int dtype, std::uintptr_t stream, bool tensor_cores) {
   std::string err = cuda_check::device_pointer(args.qweight, "qweight_ptr", "bitfuse gemv_cuda");
   if (err.empty()) err = cuda_check::device_pointer(args.x, "x_ptr", "bitfuse gemv_cuda");
   if (err.empty()) err = cuda_check::device_pointer(args.out, "out_ptr", "bitfuse gemv_cuda");
   if (!err.empty()) return err;
   if (args.n == 0 || args.m == 0) return "";
-  const unsigned blocks = unsigned((args.n + kRowsPerBlock - 1) / kRowsPerBlock);
-  const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   if (dtype != 1 && dtype != 2) return "bitfuse gemv_cuda: dtype must be 1 (fp16) or 2 (bf16)";
-  launch(args, dtype, blocks, s);
+  if (tensor_cores && args.group_size != 32 && args.group_size != 64 && args.group_size != 128)
+    return "bitfuse gemv_cuda: the tensor-core GEMV takes group sizes 32, 64 and 128, got " +
+           std::to_string(args.group_size);
+  // Both kernels give a block 16 packed rows (gemv.h / gemv_tc.h kRowsPerBlock).
+  const unsigned blocks = unsigned((args.n + kRowsPerBlock - 1) / kRowsPerBlock);
+  if (tensor_cores) gemv_tc_launch(args, dtype, blocks, stream);
+  else launch(args, dtype, blocks, reinterpret_cast<cudaStream_t>(stream));
   const cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return cuda_check::error_text("bitfuse gemv_cuda: kernel launch failed", e);
   return "";

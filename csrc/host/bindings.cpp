@@ -188,12 +188,12 @@ void gemv_cuda(std::uintptr_t x, std::uintptr_t out, std::uintptr_t qweight, std
                std::uintptr_t lr_up, std::uintptr_t extra, std::uintptr_t bias,
                const std::vector<int>& class_bits, const std::vector<int>& class_rows, int m,
                int n, int k, int k_pad, int group_size, int r, int dtype, std::uintptr_t stream,
-               std::uintptr_t scale_rows) {
+               std::uintptr_t scale_rows, bool tensor_cores) {
 #ifndef BITFUSE_WITH_CUDA
   (void)x, (void)out, (void)qweight, (void)scales, (void)zeros, (void)perm, (void)res_index,
       (void)res_plane, (void)res_alpha, (void)t, (void)lr_up, (void)extra, (void)bias,
       (void)class_bits, (void)class_rows, (void)m, (void)n, (void)k, (void)k_pad,
-      (void)group_size, (void)r, (void)dtype, (void)stream, (void)scale_rows;
+      (void)group_size, (void)r, (void)dtype, (void)stream, (void)scale_rows, (void)tensor_cores;
   throw std::runtime_error(
       "bitfuse._C was built without CUDA (BITFUSE_CUDA=0, or no nvcc was found at build time); "
       "reinstall with nvcc available (BITFUSE_CUDA=1 makes a missing nvcc a build error)");
@@ -219,7 +219,7 @@ void gemv_cuda(std::uintptr_t x, std::uintptr_t out, std::uintptr_t qweight, std
   set_epilogue_pointers(a, br.lowrank, t, lr_up, r, extra, bias);
   a.m = m, a.n = n, a.k = k, a.k_pad = k_pad, a.group_size = group_size;
   a.x_vec = (x % 16 == 0) && (k % 8 == 0);  // 128-bit x loads, else 16-bit ones
-  const std::string err = cuda::gemv(a, dtype, stream);
+  const std::string err = cuda::gemv(a, dtype, stream, tensor_cores);
   if (!err.empty()) throw std::runtime_error(err);
 #endif
 }
@@ -360,8 +360,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("t_ptr"), py::arg("lr_up_ptr"), py::arg("extra_ptr"), py::arg("bias_ptr"),
         py::arg("class_bits"), py::arg("class_rows"), py::arg("m"), py::arg("n"), py::arg("k"),
         py::arg("k_pad"), py::arg("group_size"), py::arg("r"), py::arg("dtype"),
-        py::arg("stream"), py::arg("scale_rows_ptr") = 0,
-        "Fused GEMV for m <= 8 rows of x on the GPU (csrc/cuda/gemv.cu). scale_rows_ptr as in "
+        py::arg("stream"), py::arg("scale_rows_ptr") = 0, py::arg("tensor_cores") = false,
+        "Fused GEMV for m <= 8 rows of x on the GPU: csrc/cuda/gemv.cu, or with tensor_cores "
+        "csrc/cuda/gemv_tc.cu (the same product on mma.m16n8k16, codes exact, scales applied per "
+        "group in fp32). scale_rows_ptr as in "
         "dequantize_cuda. Device pointers "
         "(0 = absent for perm, the residual triple, t/lr_up, extra, bias): x (m, k) and out "
         "(m, n) in dtype 1 (fp16) / 2 (bf16); t (m, r) fp32 = x·L_downᵀ·diag(lr_scale); lr_up "

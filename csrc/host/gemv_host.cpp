@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -14,7 +15,9 @@
 #include "bitfuse/dequant_tricks.h"
 #include "bitfuse/format.h"
 #include "bitfuse/gemv.h"
+#include "bitfuse/gemv_tc.h"
 #include "checks.h"
+#include "mma_emu.h"
 
 namespace py = pybind11;
 
@@ -110,6 +113,108 @@ void row_dot(const gemv::Args& a, const float* x, int row, int cls, float* acc) 
   }
 }
 
+// The tensor-core GEMV (csrc/cuda/gemv_tc.cu) on the CPU: block by block, chunk by chunk, warp
+// by warp, run by run, with the kernel's header code (gemv_tc.h lane_codes / lane_signs /
+// x_pair_pos / fold_group, mma_tile.h layouts): x staged in pair order, each lane's A registers
+// decoded from the words it loads, B registers read from the staged x, mma emulated (mma_emu.h),
+// the folds at the same group ends with the same parameters, the warps' tiles summed in warp
+// order, the same epilogue. `xb` holds x as fp16/bf16 bits (m, k). Writes y (before the cast)
+// into o (m, n), original order.
+template <int BITS>
+void tc_block(const gemv::Args& a, int dtype, const uint16_t* xb, int cls, int row0, float* o) {
+  using namespace gemv_tc;
+  constexpr int RW = tricks::run_words(BITS);
+  const int wpr = words_per_row(BITS, a.k_pad);
+  const uint32_t* cls_words = a.qweight + a.class_word[cls];
+  const int G = a.k_pad / a.group_size, kw1 = a.k_pad / 32, rpg = a.group_size / 32;
+  const int runs = kw1;  // every run up to k_pad (x is 0 past k): every group is whole
+  const int ms = m_stage(a.m), xc = chunk_cols(a.m), xr = xc / 32, rs = xc + kXPad;
+  std::vector<uint16_t> xs(size_t(ms) * rs);
+  int row[32][2], ri[32][2];  // rows past n read row n - 1, as the kernel does
+  bool res = false;
+  for (int l = 0; l < 32; ++l)
+    for (int h = 0; h < 2; ++h) {
+      row[l][h] = std::min(row0 + (l >> 2) + 8 * h, a.n - 1);
+      ri[l][h] = a.res_index ? a.res_index[row[l][h]] : -1;
+      res = res || ri[l][h] >= 0;  // __any_sync over the warp (every warp has the same rows)
+  res = res && a.res_index;
+    }
+  float y[kWarps][32][4] = {};
+  for (int c0 = 0; c0 < runs; c0 += xr) {
+    const int cend = c0 + xr < runs ? c0 + xr : runs;
+    // stage_x: the chunk's columns in pair order, 0 past k and for rows m..ms-1
+    for (int mi = 0; mi < ms; ++mi)
+      for (int col = 0; col < xc; ++col) {
+        const int k = c0 * 32 + col;
+        xs[size_t(mi) * rs + (col & ~31) + x_pair_pos(col & 31)] =
+            (mi < a.m && k < a.k) ? xb[int64_t(mi) * a.k + k] : uint16_t(0);
+      }
+    std::vector<float> xsum(size_t(ms) * (xc / a.group_size));
+    for (size_t e = 0; e < xsum.size(); ++e)
+      xsum[e] = group_xsum(xs.data() + (e % ms) * rs, int(e / ms), a.group_size, dtype);
+    for (int w = 0; w < kWarps; ++w) {
+      float cq[32][4] = {}, cr[32][4] = {};
+      for (int b = c0 + w * kRunsPerIter; b < cend; b += kWarps * kRunsPerIter)
+        for (int R = b; R < b + kRunsPerIter && R < cend; ++R) {
+          uint32_t aq[2][32][4], ar[2][32][4], b0[2][32], b1[2][32];
+          for (int l = 0; l < 32; ++l) {
+            const int g = l >> 2, t = l & 3;
+            uint32_t c[2][4], sg[2][4];
+            for (int h = 0; h < 2; ++h) {
+              const uint32_t* run = cls_words + int64_t(row[l][h] - a.class_first[cls]) * wpr +
+                                    int64_t(R) * RW;
+              const uint32_t lo = run[lane_word(BITS, t)], hi = BITS == 3 ? run[2] : 0u;
+              const uint32_t pl = (res && ri[l][h] >= 0) ? a.res_plane[int64_t(ri[l][h]) * kw1 + R] : 0u;
+              lane_codes<BITS>(lo, hi, t, dtype, c[h]);
+              lane_signs(pl, t, dtype, sg[h]);
+            }
+            for (int s = 0; s < 2; ++s) {  // k16 step s: code pairs 2s, 2s + 1
+              const uint32_t q[4] = {c[0][2 * s], c[1][2 * s], c[0][2 * s + 1], c[1][2 * s + 1]};
+              const uint32_t r[4] = {sg[0][2 * s], sg[1][2 * s], sg[0][2 * s + 1], sg[1][2 * s + 1]};
+              for (int i = 0; i < 4; ++i) aq[s][l][i] = q[i], ar[s][l][i] = r[i];
+            }
+            uint32_t bx[4];  // lanes past m_stage read row g & (ms - 1): unused C columns
+            const uint16_t* p = xs.data() + size_t(g & (ms - 1)) * rs + (R - c0) * 32 + 8 * t;
+            for (int i = 0; i < 4; ++i) bx[i] = uint32_t(p[2 * i]) | (uint32_t(p[2 * i + 1]) << 16);
+            b0[0][l] = bx[0], b1[0][l] = bx[1], b0[1][l] = bx[2], b1[1][l] = bx[3];
+          }
+          float* pq[32];
+          float* pr[32];
+          for (int l = 0; l < 32; ++l) pq[l] = cq[l], pr[l] = cr[l];
+          for (int s = 0; s < 2; ++s) {
+            emu_mma(dtype, pq, aq[s], b0[s], b1[s]);
+            if (res) emu_mma(dtype, pr, ar[s], b0[s], b1[s]);
+          }
+          if ((R + 1) % rpg == 0) {
+            for (int l = 0; l < 32; ++l) {
+              float sc[2] = {0, 0}, zr[2] = {0, 0}, al[2] = {0, 0};
+              for (int h = 0; h < 2; ++h) {
+                row_group_params(a, row_scales(a, row[l][h], G), R / rpg, sc[h], zr[h]);
+                if (res && ri[l][h] >= 0) al[h] = half_to_float(a.res_alpha[int64_t(ri[l][h]) * G + R / rpg]);
+              }
+              const int gl = (R - c0) / rpg, cc = 2 * (l & 3);
+              const float xs2[2] = {cc < ms ? xsum[size_t(gl) * ms + cc] : 0.0f,
+                                    cc + 1 < ms ? xsum[size_t(gl) * ms + cc + 1] : 0.0f};
+              fold_group(y[w][l], cq[l], cr[l], xs2, sc, zr, al, res);
+              for (int i = 0; i < 4; ++i) cq[l][i] = cr[l][i] = 0.0f;
+            }
+          }
+        }
+    }
+  }
+  for (int lr = 0; lr < kRowsPerBlock; ++lr)
+    for (int mi = 0; mi < a.m; ++mi) {
+      const int rr = row0 + lr;
+      if (rr >= a.n) continue;
+      const int src = 4 * (lr & 7) + (mi >> 1), i = 2 * (lr >> 3) + (mi & 1);
+      float v = 0.0f;
+      for (int w = 0; w < kWarps; ++w) v += y[w][src][i];
+      int col;
+      const float yv = gemv::epilogue(a, v, rr, mi, &col);
+      o[int64_t(mi) * a.n + col] = yv;
+    }
+}
+
 // CPU twin of gemv_cuda on numpy arrays. x: (m, k) float32 holding the activations' values
 // (already fp16/bf16-representable: the kernel converts them to fp32 exactly). Returns y (m, n)
 // float32 before the final cast, in original output order.
@@ -121,7 +226,8 @@ py::array_t<float> gemv_host(const py::array& x_in, const py::array& qweight_in,
                              std::optional<py::array> lr_up_in, std::optional<py::array> extra_in,
                              std::optional<py::array> bias_in, const std::vector<int>& class_bits,
                              const std::vector<int>& class_rows, int n, int k, int k_pad,
-                             int group_size, std::optional<py::array> scale_rows_in) {
+                             int group_size, std::optional<py::array> scale_rows_in,
+                             bool tensor_cores, int dtype) {
   const ClassTable table = make_class_table(class_bits, class_rows, n, k, k_pad, group_size);
   if (x_in.ndim() != 2) fail("bitfuse gemv_host: x must be 2-D (m, k), got " + shape_of(x_in));
   const int m = int(x_in.shape(0));
@@ -188,6 +294,26 @@ py::array_t<float> gemv_host(const py::array& x_in, const py::array& qweight_in,
   py::array_t<float> out({py::ssize_t(m), py::ssize_t(n)});
   float* o = out.mutable_data();
   const float* xp = ptr<float>(x);
+  if (tensor_cores) {
+    if (dtype != mma::kDtypeF16 && dtype != mma::kDtypeBF16)
+      fail("bitfuse gemv_host: dtype must be 1 (fp16) or 2 (bf16), got " + std::to_string(dtype));
+    if (group_size != 32 && group_size != 64 && group_size != 128)
+      fail("bitfuse gemv_host: the tensor-core GEMV takes group sizes 32, 64 and 128, got " +
+           std::to_string(group_size));
+    // x's values in the activation dtype (the caller passes representable values: exact).
+    std::vector<uint16_t> xb(size_t(m) * k);
+    for (size_t i = 0; i < xb.size(); ++i)
+      xb[i] = dtype == mma::kDtypeBF16 ? mma::f32_to_bf16_bits(xp[i]) : mma::f32_to_f16_bits(xp[i]);
+    for (int row0 = 0; row0 < n; row0 += gemv_tc::kRowsPerBlock) {
+      const int cls = gemv::class_of_row(a, row0);
+      switch (table.bits[cls]) {
+        case 2: tc_block<2>(a, dtype, xb.data(), cls, row0, o); break;
+        case 3: tc_block<3>(a, dtype, xb.data(), cls, row0, o); break;
+        default: tc_block<4>(a, dtype, xb.data(), cls, row0, o); break;
+      }
+    }
+    return out;
+  }
   for (int row = 0; row < n; ++row) {
     const int cls = gemv::class_of_row(a, row);
     float acc[gemv::kMaxM] = {};
@@ -222,7 +348,9 @@ void register_gemv_host_ops(py::module_& m) {
         py::arg("res_alpha"), py::arg("t"), py::arg("lr_up"), py::arg("extra"), py::arg("bias"),
         py::arg("class_bits"), py::arg("class_rows"), py::arg("n"), py::arg("k"),
         py::arg("k_pad"), py::arg("group_size"), py::arg("scale_rows") = py::none(),
-        "CPU twin of gemv_cuda (same header code): x (m<=8, k) float32, layer arrays as for "
+        py::arg("tensor_cores") = false, py::arg("dtype") = 1,
+        "CPU twin of gemv_cuda (same header code; tensor_cores=True: of the tensor-core GEMV, "
+        "gemv_tc.cu, with x's values in dtype 1 fp16 / 2 bf16): x (m<=8, k) float32, layer arrays as for "
         "dequantize_host, t (m, r) float32 with lr_up (n, r) float16, extra (m, n) float32, bias "
         "(n) float32, each or None. Returns y (m, n) float32 before the cast, original order.");
 }

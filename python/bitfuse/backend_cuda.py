@@ -1,7 +1,9 @@
 """The `cuda` backend: bitfuse._C kernels called with raw pointers (no libtorch link).
 
 Kernels: the dense dequantize (codes + residual, inverse permutation fused into the store), the
-fused GEMV for M <= 8 (csrc/cuda/gemv.cu) and the fused tensor-core GEMM for larger M
+fused GEMV for M <= 8 (two of them: csrc/cuda/gemv_tc.cu on the tensor cores, the default, and the
+SIMT csrc/cuda/gemv.cu; `BITFUSE_CUDA_GEMV=simt|tc` or gemv(..., kernel=) chooses) and the fused
+tensor-core GEMM for larger M
 (csrc/cuda/gemm.cu, mma.sync m16n8k16 with a cp.async pipeline). Both fused kernels take the codes
 of every bit class, the residual, the low-rank up-projection, the sparse product and the bias in
 one launch and store through perm. `linear` runs the GEMV for M <= 8 and the GEMM otherwise
@@ -13,6 +15,7 @@ needs. Unverified on a GPU: see docs/STATUS.md.
 from __future__ import annotations
 
 import functools
+import os
 import weakref
 
 import torch
@@ -24,7 +27,41 @@ from .sparse import outliers
 
 _OUT_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 GEMV_MAX_M = 8       # gemv.h kMaxM
-_GEMV_ROW_BLOCK = 16  # gemv.h kRowsPerBlock: bit-class boundaries must be multiples of it
+_GEMV_ROW_BLOCK = 16  # gemv.h / gemv_tc.h kRowsPerBlock: bit-class boundaries must be multiples of it
+GEMV_KERNELS = ("tc", "simt")
+
+
+def gemv_kernel(kernel: str | None = None) -> str:
+    """Which CUDA GEMV runs M <= 8: `kernel` if given, else $BITFUSE_CUDA_GEMV, else "tc".
+
+    "tc" (csrc/cuda/gemv_tc.cu) multiplies on the tensor cores with the codes exact in the A
+    operand and the scales applied per group; "simt" (csrc/cuda/gemv.cu) dequantizes every weight
+    to fp32 and multiplies with fp32 fmas. The default is reasoned from their SASS (instructions
+    a weight, docs/STATUS.md), not measured: the first GPU benchmark decides.
+    """
+    name = (kernel if kernel is not None else os.environ.get("BITFUSE_CUDA_GEMV", "")).strip().lower()
+    if not name:
+        return "tc"
+    if name not in GEMV_KERNELS:
+        raise ValueError(f"bitfuse cuda GEMV kernel must be one of {GEMV_KERNELS}, got {name!r} "
+                         "(BITFUSE_CUDA_GEMV or kernel=)")
+    return name
+
+
+TC_GROUP_SIZES = (32, 64, 128)  # gemv_tc.cu: a group is 1, 2 or 4 runs of its unrolled 8-run block
+
+
+def _gemv_tensor_cores(pw: PackedWeight, kernel: str | None) -> bool:
+    """Whether gemv() runs the tensor-core kernel: as gemv_kernel says, except that a layer whose
+    group size it does not take runs on the SIMT one unless "tc" was asked for by name."""
+    if gemv_kernel(kernel) != "tc":
+        return False
+    if pw.group_size in TC_GROUP_SIZES:
+        return True
+    if kernel is not None or os.environ.get("BITFUSE_CUDA_GEMV", "").strip():
+        raise ValueError(f"bitfuse cuda gemv: the tensor-core GEMV takes group sizes {TC_GROUP_SIZES}, "
+                         f"this layer has {pw.group_size} (use kernel='simt')")
+    return False
 
 
 def _check(pw: PackedWeight, device: torch.device) -> None:
@@ -94,8 +131,9 @@ def gemv_unsupported(x: torch.Tensor, pw: PackedWeight):
     return None
 
 
-def gemv(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
-    """The fused layer for M <= 8 rows of x (fp16/bf16) in one CUDA launch (csrc/cuda/gemv.cu).
+def gemv(x: torch.Tensor, pw: PackedWeight, kernel: str | None = None) -> torch.Tensor:
+    """The fused layer for M <= 8 rows of x (fp16/bf16) in one CUDA launch: the tensor-core GEMV
+    (csrc/cuda/gemv_tc.cu) or the SIMT one (csrc/cuda/gemv.cu), as gemv_kernel(kernel) says.
 
     The low-rank down-projection t = x·L_downᵀ·diag(lr_scale) (M, r) and the sparse product
     (M, N) are computed here in fp32 with torch and handed to the kernel, which adds t·L_upᵀ,
@@ -103,6 +141,7 @@ def gemv(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     where the data is 16-byte aligned; the kernel falls back to narrower loads elsewhere, so any
     contiguous input works.
     """
+    tensor_cores = _gemv_tensor_cores(pw, kernel)
     _check_call("gemv", gemv_unsupported(x, pw), x, pw)
     x = x.contiguous()
     m, k = x.shape
@@ -114,7 +153,7 @@ def gemv(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
         _ptr(pw.res_index), _ptr(pw.res_plane), _ptr(pw.res_alpha), _ptr(t), _ptr(lr_up),
         _ptr(extra), _ptr(bias), list(pw.class_bits), list(pw.class_rows), m, n, k, pw.k_pad,
         pw.group_size, r, _OUT_DTYPES[x.dtype], torch.cuda.current_stream(x.device).cuda_stream,
-        scale_rows_ptr=_ptr(pw.scale_rows),
+        scale_rows_ptr=_ptr(pw.scale_rows), tensor_cores=tensor_cores,
     )
     return out
 

@@ -182,6 +182,7 @@ def bench_case(name: str, n: int, k: int, ms: List[int], recipes: List[str], bw:
     gl, gl_w = gemlite_w4(w16) if gemlite else (None, "gemlite skipped under --quick (it autotunes per shape)")
     cuda_ok = bitfuse.backends()["cuda"]["available"]
     if cuda_ok:
+        from bitfuse.backend_cuda import GEMV_KERNELS, gemv, gemv_unsupported
         from bitfuse.backend_cuda import linear as cuda_linear
     for m in ms:
         x = torch.randn(m, k, device="cuda", dtype=dtype)
@@ -203,6 +204,11 @@ def bench_case(name: str, n: int, k: int, ms: List[int], recipes: List[str], bw:
                 row[f"{r}_cuda_us"] = tc["us"]
                 row[f"{r}_cuda_speedup"] = base["us"] / tc["us"]
                 row[f"{r}_cuda_bw_frac"] = nbytes / (tc["us"] * 1e-6) / 1e9 / bw
+                if gemv_unsupported(x, pw) is None:  # both CUDA GEMVs: which one M <= 8 should use
+                    for kern in GEMV_KERNELS:
+                        tk = gpu_time_us(lambda: gemv(x, pw, kernel=kern))
+                        row[f"{r}_gemv_{kern}_us"] = tk["us"]
+                        row[f"{r}_gemv_{kern}_bw_frac"] = nbytes / (tk["us"] * 1e-6) / 1e9 / bw
         q4 = layers.get("w4g128")
         if q4 is not None and m <= tuning.CROSSOVER_MAX_M:
             # Both Triton paths at their table configs: the measured GEMV/GEMM crossover
@@ -328,6 +334,17 @@ def write_outputs(results: list, env: dict, out_dir: str, bw: float) -> None:
         lines += [f"| {r['case']} | {r['n']} | {r['k']} | {r['m']} | {r['gemv_path_us']:.1f} | "
                   f"{r['gemm_path_us']:.1f} | {'gemv' if r['gemv_path_us'] <= r['gemm_path_us'] else 'gemm'} |"
                   for r in cross]
+    gemvs = [(row, r) for row in results for r in RECIPES if f"{r}_gemv_tc_us" in row]
+    if gemvs:
+        lines += ["", "## CUDA GEMV, M <= 8: tensor cores (gemv_tc.cu) vs SIMT (gemv.cu)", "",
+                  "Times in µs (fraction of the measured copy bandwidth).", "",
+                  "| case | N | K | M | recipe | fp16 µs | tc µs (bw) | simt µs (bw) | faster |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for row, r in gemvs:
+            tc, simt = row[f"{r}_gemv_tc_us"], row[f"{r}_gemv_simt_us"]
+            lines.append(f"| {row['case']} | {row['n']} | {row['k']} | {row['m']} | {r} | {row['fp16_us']:.1f} | "
+                         f"{tc:.1f} ({row[f'{r}_gemv_tc_bw_frac']:.2f}) | {simt:.1f} "
+                         f"({row[f'{r}_gemv_simt_bw_frac']:.2f}) | {'tc' if tc <= simt else 'simt'} |")
     lines += conv_table(results)
     with open(os.path.join(out_dir, "kernels.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

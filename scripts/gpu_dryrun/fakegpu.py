@@ -176,7 +176,8 @@ def fake_dequantize_dense(pw, dtype):
     return torch.from_numpy(w).to(dtype)
 
 
-def fake_gemv(x, pw):
+def fake_gemv(x, pw, kernel=None):
+    tensor_cores = bc._gemv_tensor_cores(pw, kernel)
     _check_call("gemv", bc.gemv_unsupported(x, pw), x, pw)
     x = x.contiguous()
     t, lr_up, extra, bias, r = bc._side_branches(x, pw)
@@ -184,7 +185,8 @@ def fake_gemv(x, pw):
     y = _C.gemv_host(x.float().numpy(), _np(pw.qweight), s, z, _np(pw.perm), _np(pw.res_index),
                      _np(pw.res_plane), _np(pw.res_alpha), _np(t), _np(lr_up), _np(extra), _np(bias),
                      list(pw.class_bits), list(pw.class_rows), pw.out_features, pw.in_features,
-                     pw.k_pad, pw.group_size, **rows)
+                     pw.k_pad, pw.group_size, **rows, tensor_cores=tensor_cores,
+                     dtype=2 if x.dtype == torch.bfloat16 else 1)
     STATS["gemv"] += 1
     return torch.from_numpy(y).to(x.dtype)
 

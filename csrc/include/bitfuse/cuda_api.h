@@ -25,7 +25,11 @@ std::string dequantize(const DequantArgs& args, void* out, int out_dtype, std::u
 // Launch the fused GEMV (csrc/cuda/gemv.cu) for args.m <= 8 rows of x, dtype 1 (fp16) or 2
 // (bf16) for x and out. Arguments are validated by the caller (bindings.cpp). Returns "" on
 // success, else the CUDA error; asynchronous on `stream`.
-std::string gemv(const gemv::Args& args, int dtype, std::uintptr_t stream);
+// With tensor_cores, the same product on the tensor cores (csrc/cuda/gemv_tc.cu, bitfuse/gemv_tc.h:
+// same Args, same result up to fp32 summation order; group sizes 32/64/128).
+std::string gemv(const gemv::Args& args, int dtype, std::uintptr_t stream, bool tensor_cores = false);
+// gemv_tc.cu's launch, for gemv() above (arguments checked there).
+void gemv_tc_launch(const gemv::Args& args, int dtype, unsigned blocks, std::uintptr_t stream);
 
 // The launch plan of the tensor-core GEMM for args (shapes and classes; pointers unused) on the
 // current device: the tile, S (split-K across blocks: gemm_config.h plan_split from the device's

@@ -190,18 +190,36 @@ struct PlainLoad {
 // zero_codes and scale_rows): its scale and offset in fp32, from whichever form it stores (§5).
 // The one place that tells the two forms apart: the dequantize, the GEMV, the GEMM (compact
 // form) and their CPU twins all read a group through it.
+// A row's part of that: the flat index of its group 0 and, for compact scales, its 3 factors.
+// Kernels that read many groups of one row (the tensor-core GEMV) take it once per row.
+struct RowScales {
+  int64_t base;         // row · G
+  uint16_t factors[3];  // compact scales only
+};
 template <class A, class Load = PlainLoad>
-BF_HD inline void group_params(const A& a, int64_t row, int G, int g, float& scale, float& zero,
-                               Load ld = Load()) {
-  const int64_t i = row * G + g;
+BF_HD inline RowScales row_scales(const A& a, int64_t row, int G, Load ld = Load()) {
+  RowScales r{row * G, {0, 0, 0}};
   if (a.scale_codes) {
     const uint16_t* f = a.scale_rows + row * 3;
-    const uint16_t factors[3] = {ld(f), ld(f + 1), ld(f + 2)};
-    compact_params(ld(a.scale_codes + i), ld(a.zero_codes + i), factors, scale, zero);
+    r.factors[0] = ld(f), r.factors[1] = ld(f + 1), r.factors[2] = ld(f + 2);
+  }
+  return r;
+}
+template <class A, class Load = PlainLoad>
+BF_HD inline void row_group_params(const A& a, const RowScales& r, int g, float& scale, float& zero,
+                                   Load ld = Load()) {
+  const int64_t i = r.base + g;
+  if (a.scale_codes) {
+    compact_params(ld(a.scale_codes + i), ld(a.zero_codes + i), r.factors, scale, zero);
   } else {
     scale = half_to_float(ld(a.scales + i));
     zero = half_to_float(ld(a.zeros + i));
   }
+}
+template <class A, class Load = PlainLoad>
+BF_HD inline void group_params(const A& a, int64_t row, int G, int g, float& scale, float& zero,
+                               Load ld = Load()) {
+  row_group_params(a, row_scales(a, row, G, ld), g, scale, zero, ld);
 }
 
 // Point a layer's argument struct (DequantArgs, gemv::Args, gemm::Args) at its scales: fp16

@@ -117,23 +117,45 @@ BF_HD constexpr uint32_t spread2(uint32_t h) { return (h & 0xFFu) | ((h & 0xFF00
 // 8 one-bit slots in bits 0..7 -> slots 0..3 in bits 0..3 and slots 4..7 in bits 16..19.
 BF_HD constexpr uint32_t spread1(uint32_t b) { return (b & 0x0Fu) | ((b & 0xF0u) << 12); }
 
+// (a & MASK) | c in one instruction. nvcc does not fuse `(a & imm) | imm2` into one LOP3 (LOP3
+// takes a single immediate), so the magic is passed in a register and the LOP3 written out.
+template <uint32_t MASK>
+BF_HD inline uint32_t and_or(uint32_t a, uint32_t c) {
+#if defined(__CUDA_ARCH__)
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "n"(MASK), "r"(c));  // (a & b) | c
+  return d;
+#else
+  return (a & MASK) | c;
+#endif
+}
+
+// The 4 magic pair words (magic + q in each half) of quad thread t from the words it reads of one
+// run: lo = word t (4-bit) or word t >> 1 (2-bit, 3-bit low plane), hi = word 2 (3-bit high plane;
+// ignored otherwise). `magic` is fp16 1024 (the GEMM's B operand) or bf16 128 (gemv_tc.h's A
+// operand holds the codes themselves, in x's dtype). Register i is slots (8t + i, 8t + i + 4).
+// One shift and one LOP3 a pair (two LOP3 for 3-bit).
+template <int BITS>
+BF_HD inline void lane_magic(uint32_t lo, uint32_t hi, int t, uint32_t magic, uint32_t m[4]) {
+  if constexpr (BITS == 4) {
+    BF_UNROLL for (int i = 0; i < 4; ++i) m[i] = and_or<0x000F000Fu>(lo >> (4 * i), magic);
+  } else if constexpr (BITS == 2) {
+    const uint32_t l = spread2(lo >> (16 * (t & 1)));  // half (t & 1) of word t >> 1
+    BF_UNROLL for (int i = 0; i < 4; ++i) m[i] = and_or<0x00030003u>(l >> (2 * i), magic);
+  } else {
+    static_assert(BITS == 3, "dense codes are 2, 3 or 4 bits");
+    const uint32_t l = spread2(lo >> (16 * (t & 1)));
+    const uint32_t h = spread1((hi >> (8 * t)) & 0xFFu) << 2;  // byte t, at bit 2 of a code
+    BF_UNROLL for (int i = 0; i < 4; ++i)
+      m[i] = and_or<0x00030003u>(l >> (2 * i), and_or<0x00040004u>(h >> i, magic));
+  }
+}
+
 // The 4 magic half2 words (1024 + q in each half) of quad thread t in the run whose BITS words
 // start at `run` (4-bit: 4 words; 2-bit: 2; 3-bit: low-plane words 0, 1 and high plane word 2).
 template <int BITS>
 BF_HD inline void b_magic(const uint32_t* run, int t, uint32_t m[4]) {
-  if constexpr (BITS == 4) {
-    const uint32_t w = run[t];  // slots 8t..8t+7: the whole word t
-    BF_UNROLL for (int i = 0; i < 4; ++i) m[i] = tricks::magic4(w, i);
-  } else if constexpr (BITS == 2) {
-    const uint32_t lo = spread2(run[t >> 1] >> (16 * (t & 1)));  // half (t & 1) of word t >> 1
-    BF_UNROLL for (int i = 0; i < 4; ++i) m[i] = ((lo >> (2 * i)) & 0x00030003u) | tricks::kMagic1024x2;
-  } else {
-    static_assert(BITS == 3, "dense codes are 2, 3 or 4 bits");
-    const uint32_t lo = spread2(run[t >> 1] >> (16 * (t & 1)));
-    const uint32_t hi = spread1((run[2] >> (8 * t)) & 0xFFu) << 2;  // byte t, at bit 2 of a code
-    BF_UNROLL for (int i = 0; i < 4; ++i)
-      m[i] = ((lo >> (2 * i)) & 0x00030003u) | ((hi >> i) & 0x00040004u) | tricks::kMagic1024x2;
-  }
+  lane_magic<BITS>(run[BITS == 4 ? t : t >> 1], BITS == 3 ? run[2] : 0u, t, tricks::kMagic1024x2, m);
 }
 
 // Round two fp32 values to the activation dtype (round to nearest even, as the hardware's

@@ -1,0 +1,57 @@
+// Static-analysis probes of the two CUDA GEMVs (not part of the build): each probe kernel is the
+// real kernel body (the .cu file is included as is) called with an Args whose branch pointers are
+// compile-time null and whose group size and bit width are constants, so the compiler removes
+// the residual, compact-scale, low-rank, sparse and bias code and leaves the steady-state loop of
+// a plain layer. benchmarks/static/sass_count.py compiles this file per architecture and counts
+// the SASS instructions of that loop per weight. Nothing here runs.
+#ifndef PROBE_KERNEL_TC
+#include "../../csrc/cuda/gemv.cu"
+#else
+#include "../../csrc/cuda/gemv_tc.cu"
+#endif
+
+namespace bitfuse {
+namespace {
+
+__device__ __forceinline__ Args probe_args(int bits, int group, const uint32_t* q, const uint16_t* sc,
+                                           const uint16_t* zr, const void* x, void* out, int m, int n,
+                                           int k) {
+  Args a{};
+  a.x = x, a.out = out, a.qweight = q, a.scales = sc, a.zeros = zr;
+  a.classes.count = 1, a.classes.bits[0] = bits, a.classes.rows[0] = n;
+  a.class_word[0] = 0, a.class_first[0] = 0, a.class_vec[0] = 1;
+  a.m = m, a.n = n, a.k = k, a.k_pad = k, a.group_size = group, a.x_vec = 1;
+  return a;
+}
+
+#ifndef PROBE_KERNEL_TC
+// SIMT: gemv_tile<MT, BITS>, fp16 x, group 128.
+template <int MT, int BITS>
+__global__ void __launch_bounds__(gemv::kThreads) probe_simt(const uint32_t* q, const uint16_t* sc,
+                                                             const uint16_t* zr, const void* x,
+                                                             void* out, int n, int k) {
+  __shared__ Smem sm;
+  const Args a = probe_args(BITS, 128, q, sc, zr, x, out, MT, n, k);
+  gemv_tile<MT, BITS>(a, 1, 0, int(blockIdx.x) * gemv::kRowsPerBlock, sm);
+}
+#define P(MT, B) template __global__ void probe_simt<MT, B>(const uint32_t*, const uint16_t*, \
+    const uint16_t*, const void*, void*, int, int);
+P(1, 2) P(1, 3) P(1, 4) P(4, 4) P(8, 2) P(8, 3) P(8, 4)
+#else
+// Tensor cores: tc_tile<BITS, fp16, RPG> (group 32·RPG); the residual vote is on a row index of
+// -1, which the compiler folds.
+template <int BITS, int RPG>
+__global__ void __launch_bounds__(gemv_tc::kThreads) probe_tc(const uint32_t* q, const uint16_t* sc,
+                                                              const uint16_t* zr, const void* x,
+                                                              void* out, int m, int n, int k) {
+  __shared__ TcSmem sm;
+  const Args a = probe_args(BITS, 32 * RPG, q, sc, zr, x, out, m, n, k);
+  tc_tile<BITS, mma::kDtypeF16, RPG>(a, 0, int(blockIdx.x) * gemv_tc::kRowsPerBlock, sm);
+}
+#define P(B, R) template __global__ void probe_tc<B, R>(const uint32_t*, const uint16_t*, \
+    const uint16_t*, const void*, void*, int, int, int);
+P(2, 1) P(2, 2) P(2, 4) P(3, 1) P(3, 2) P(3, 4) P(4, 1) P(4, 2) P(4, 4)
+#endif
+
+}  // namespace
+}  // namespace bitfuse

@@ -1,0 +1,41 @@
+// Device helpers shared by the kernels that use them (gemv.cu, gemv_tc.cu, gemm.cu): read-only
+// loads and the one mma instruction bitfuse issues.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "bitfuse/mma_tile.h"
+
+namespace bitfuse {
+namespace ptx {
+
+// Read-only loads (LDG.NC) for group_params: the scales are never written during a launch.
+struct LdgLoad {
+  template <class V>
+  __device__ V operator()(const V* p) const { return __ldg(p); }
+};
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.f32, D = C in place (c += A·B). DT is the
+// operands' dtype code (mma::kDtypeF16 / kDtypeBF16).
+template <int DT>
+__device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+  if constexpr (DT == mma::kDtypeBF16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+}  // namespace ptx
+}  // namespace bitfuse

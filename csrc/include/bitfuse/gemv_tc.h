@@ -1,0 +1,137 @@
+// The tensor-core GEMV (csrc/cuda/gemv_tc.cu) for M <= 8 rows of x: its geometry and the
+// per-lane bit math, shared with the CPU twin `_C.gemv_host(..., tensor_cores=True)`
+// (csrc/host/gemv_host.cpp). Same Args and semantics as the SIMT GEMV (gemv.h):
+//   y = x·(Ŵ_b + R̂)ᵀ + t·L_upᵀ + extra + bias, stored through perm, in x's dtype.
+//
+// Why a second GEMV. The SIMT GEMV dequantizes every weight to fp32 and multiplies it with an
+// fp32 fma: about 5 instructions a weight at M = 1 and 12 at M = 8 (SASS of gemv.cu, counted by
+// benchmarks/static/sass_count.py). A memory-bound 4-bit GEMV on an H100 (3.35 TB/s, 132 SMs)
+// may spend about 4.4 warp-lane instructions a weight, an H200 3.1, an AGX Orin 6.5: the SIMT
+// loop is issue-bound there before it is bandwidth-bound. This kernel swaps the operands
+// (yᵀ = W·xᵀ, "swap AB"): W is the 16×16 A operand of mma.m16n8k16 and the M <= 8 rows of x are
+// its n8 columns, so the products run on the tensor cores whatever M is, and the scales move out
+// of the inner loop:
+//
+//   Σ_k x_k·(q_k·s_g + m_g) = s_g·Σ_k x_k·q_k + m_g·Σ_k x_k          (per group g, per row)
+//
+// A holds the exact integer codes q (0..15 are exact in fp16 and bf16), so each mma computes
+// Σ x·q with exact products and fp32 accumulation; the group sums Σ x are computed once per block
+// from the staged x (group_xsum), and two fp32 fmas a row and group apply s and m. The binary residual is a third mma whose A holds ±1 (the sign plane), times α per
+// group. Nothing is rounded before the fp32 sums: unlike the GEMM (which rounds Ŵ to x's dtype
+// for its B operand), the only differences from the fp32 reference are summation order and the
+// factoring (tests/_tolerance.factored_magnitude bounds it: |q·s| + |m| + |α| in place of |Ŵ|).
+//
+// Where each code goes. FORMAT.md §3.1's slot order puts a lane's B fragment (GEMM) in its own
+// slots 8t..8t+7 of a run; an A fragment is the same thing for two rows (g and g+8): register a0
+// = row g's pair (2t, 2t+1), a1 = row g+8's, a2 / a3 = the pairs (2t+8, 2t+9). So lane (g, t)
+// loads word t of each run of rows g and g+8 (4-bit; the 16-bit half t & 1 of word t >> 1 for
+// 2-bit and the 3-bit low plane, plus byte t of the high-plane word) and decodes it with the
+// GEMM's magic-number unpack (mma_tile.h lane_magic), minus the magic: no shuffles, no shared
+// memory for weights. The B operand is x, staged once per block in shared memory in "pair order"
+// (x_pair_pos) so that a lane's 4 B registers of a run (both k16 steps) are one 16-byte load.
+#pragma once
+
+#include <cstdint>
+
+#include "bitfuse/format.h"
+#include "bitfuse/gemv.h"
+#include "bitfuse/mma_tile.h"
+
+namespace bitfuse {
+namespace gemv_tc {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kRowsPerBlock = 16;  // one m16 A tile; class boundaries are multiples of 16
+constexpr int kRunsPerIter = 8;    // runs (32 codes) a warp loads at once: 64 bytes a lane (4-bit)
+constexpr int kXHalves = 16384;    // staged x chunk: m_stage rows × XC columns of fp16/bf16 (32 KB)
+constexpr int kXPad = 32;          // halves of padding a staged row (64 B: rows g, g+1 on other banks)
+
+// Rows of x staged (1, 2, 4 or 8: the smallest power of two >= m) and the chunk width in columns.
+BF_HD constexpr int m_stage(int m) { return m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 4 : 8; }
+BF_HD constexpr int chunk_cols(int m) { return kXHalves / m_stage(m); }
+
+// Position of column c (0..31) of a run in the staged x: lane t's 8 columns
+// 2t + {0, 1, 8, 9, 16, 17, 24, 25} at 8t..8t+7, as B registers b0, b1 of step 0, then of step 1.
+BF_HD constexpr int x_pair_pos(int c) {
+  return 8 * ((c >> 1) & 3) + 2 * (((c >> 3) & 1) | (((c >> 4) & 1) << 1)) + (c & 1);
+}
+
+// The magic pair constant in the activation dtype: fp16 1024 (0x6400: 10 mantissa bits in units of
+// 1) or bf16 128 (0x4300: 7 mantissa bits in units of 1). Codes < 16 OR-ed into the mantissa give
+// magic + q exactly in both.
+BF_HD constexpr uint32_t magic_pair(int dtype) {
+  return dtype == mma::kDtypeBF16 ? 0x43004300u : tricks::kMagic1024x2;
+}
+BF_HD constexpr uint32_t one_pair(int dtype) {  // (1.0, 1.0)
+  return dtype == mma::kDtypeBF16 ? 0x3F803F80u : 0x3C003C00u;
+}
+
+// The words a lane reads for one run of one row (relative to the run's first word): w0 = word t
+// (4-bit) or word t >> 1 (2-bit, 3-bit low plane); 3-bit also reads word 2 (the high plane).
+BF_HD constexpr int lane_word(int bits, int t) { return bits == 4 ? t : t >> 1; }
+
+// magic + q (two codes a register) minus the magic: the exact codes as an fp16x2 / bf16x2.
+BF_HD inline uint32_t codes_from_magic(uint32_t m, int dtype) {
+#if defined(__CUDA_ARCH__)
+  if (dtype == mma::kDtypeBF16) {
+    __nv_bfloat162 h = *reinterpret_cast<const __nv_bfloat162*>(&m);
+    const uint32_t mg = magic_pair(dtype);
+    h = __hsub2(h, *reinterpret_cast<const __nv_bfloat162*>(&mg));  // exact: integers < 256
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+  __half2 h = *reinterpret_cast<const __half2*>(&m);
+  h = __hsub2(h, __half2half2(__ushort_as_half(0x6400)));  // exact: integers < 2048
+  return *reinterpret_cast<const uint32_t*>(&h);
+#else
+  // The mantissa's low bits are the code itself; integers 0..15 in fp16 / bf16 bits.
+  const uint32_t base = magic_pair(dtype);
+  const uint32_t q0 = (m & 0xFFFFu) - (base & 0xFFFFu), q1 = (m >> 16) - (base >> 16);
+  auto enc = [dtype](uint32_t q) -> uint32_t {
+    return dtype == mma::kDtypeBF16 ? mma::f32_to_bf16_bits(float(q)) : mma::f32_to_f16_bits(float(q));
+  };
+  return enc(q0) | (enc(q1) << 16);
+#endif
+}
+
+// The 4 code pairs (register i = slots (8t+i, 8t+i+4) = columns (2t + 8i, +1)) of lane t in one
+// run of one row: lo = the run's word lane_word(BITS, t), hi = its word 2 (3-bit only).
+template <int BITS>
+BF_HD inline void lane_codes(uint32_t lo, uint32_t hi, int t, int dtype, uint32_t c[4]) {
+  uint32_t m[4];
+  mma::lane_magic<BITS>(lo, hi, t, magic_pair(dtype), m);
+  BF_UNROLL for (int i = 0; i < 4; ++i) c[i] = codes_from_magic(m[i], dtype);
+}
+
+// ±1 pairs of lane t's residual signs (byte t of the run's plane word: bit i is slot 8t + i; set
+// = +α, FORMAT.md §6), in the same register order as lane_codes. u holds the inverted slot bits i
+// and 4 + i at bits i and 16 + i; shifting by 15 − i puts them on the two halves' sign bits.
+BF_HD inline void lane_signs(uint32_t plane_word, int t, int dtype, uint32_t s[4]) {
+  const uint32_t u = mma::spread1(~(plane_word >> (8 * t)) & 0xFFu);
+  BF_UNROLL for (int i = 0; i < 4; ++i) s[i] = ((u << (15 - i)) & 0x80008000u) | one_pair(dtype);
+}
+
+// Σx of each group of the staged chunk, for the offset term m·Σx: entry gl·ms + mi (group gl of
+// the chunk, x row mi) sums the group's gs staged values of row mi in storage order, in fp32.
+// `row` is the staged row, `gl` the group inside the chunk.
+BF_HD inline float group_xsum(const uint16_t* row, int gl, int gs, int dtype) {
+  float s = 0.0f;
+  for (int j = 0; j < gs; ++j) s += mma::act_to_f32(row[gl * gs + j], dtype);
+  return s;
+}
+
+// One group of one lane folded into its accumulators y[0..3] (C layout: rows g, g, g+8, g+8;
+// x rows 2t, 2t+1, 2t, 2t+1): y += s·Σxq + m·Σx (+ α·Σ±x). sc/zr/al are the two rows' scale,
+// offset and α (rows g, g+8); cq, cr the group's mma sums (codes, signs); xsum the group's Σx of
+// x rows 2t and 2t+1.
+BF_HD inline void fold_group(float y[4], const float cq[4], const float cr[4], const float xsum[2],
+                             const float sc[2], const float zr[2], const float al[2], bool res) {
+  BF_UNROLL for (int i = 0; i < 4; ++i) {  // three fmas into y, no separate products
+    const int r = i >> 1;
+    y[i] = fmaf(zr[r], xsum[i & 1], fmaf(sc[r], cq[i], y[i]));
+    if (res) y[i] = fmaf(al[r], cr[i], y[i]);
+  }
+}
+
+}  // namespace gemv_tc
+}  // namespace bitfuse

@@ -1,0 +1,37 @@
+"""benchmarks/static/sass_count.py, the static SASS count of the CUDA GEMVs, on one architecture:
+the probes compile, the hot loops are found, and the counts say what docs/STATUS.md says of them
+(a tool that only runs by hand would rot)."""
+
+import importlib.util
+import os
+import shutil
+import tempfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("sass_count", os.path.join(ROOT, "benchmarks", "static", "sass_count.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_sass_count_sm90():
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not found")
+    mod = _module()
+    with tempfile.TemporaryDirectory() as d:
+        rows = mod.count(90, d)
+    by = {(r["kernel"], r["bits"], r["group"], str(r["m"])): r for r in rows}
+    simt1, simt8 = by[("simt", 4, 128, "1")], by[("simt", 4, 128, "8")]
+    tc = by[("tc", 4, 128, "1-8")]
+    # every loop found holds its product instructions
+    assert all(r["ops"].get("HMMA" if r["kernel"] == "tc" else "FFMA", 0) > 0 for r in rows)
+    # the SIMT GEMV pays an FFMA a weight per row of x; the tensor-core one does not depend on M
+    assert simt8["per_weight"] > simt1["per_weight"] + 7
+    assert tc["per_weight"] < simt1["per_weight"] < simt8["per_weight"]
+    assert tc["ops"]["HMMA"] == 2 * 16  # two k16 steps a run, 16 runs an iteration, no residual
+    assert mod.budget("H100 SXM", 4) == pytest.approx(5.0, abs=0.05)
