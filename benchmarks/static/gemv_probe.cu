@@ -38,15 +38,15 @@ __global__ void __launch_bounds__(gemv::kThreads) probe_simt(const uint32_t* q, 
     const uint16_t*, const void*, void*, int, int);
 P(1, 2) P(1, 3) P(1, 4) P(4, 4) P(8, 2) P(8, 3) P(8, 4)
 #else
-// Tensor cores: tc_tile<BITS, fp16, RPG> (group 32·RPG); the residual vote is on a row index of
-// -1, which the compiler folds.
+// Tensor cores: tc_tile<BITS, fp16, RPG, no residual> (group 32·RPG), the instantiation a layer
+// without a residual runs.
 template <int BITS, int RPG>
-__global__ void __launch_bounds__(gemv_tc::kThreads) probe_tc(const uint32_t* q, const uint16_t* sc,
+__global__ void __launch_bounds__(gemv_tc::kThreads, 3) probe_tc(const uint32_t* q, const uint16_t* sc,
                                                               const uint16_t* zr, const void* x,
                                                               void* out, int m, int n, int k) {
-  __shared__ TcSmem sm;
+  extern __shared__ __align__(16) char smem[];
   const Args a = probe_args(BITS, 32 * RPG, q, sc, zr, x, out, m, n, k);
-  tc_tile<BITS, mma::kDtypeF16, RPG>(a, 0, int(blockIdx.x) * gemv_tc::kRowsPerBlock, sm);
+  tc_tile<BITS, mma::kDtypeF16, RPG, false>(a, 0, int(blockIdx.x) * gemv_tc::kRowsPerBlock, smem);
 }
 #define P(B, R) template __global__ void probe_tc<B, R>(const uint32_t*, const uint16_t*, \
     const uint16_t*, const void*, void*, int, int, int);

@@ -137,7 +137,6 @@ void tc_block(const gemv::Args& a, int dtype, const uint16_t* xb, int cls, int r
       row[l][h] = std::min(row0 + (l >> 2) + 8 * h, a.n - 1);
       ri[l][h] = a.res_index ? a.res_index[row[l][h]] : -1;
       res = res || ri[l][h] >= 0;  // __any_sync over the warp (every warp has the same rows)
-  res = res && a.res_index;
     }
   float y[kWarps][32][4] = {};
   for (int c0 = 0; c0 < runs; c0 += xr) {
@@ -149,9 +148,23 @@ void tc_block(const gemv::Args& a, int dtype, const uint16_t* xb, int cls, int r
         xs[size_t(mi) * rs + (col & ~31) + x_pair_pos(col & 31)] =
             (mi < a.m && k < a.k) ? xb[int64_t(mi) * a.k + k] : uint16_t(0);
       }
+    // Σx as the kernel's staging sums it: 8 columns a thread (chunk8_sum), then the butterfly
+    // over the group's gs/8 lanes (xsum_tree).
     std::vector<float> xsum(size_t(ms) * (xc / a.group_size));
-    for (size_t e = 0; e < xsum.size(); ++e)
-      xsum[e] = group_xsum(xs.data() + (e % ms) * rs, int(e / ms), a.group_size, dtype);
+    const int lanes = a.group_size / 8;
+    for (size_t e = 0; e < xsum.size(); ++e) {
+      const int mi = int(e % ms), gl = int(e / ms);
+      float part[16];
+      for (int l = 0; l < lanes; ++l) {
+        float f[8];
+        for (int j = 0; j < 8; ++j) {
+          const int k = c0 * 32 + gl * a.group_size + 8 * l + j;
+          f[j] = (mi < a.m && k < a.k) ? mma::act_to_f32(xb[int64_t(mi) * a.k + k], dtype) : 0.0f;
+        }
+        part[l] = chunk8_sum(f);
+      }
+      xsum[e] = xsum_tree(part, lanes);
+    }
     for (int w = 0; w < kWarps; ++w) {
       float cq[32][4] = {}, cr[32][4] = {};
       for (int b = c0 + w * kRunsPerIter; b < cend; b += kWarps * kRunsPerIter)
@@ -166,7 +179,7 @@ void tc_block(const gemv::Args& a, int dtype, const uint16_t* xb, int cls, int r
               const uint32_t lo = run[lane_word(BITS, t)], hi = BITS == 3 ? run[2] : 0u;
               const uint32_t pl = (res && ri[l][h] >= 0) ? a.res_plane[int64_t(ri[l][h]) * kw1 + R] : 0u;
               lane_codes<BITS>(lo, hi, t, dtype, c[h]);
-              lane_signs(pl, t, dtype, sg[h]);
+              lane_signs(pl, t, dtype, ri[l][h] >= 0, sg[h]);
             }
             for (int s = 0; s < 2; ++s) {  // k16 step s: code pairs 2s, 2s + 1
               const uint32_t q[4] = {c[0][2 * s], c[1][2 * s], c[0][2 * s + 1], c[1][2 * s + 1]};

@@ -205,16 +205,28 @@ BF_HD inline RowScales row_scales(const A& a, int64_t row, int G, Load ld = Load
   }
   return r;
 }
+// A group's two stored values as one word, loaded ahead of use: fp16 scale | fp16 offset << 16,
+// or compact scale code | offset code << 16; group_params_of_raw turns it into fp32.
+template <class A, class Load = PlainLoad>
+BF_HD inline uint32_t raw_group_params(const A& a, const RowScales& r, int g, Load ld = Load()) {
+  const int64_t i = r.base + g;
+  if (a.scale_codes) return uint32_t(ld(a.scale_codes + i)) | (uint32_t(ld(a.zero_codes + i)) << 16);
+  return uint32_t(ld(a.scales + i)) | (uint32_t(ld(a.zeros + i)) << 16);
+}
+template <class A>
+BF_HD inline void group_params_of_raw(const A& a, const RowScales& r, uint32_t raw, float& scale,
+                                      float& zero) {
+  if (a.scale_codes) {
+    compact_params(raw & 0xFFFFu, raw >> 16, r.factors, scale, zero);
+  } else {
+    scale = half_to_float(uint16_t(raw & 0xFFFFu));
+    zero = half_to_float(uint16_t(raw >> 16));
+  }
+}
 template <class A, class Load = PlainLoad>
 BF_HD inline void row_group_params(const A& a, const RowScales& r, int g, float& scale, float& zero,
                                    Load ld = Load()) {
-  const int64_t i = r.base + g;
-  if (a.scale_codes) {
-    compact_params(ld(a.scale_codes + i), ld(a.zero_codes + i), r.factors, scale, zero);
-  } else {
-    scale = half_to_float(ld(a.scales + i));
-    zero = half_to_float(ld(a.zeros + i));
-  }
+  group_params_of_raw(a, r, raw_group_params(a, r, g, ld), scale, zero);
 }
 template <class A, class Load = PlainLoad>
 BF_HD inline void group_params(const A& a, int64_t row, int G, int g, float& scale, float& zero,

@@ -16,8 +16,9 @@
 //
 // A holds the exact integer codes q (0..15 are exact in fp16 and bf16), so each mma computes
 // Σ x·q with exact products and fp32 accumulation; the group sums Σ x are computed once per block
-// from the staged x (group_xsum), and two fp32 fmas a row and group apply s and m. The binary residual is a third mma whose A holds ±1 (the sign plane), times α per
-// group. Nothing is rounded before the fp32 sums: unlike the GEMM (which rounds Ŵ to x's dtype
+// while x is staged (chunk8_sum + a butterfly), and two fp32 fmas a row and group apply s and m.
+// The binary residual is a third mma whose A holds ±1 (the sign plane), times α per group.
+// Nothing is rounded before the fp32 sums: unlike the GEMM (which rounds Ŵ to x's dtype
 // for its B operand), the only differences from the fp32 reference are summation order and the
 // factoring (tests/_tolerance.factored_magnitude bounds it: |q·s| + |m| + |α| in place of |Ŵ|).
 //
@@ -50,6 +51,29 @@ constexpr int kXPad = 32;          // halves of padding a staged row (64 B: rows
 // Rows of x staged (1, 2, 4 or 8: the smallest power of two >= m) and the chunk width in columns.
 BF_HD constexpr int m_stage(int m) { return m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 4 : 8; }
 BF_HD constexpr int chunk_cols(int m) { return kXHalves / m_stage(m); }
+// Columns staged for a chunk of `cols` columns: rounded up to 256, so that the staging threads of
+// one warp cover whole 256-column spans (whole groups, for the Σx shuffles) and every warp takes
+// part in an iteration either fully or not at all.
+BF_HD constexpr int staged_cols(int cols) { return (cols + 255) / 256 * 256; }
+
+// Dynamic shared memory of a launch: the staged x (m_stage rows × (XS + kXPad) halves, XS the
+// widest staged chunk), the group sums (m_stage × XS / group floats), the warps' C tiles.
+struct SmemLayout {
+  int xs_stride;    // halves a staged row
+  int xsum_offset;  // bytes
+  int red_offset;   // bytes
+  int bytes;
+};
+BF_HD inline SmemLayout smem_layout(int m, int k_pad, int group_size) {
+  const int ms = m_stage(m);
+  const int xs = chunk_cols(m) < staged_cols(k_pad) ? chunk_cols(m) : staged_cols(k_pad);
+  SmemLayout l;
+  l.xs_stride = xs + kXPad;
+  l.xsum_offset = ms * l.xs_stride * 2;                       // a multiple of 64
+  l.red_offset = (l.xsum_offset + (ms * xs / group_size) * 4 + 15) / 16 * 16;  // float4 stores
+  l.bytes = l.red_offset + kWarps * 32 * 4 * 4;
+  return l;
+}
 
 // Position of column c (0..31) of a run in the staged x: lane t's 8 columns
 // 2t + {0, 1, 8, 9, 16, 17, 24, 25} at 8t..8t+7, as B registers b0, b1 of step 0, then of step 1.
@@ -98,26 +122,56 @@ BF_HD inline uint32_t codes_from_magic(uint32_t m, int dtype) {
 // run of one row: lo = the run's word lane_word(BITS, t), hi = its word 2 (3-bit only).
 template <int BITS>
 BF_HD inline void lane_codes(uint32_t lo, uint32_t hi, int t, int dtype, uint32_t c[4]) {
+#if defined(__CUDA_ARCH__)
+  if (BITS == 4 && dtype == mma::kDtypeF16) {
+    // fp16, 4-bit, with one shift in place of three: pairs 1 and 3 are masked where they lie
+    // (bits 4..7 and 20..23), giving 1024 + 16·q exactly (<= 1264), and one HFMA2 takes them to
+    // q: (1024 + 16q)·2^-4 − 64, every step exact. Pairs 0 and 2 are the usual magic minus 1024.
+    const uint32_t magic = tricks::kMagic1024x2, lo8 = lo >> 8;
+    const uint32_t m[4] = {mma::and_or<0x000F000Fu>(lo, magic), mma::and_or<0x00F000F0u>(lo, magic),
+                           mma::and_or<0x000F000Fu>(lo8, magic), mma::and_or<0x00F000F0u>(lo8, magic)};
+    const __half2 sixteenth = __half2half2(__ushort_as_half(0x2C00));  // 2^-4
+    const __half2 minus64 = __half2half2(__ushort_as_half(0xD400));    // -64
+    BF_UNROLL for (int i = 0; i < 4; ++i) {
+      __half2 h = *reinterpret_cast<const __half2*>(&m[i]);
+      h = (i & 1) ? __hfma2(h, sixteenth, minus64) : __hsub2(h, __half2half2(__ushort_as_half(0x6400)));
+      c[i] = *reinterpret_cast<const uint32_t*>(&h);
+    }
+    return;
+  }
+#endif
   uint32_t m[4];
   mma::lane_magic<BITS>(lo, hi, t, magic_pair(dtype), m);
   BF_UNROLL for (int i = 0; i < 4; ++i) c[i] = codes_from_magic(m[i], dtype);
 }
 
 // ±1 pairs of lane t's residual signs (byte t of the run's plane word: bit i is slot 8t + i; set
-// = +α, FORMAT.md §6), in the same register order as lane_codes. u holds the inverted slot bits i
-// and 4 + i at bits i and 16 + i; shifting by 15 − i puts them on the two halves' sign bits.
-BF_HD inline void lane_signs(uint32_t plane_word, int t, int dtype, uint32_t s[4]) {
+// = +α, FORMAT.md §6), in the same register order as lane_codes; all 0 for a row without a
+// residual (has = false), so that its α = 0 multiplies zeros (an infinite x stays infinite in the
+// other rows' sums and is not turned into NaN by 0·inf). u holds the inverted slot bits i and
+// 4 + i at bits i and 16 + i; shifting by 15 − i puts them on the two halves' sign bits.
+BF_HD inline void lane_signs(uint32_t plane_word, int t, int dtype, bool has, uint32_t s[4]) {
   const uint32_t u = mma::spread1(~(plane_word >> (8 * t)) & 0xFFu);
-  BF_UNROLL for (int i = 0; i < 4; ++i) s[i] = ((u << (15 - i)) & 0x80008000u) | one_pair(dtype);
+  const uint32_t sign = has ? 0x80008000u : 0u, one = has ? one_pair(dtype) : 0u;
+  BF_UNROLL for (int i = 0; i < 4; ++i) s[i] = ((u << (15 - i)) & sign) | one;
 }
 
-// Σx of each group of the staged chunk, for the offset term m·Σx: entry gl·ms + mi (group gl of
-// the chunk, x row mi) sums the group's gs staged values of row mi in storage order, in fp32.
-// `row` is the staged row, `gl` the group inside the chunk.
-BF_HD inline float group_xsum(const uint16_t* row, int gl, int gs, int dtype) {
-  float s = 0.0f;
-  for (int j = 0; j < gs; ++j) s += mma::act_to_f32(row[gl * gs + j], dtype);
+// Σx of each (group, x row) of a chunk, for the offset terms m·Σx. The kernel sums them while it
+// stages x: the thread that stages 8 columns adds them in column order (chunk8_sum), and the
+// gs/8 consecutive lanes of one group combine their sums by an xor butterfly (lane i adds lane
+// i ^ off's value to its own, off = gs/16 .. 1); the twin runs xsum_tree on the same partials.
+BF_HD inline float chunk8_sum(const float v[8]) {
+  float s = v[0];
+  BF_UNROLL for (int j = 1; j < 8; ++j) s += v[j];
   return s;
+}
+BF_HD inline float xsum_tree(float* part, int lanes) {  // part[0..lanes) is overwritten
+  for (int off = lanes / 2; off > 0; off /= 2) {
+    float next[16];
+    for (int i = 0; i < lanes; ++i) next[i] = part[i] + part[i ^ off];
+    for (int i = 0; i < lanes; ++i) part[i] = next[i];
+  }
+  return part[0];
 }
 
 // One group of one lane folded into its accumulators y[0..3] (C layout: rows g, g, g+8, g+8;
