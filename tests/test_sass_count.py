@@ -35,3 +35,7 @@ def test_sass_count_sm90():
     assert tc["per_weight"] < simt1["per_weight"] < simt8["per_weight"]
     assert tc["ops"]["HMMA"] == 2 * 16  # two k16 steps a run, 16 runs an iteration, no residual
     assert mod.budget("H100 SXM", 4) == pytest.approx(5.0, abs=0.05)
+    # the GEMM's main loop at M <= 16 dequantizes each weight in fp32 before its mma: costlier
+    # than the tensor-core GEMV's exact-code decode
+    gemm = by[("gemm", 4, 128, "9-16")]
+    assert gemm["ops"]["HMMA"] > 0 and gemm["per_weight"] > tc["per_weight"]

@@ -4,15 +4,18 @@
 // the residual, compact-scale, low-rank, sparse and bias code and leaves the steady-state loop of
 // a plain layer. benchmarks/static/sass_count.py compiles this file per architecture and counts
 // the SASS instructions of that loop per weight. Nothing here runs.
-#ifndef PROBE_KERNEL_TC
-#include "../../csrc/cuda/gemv.cu"
-#else
+#if defined(PROBE_KERNEL_GEMM)
+#include "../../csrc/cuda/gemm.cu"
+#elif defined(PROBE_KERNEL_TC)
 #include "../../csrc/cuda/gemv_tc.cu"
+#else
+#include "../../csrc/cuda/gemv.cu"
 #endif
 
 namespace bitfuse {
 namespace {
 
+#if !defined(PROBE_KERNEL_GEMM)
 __device__ __forceinline__ Args probe_args(int bits, int group, const uint32_t* q, const uint16_t* sc,
                                            const uint16_t* zr, const void* x, void* out, int m, int n,
                                            int k) {
@@ -24,7 +27,35 @@ __device__ __forceinline__ Args probe_args(int bits, int group, const uint32_t* 
   return a;
 }
 
-#ifndef PROBE_KERNEL_TC
+#endif
+
+#if defined(PROBE_KERNEL_GEMM)
+// The tensor-core GEMM's main loop (gemm_mainloop) for a plain fp16 layer, on a tile with one m16
+// tile a warp (BM = 16): the decode and mma work per weight of M <= 16, where only one m16 tile
+// of the table's small tile is live. Same BN/BK/warps as sm_90's small tile.
+template <int BITS>
+__global__ void __launch_bounds__(128) probe_gemm(const uint32_t* q, const uint16_t* sc, const uint16_t* zr,
+                                                  const void* x, void* out, int n, int k) {
+  using T = gemm::Tile<16, 64, 128, 1, 2, 2, 4>;
+  extern __shared__ __align__(16) char smem[];
+  Args a{};
+  a.x = x, a.out = out, a.qweight = q, a.scales = sc, a.zeros = zr, a.lda = k;
+  a.classes.count = 1, a.classes.bits[0] = BITS, a.classes.rows[0] = n;
+  a.m = 16, a.n = n, a.k = k, a.k_pad = k, a.group_size = 128, a.split = 1;
+  a.class_vec[0] = 1, a.class_tile[0] = 0, a.class_tile[1] = (n + T::BN - 1) / T::BN;
+  const BlockTile bt = gemm::block_tile(a, T::BN, T::BM, blockIdx.x, 0);
+  const gemm::KRange kr = gemm::split_range((a.k + T::BK - 1) / T::BK, 1, 0);
+  float acc[T::MT][T::NT][4];
+  gemm_mainloop<T, BITS, mma::kDtypeF16>(a, bt, kr, smem, acc);
+  float s = 0.0f;
+  for (int j = 0; j < T::NT; ++j) s += acc[0][j][0] + acc[0][j][1] + acc[0][j][2] + acc[0][j][3];
+  static_cast<float*>(out)[threadIdx.x] = s;
+}
+#define P(B) template __global__ void probe_gemm<B>(const uint32_t*, const uint16_t*, \
+    const uint16_t*, const void*, void*, int, int);
+P(2) P(3) P(4)
+#undef P
+#elif !defined(PROBE_KERNEL_TC)
 // SIMT: gemv_tile<MT, BITS>, fp16 x, group 128.
 template <int MT, int BITS>
 __global__ void __launch_bounds__(gemv::kThreads) probe_simt(const uint32_t* q, const uint16_t* sc,

@@ -1,4 +1,5 @@
-"""SASS instructions per weight in the steady-state loop of the two CUDA GEMVs (a static count).
+"""SASS instructions per weight in the steady-state loop of the CUDA GEMVs and of the tensor-core
+GEMM at M <= 16 (a static count).
 
 No GPU needed: gemv_probe.cu instantiates each kernel body for a plain layer (no residual,
 low-rank, sparse or bias; fp16 scale pairs; compile-time bit width and group size), nvcc compiles
@@ -63,11 +64,14 @@ def tool(name: str) -> str:
     sys.exit(f"sass_count: {name} not found (needs the CUDA toolkit or triton's bundled tools)")
 
 
-def compile_sass(arch: int, tc: bool, workdir: str) -> str:
-    cubin = os.path.join(workdir, f"probe_{'tc' if tc else 'simt'}_{arch}.cubin")
+PROBE_FLAGS = {"simt": [], "tc": ["-DPROBE_KERNEL_TC"], "gemm": ["-DPROBE_KERNEL_GEMM"]}
+
+
+def compile_sass(arch: int, kind: str, workdir: str) -> str:
+    cubin = os.path.join(workdir, f"probe_{kind}_{arch}.cubin")
     cmd = [tool("nvcc"), "-std=c++17", "-O3", f"-arch=sm_{arch}", "-cubin",
            "-I" + os.path.join(ROOT, "csrc", "include"), "-I" + os.path.join(ROOT, "csrc", "cuda"),
-           "-o", cubin, os.path.join(HERE, "gemv_probe.cu")] + (["-DPROBE_KERNEL_TC"] if tc else [])
+           "-o", cubin, os.path.join(HERE, "gemv_probe.cu")] + PROBE_FLAGS[kind]
     subprocess.run(cmd, check=True)
     return subprocess.run([tool("cuobjdump"), "-sass", cubin], check=True, capture_output=True,
                           text=True).stdout
@@ -104,22 +108,26 @@ def hot_loop(ins: list, product: str):
     return max(inner, key=lambda lp: lp[1] - lp[0])
 
 
-def count(arch: int, workdir: str) -> list:
+def count(arch: int, workdir: str, kinds=("simt", "tc", "gemm")) -> list:
     rows = []
-    for tc in (False, True):
-        for name, ins in functions(compile_sass(arch, tc, workdir)).items():
-            m = re.search(r"probe_(simt|tc)ILi(\d+)ELi(\d+)E", name)
+    for kind in kinds:
+        for name, ins in functions(compile_sass(arch, kind, workdir)).items():
+            m = re.search(r"probe_(simt|tc|gemm)ILi(\d+)E(?:Li(\d+)E)?", name)
             if not m:
                 continue
-            kind, p1, p2 = m.group(1), int(m.group(2)), int(m.group(3))
-            lo, hi = hot_loop(ins, "HMMA" if tc else "FFMA")
+            p1, p2 = int(m.group(2)), int(m.group(3) or 0)
+            lo, hi = hot_loop(ins, "FFMA" if kind == "simt" else "HMMA")
             ops = collections.Counter(op for _, op, _ in ins[lo:hi + 1])
             n = sum(ops.values())
-            codes = TC_CODES if tc else SIMT_CODES
+            # weights one thread covers per iteration; for the GEMM (one m16 tile a warp) each
+            # HMMA takes a lane's 4 weights of one n8 tile and k16 step
+            codes = {"simt": SIMT_CODES, "tc": TC_CODES, "gemm": 4 * ops["HMMA"]}[kind]
             row = {"arch": arch, "kernel": kind, "loop_instructions": n, "weights_per_iteration": codes,
                    "per_weight": n / codes, "ops": dict(ops.most_common())}
-            if tc:
+            if kind == "tc":
                 row.update(bits=p1, group=32 * p2, m="1-8")
+            elif kind == "gemm":
+                row.update(bits=p1, group=128, m="9-16")
             else:
                 row.update(bits=p2, group=128, m=p1)
             rows.append(row)
@@ -132,10 +140,12 @@ def budget(gpu: str, bits: int) -> float:
 
 
 def markdown(rows: list, nvcc_version: str) -> str:
-    lines = ["# CUDA GEMV: SASS instructions per weight (static count, not a measurement)", "",
+    lines = ["# CUDA GEMV and small-M GEMM: SASS instructions per weight (static count, not a measurement)", "",
              f"{nvcc_version}. Produced by `python benchmarks/static/sass_count.py` (method in its "
              "docstring): the steady-state loop of each kernel for a plain layer with fp16 x, "
-             "instructions a weight (thread-level), counted from the SASS per architecture.", "",
+             "instructions a weight (thread-level), counted from the SASS per architecture. The "
+             "GEMM row is its main loop with one m16 tile a warp (M <= 16; the table's small tile "
+             "has 4, of which only the first is live at M = 16).", "",
              "| kernel | bits | group | M | " + " | ".join(f"sm_{a}" for a in ARCHS) + " | main opcodes (sm_90) |",
              "|---|---|---|---|" + "---|" * len(ARCHS) + "---|"]
     keyed = collections.defaultdict(dict)
@@ -144,7 +154,8 @@ def markdown(rows: list, nvcc_version: str) -> str:
     for (kernel, bits, group, m), by_arch in sorted(keyed.items()):
         ops = by_arch.get(90, next(iter(by_arch.values())))["ops"]
         top = ", ".join(f"{k} {v}" for k, v in list(ops.items())[:6])
-        lines.append(f"| {'tensor cores' if kernel == 'tc' else 'SIMT'} | {bits} | {group} | {m} | "
+        label = {"tc": "GEMV, tensor cores", "simt": "GEMV, SIMT", "gemm": "GEMM (M <= 16)"}[kernel]
+        lines.append(f"| {label} | {bits} | {group} | {m} | "
                      + " | ".join(f"{by_arch[a]['per_weight']:.2f}" if a in by_arch else "-" for a in ARCHS)
                      + f" | {top} |")
     lines += ["", "Issue budget: the most instructions a weight a loop may issue and still stream the "
