@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 SQUARE = [4096, 8192, 16384]
-MS = [1, 4, 16, 64, 256, 1024, 4096]
+MS = [1, 4, 8, 16, 64, 256, 1024, 4096]  # the issue's M set, plus 8: the GEMVs' largest M
 # (name, N, K): projection shapes of SD1.5's UNet (width 320/640/1280, context 768) and DiT-XL/2
 # (hidden 1152, MLP 4608).
 DIFFUSION = [
