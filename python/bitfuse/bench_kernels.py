@@ -110,8 +110,11 @@ def environment() -> dict:
     import triton
 
     import bitfuse
+    from bitfuse.backend_cuda import gemv_kernel
+
     env = {"bitfuse": bitfuse.__version__, "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "cuda": torch.version.cuda,
+           "cuda_gemv_default": gemv_kernel(),
            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)

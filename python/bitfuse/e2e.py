@@ -99,6 +99,13 @@ class E2EError(ValueError):
     """A model name, folder or recipe that the e2e benchmark cannot use."""
 
 
+def _cuda_gemv_kernel() -> str:
+    """The CUDA GEMV the cuda backend runs for M <= 8 (BITFUSE_CUDA_GEMV, default "tc")."""
+    from .backend_cuda import gemv_kernel
+
+    return gemv_kernel()
+
+
 def build_denoiser(model: str, path: Optional[str] = None):
     import diffusers
 
@@ -466,6 +473,7 @@ def run(model: str = "tiny", recipe: str = "w4", steps: int = 4, batch: int = 1,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or 'unknown'})",
         "timing": "GPU time, CUDA events" if dev.type == "cuda" else "CPU timings of the torch reference path",
         "backend": {op: select_backend(dev, op) for op in ("gemv", "gemm")},
+        "cuda_gemv": _cuda_gemv_kernel(),  # which CUDA GEMV (tc / simt) M <= 8 ran on
         "versions": {"bitfuse": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "float_dtype": str(dtype).replace("torch.", ""),
         "float_step_ms": 1e3 * med(ref["step_s"]), "bitfuse_step_ms": 1e3 * med(got["step_s"]),
