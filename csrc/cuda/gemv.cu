@@ -37,6 +37,7 @@
 #include "ptx.cuh"
 #include "bitfuse/dequant_tricks.h"
 #include "bitfuse/gemv.h"
+#include "bitfuse/gemv_tc.h"
 
 namespace bitfuse {
 namespace {
@@ -73,17 +74,11 @@ __device__ __forceinline__ void stage_x(const Args& a, int dtype, int c0, float*
     const int mi = i / (XC / 8);
     const int col = (i % (XC / 8)) * 8;
     const int k = c0 + col;
+    uint16_t raw[8];
+    ptx::load_act8(x + int64_t(mi) * a.k, k, a.k, mi < a.m, a.x_vec, raw);
     float v[8];
-    if (mi < a.m && a.x_vec && k + 8 <= a.k) {
-      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(x + int64_t(mi) * a.k + k));
-      const uint16_t* e = reinterpret_cast<const uint16_t*>(&raw);
 #pragma unroll
-      for (int j = 0; j < 8; ++j) v[j] = act_to_float(e[j], dtype);
-    } else {
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-        v[j] = (mi < a.m && k + j < a.k) ? act_to_float(x[int64_t(mi) * a.k + k + j], dtype) : 0.0f;
-    }
+    for (int j = 0; j < 8; ++j) v[j] = act_to_float(raw[j], dtype);
     float4* xs4 = reinterpret_cast<float4*>(xs + mi * XC);
     xs4[x_slot<U>(col)] = make_float4(v[0], v[1], v[2], v[3]);
     xs4[x_slot<U>(col + 4)] = make_float4(v[4], v[5], v[6], v[7]);
@@ -270,7 +265,7 @@ std::string gemv(const gemv::Args& args, int dtype, std::uintptr_t stream, bool 
   if (!err.empty()) return err;
   if (args.n == 0 || args.m == 0) return "";
   if (dtype != 1 && dtype != 2) return "bitfuse gemv_cuda: dtype must be 1 (fp16) or 2 (bf16)";
-  if (tensor_cores && args.group_size != 32 && args.group_size != 64 && args.group_size != 128)
+  if (tensor_cores && !gemv_tc::takes_group_size(args.group_size))
     return "bitfuse gemv_cuda: the tensor-core GEMV takes group sizes 32, 64 and 128, got " +
            std::to_string(args.group_size);
   // Both kernels give a block 16 packed rows (gemv.h / gemv_tc.h kRowsPerBlock).

@@ -60,15 +60,7 @@ __device__ __forceinline__ void stage_x(const Args& a, int col0, int cols, int m
     const int col = (i % per_row) * 8;
     const int k = col0 + col;
     uint16_t v[8];
-    if (mi < a.m && a.x_vec && k + 8 <= a.k) {
-      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(x + int64_t(mi) * a.k + k));
-      const uint16_t* e = reinterpret_cast<const uint16_t*>(&raw);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) v[j] = e[j];
-    } else {
-#pragma unroll
-      for (int j = 0; j < 8; ++j) v[j] = (mi < a.m && k + j < a.k) ? x[int64_t(mi) * a.k + k + j] : 0;
-    }
+    ptx::load_act8(x + int64_t(mi) * a.k, k, a.k, mi < a.m, a.x_vec, v);
     uint16_t* run = xs + mi * rs + (col & ~31);
     const uint32_t p[4] = {uint32_t(v[0]) | (uint32_t(v[1]) << 16), uint32_t(v[2]) | (uint32_t(v[3]) << 16),
                            uint32_t(v[4]) | (uint32_t(v[5]) << 16), uint32_t(v[6]) | (uint32_t(v[7]) << 16)};

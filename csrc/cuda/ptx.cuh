@@ -37,5 +37,21 @@ __device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32
   }
 }
 
+// x[row][k .. k+8) as raw fp16/bf16 bits, for the GEMVs' staging: one 16-byte load when `vec`
+// (the caller's x_vec: x 16-byte aligned, k a multiple of 8) and all 8 lie before kmax, else
+// element loads; 0 past kmax and for a row that does not exist (live = false).
+__device__ __forceinline__ void load_act8(const uint16_t* row, int k, int kmax, bool live, bool vec,
+                                          uint16_t v[8]) {
+  if (live && vec && k + 8 <= kmax) {
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row + k));
+    const uint16_t* e = reinterpret_cast<const uint16_t*>(&raw);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = e[j];
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = (live && k + j < kmax) ? row[k + j] : uint16_t(0);
+  }
+}
+
 }  // namespace ptx
 }  // namespace bitfuse

@@ -141,16 +141,18 @@ void tc_block(const gemv::Args& a, int dtype, const uint16_t* xb, int cls, int r
   float y[kWarps][32][4] = {};
   for (int c0 = 0; c0 < runs; c0 += xr) {
     const int cend = c0 + xr < runs ? c0 + xr : runs;
-    // stage_x: the chunk's columns in pair order, 0 past k and for rows m..ms-1
+    // stage_x: the chunk's columns the kernel stages (staged_cols), in pair order, 0 past k and
+    // for rows m..ms-1
+    const int cols = staged_cols((cend - c0) * 32);
     for (int mi = 0; mi < ms; ++mi)
-      for (int col = 0; col < xc; ++col) {
+      for (int col = 0; col < cols; ++col) {
         const int k = c0 * 32 + col;
         xs[size_t(mi) * rs + (col & ~31) + x_pair_pos(col & 31)] =
             (mi < a.m && k < a.k) ? xb[int64_t(mi) * a.k + k] : uint16_t(0);
       }
     // Σx as the kernel's staging sums it: 8 columns a thread (chunk8_sum), then the butterfly
     // over the group's gs/8 lanes (xsum_tree).
-    std::vector<float> xsum(size_t(ms) * (xc / a.group_size));
+    std::vector<float> xsum(size_t(ms) * (cols / a.group_size));
     const int lanes = a.group_size / 8;
     for (size_t e = 0; e < xsum.size(); ++e) {
       const int mi = int(e % ms), gl = int(e / ms);
@@ -310,7 +312,7 @@ py::array_t<float> gemv_host(const py::array& x_in, const py::array& qweight_in,
   if (tensor_cores) {
     if (dtype != mma::kDtypeF16 && dtype != mma::kDtypeBF16)
       fail("bitfuse gemv_host: dtype must be 1 (fp16) or 2 (bf16), got " + std::to_string(dtype));
-    if (group_size != 32 && group_size != 64 && group_size != 128)
+    if (!gemv_tc::takes_group_size(group_size))
       fail("bitfuse gemv_host: the tensor-core GEMV takes group sizes 32, 64 and 128, got " +
            std::to_string(group_size));
     // x's values in the activation dtype (the caller passes representable values: exact).

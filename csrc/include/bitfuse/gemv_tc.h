@@ -48,6 +48,9 @@ constexpr int kRunsPerIter = 8;    // runs (32 codes) a warp loads at once: 64 b
 constexpr int kXHalves = 16384;    // staged x chunk: m_stage rows × XC columns of fp16/bf16 (32 KB)
 constexpr int kXPad = 32;          // halves of padding a staged row (64 B: rows g, g+1 on other banks)
 
+// Group sizes the kernel takes: a group is 1, 2 or 4 runs of its unrolled 8-run block.
+BF_HD constexpr bool takes_group_size(int gs) { return gs == 32 || gs == 64 || gs == 128; }
+
 // Rows of x staged (1, 2, 4 or 8: the smallest power of two >= m) and the chunk width in columns.
 BF_HD constexpr int m_stage(int m) { return m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 4 : 8; }
 BF_HD constexpr int chunk_cols(int m) { return kXHalves / m_stage(m); }
