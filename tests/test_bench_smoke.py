@@ -16,6 +16,7 @@ def test_bench_kernels_cpu_smoke(tmp_path):
     data = json.loads((tmp_path / "kernels.json").read_text())
     assert data["environment"]["device"] == "cpu" and data["environment"]["torch"]
     assert data["environment"]["cuda_gemv_default"] in ("tc", "simt")
+    assert data["environment"]["cuda_gemm_m16_default"] in ("skinny", "small")
     assert data["results"][0]["m"] == 2
     md = (tmp_path / "kernels.md").read_text()
     assert "| square-smoke | 64 | 128 | 2 |" in md

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from _cuda_probe import assert_fails_cleanly_without_gpu
-from _tolerance import assert_within, branch_magnitudes, matmul_bound
+from _tolerance import assert_within, branch_magnitudes, factored_branch_magnitudes, matmul_bound
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_cuda_host import _f16_bits, _layer, _np, _scale_arrays
@@ -48,8 +48,34 @@ def _ptx_c(lane, i):
     return (g if i < 2 else g + 8), t * 2 + (i & 1)
 
 
+SIZES = ("skinny", "small", "large")  # gemm_config.h: M <= 16 (groups 32/64/128), M <= 64, above
+
+
 def _tiles():
-    return sorted({r[s]["id"] for r in _C.gemm_tile_table() for s in ("small", "large")})
+    return sorted({r[s]["id"] for r in _C.gemm_tile_table() for s in SIZES})
+
+
+def _tile_info(tile):
+    return next(r[s] for r in _C.gemm_tile_table() for s in SIZES if r[s]["id"] == tile)
+
+
+def _expected_tile(cc, m, g):
+    """The tile the table gives m rows of x at group size g on compute capability cc."""
+    row = next(r for r in _C.gemm_tile_table() if r["cc"] == cc)
+    if m <= row["skinny_max_m"] and g in row["skinny_group_sizes"]:
+        return row["skinny"]["id"]
+    return row["small" if m <= row["small_max_m"] else "large"]["id"]
+
+
+def _dense_mags(pw, tile):
+    """|W| pieces for the bound of a GEMM result: the skinny tile sums the factored products
+    (exact codes times x, then s, m, α per group: factored_magnitude), the others Ŵ rounded to
+    x's dtype (operand rounding, see _check)."""
+
+    class _Q:  # the magnitude helpers want an object with .packed
+        packed = pw
+
+    return factored_branch_magnitudes(_Q) if _tile_info(tile)["swap"] else branch_magnitudes(_Q)
 
 
 def test_fragment_layouts_are_the_ptx_isa():
@@ -68,7 +94,7 @@ def test_fragment_layouts_are_the_ptx_isa():
 def test_ldmatrix_through_the_swizzle_yields_the_a_fragment(tile):
     """The x tile written through the swizzle, read back by the kernel's ldmatrix addresses,
     gives every lane exactly its A elements of the ISA layout, without bank conflicts."""
-    info = next(r[s] for r in _C.gemm_tile_table() for s in ("small", "large") if r[s]["id"] == tile)
+    info = _tile_info(tile)
     mt = info["bm"] // info["wm"] // 16
     for i in sorted({0, mt - 1}):
         for rho in sorted({0, info["bk"] // 32 - 1}):
@@ -79,6 +105,26 @@ def test_ldmatrix_through_the_swizzle_yields_the_a_fragment(tile):
                     want = [256 * (16 * i + r) + 32 * rho + 16 * s + c
                             for r, c in (_ptx_a(lane, e) for e in range(8))]
                     assert d["ldsm"][lane].tolist() == want, (tile, i, rho, s, lane)
+
+
+@pytest.mark.parametrize("tile", sorted({r["skinny"]["id"] for r in _C.gemm_tile_table()}))
+def test_skinny_ldmatrix_yields_the_b_fragments(tile):
+    """The skinny tile's B operand is x: the ldmatrix.x4 of n8 tile jx and run rho gives lane l,
+    in register 2s + h, the ISA's B register h of k16 step s for x row (column n) 8jx + l / 4:
+    k = 16s + 2t + 8h + {0, 1} of the run (t = l % 4), through the swizzle, without conflicts."""
+    info = _tile_info(tile)
+    for wk in range(info["wk"]):
+        for jx in range(info["bm"] // 8):
+            for rho in sorted({0, 1, info["bk"] // 32 - 1}):
+                d = _C.skinny_layout_test(tile, jx, rho, wk)
+                assert d["ldsm_conflicts"] == 0
+                for lane in range(32):
+                    want = []
+                    for s_ in (0, 1):
+                        for e in range(4):  # B elements b0..b3 of step s_: registers 2s_, 2s_ + 1
+                            k, n = _ptx_b(lane, e)
+                            want.append(256 * (8 * jx + n) + 32 * rho + 16 * s_ + k)
+                    assert d["ldsm"][lane].tolist() == want, (tile, jx, rho, lane)
 
 
 def test_round_to_act_is_round_to_nearest_even():
@@ -170,17 +216,19 @@ def _check(pw, m, dtype=1, cc=90, tile=-1, misaligned=False, seed=0, what="", sm
            reverse=False):
     x = _x(pw, m, dtype, seed)
     y, info = _gemm_host(x, pw, dtype, cc, tile, misaligned, sms, split, reverse)
-
-    class _Q:  # branch_magnitudes wants an object with .packed
-        packed = pw
-
-    # Ŵ is the reference's fp32 value bit for bit, rounded once to the activation dtype for the
-    # tensor core (operand_dtype), products exact, fp32 accumulation in another order.
-    bound = matmul_bound(x, branch_magnitudes(_Q), torch.float32, operand_dtype=DTYPES[dtype],
-                         bias=pw.bias)
+    if tile < 0:
+        assert info["tile"] == _expected_tile(cc, m, pw.group_size), info
+    # Small and large tiles: Ŵ is the reference's fp32 value bit for bit, rounded once to the
+    # activation dtype for the tensor core (operand_dtype), products exact, fp32 accumulation in
+    # another order. The skinny tile: no rounding before the fp32 sums of the factored products.
+    skinny = _tile_info(info["tile"])["swap"]
+    bound = matmul_bound(x, _dense_mags(pw, info["tile"]), torch.float32,
+                         operand_dtype=None if skinny else DTYPES[dtype], bias=pw.bias)
     assert_within(y, reference.linear(x, pw), bound, what)
     assert info["ldsm_conflicts"] == 0, info
-    info["y"], info["x"] = y, x
+    assert info["lds_conflicts"] == 0 and (info["lds"] > 0) == skinny, info
+    info["y"], info["x"], info["order_bound"] = y, x, matmul_bound(
+        x, _dense_mags(pw, info["tile"]), torch.float32, bias=pw.bias)
     return info
 
 
@@ -196,6 +244,34 @@ def test_gemm_host_matches_reference(bits, g, k, branches):
 MIXED = [([2, 3, 4], [16, 32, 5]), ([4, 2], [7, 9]), ([3, 4, 2], [64, 0, 21]), ([4, 3], [1, 130])]
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("g,k", [(32, 71), (64, 200), (128, 257), (128, 1000)])
+@pytest.mark.parametrize("branches", list(BRANCHES))
+def test_gemm_host_skinny_matches_reference(bits, g, k, branches):
+    """The skinny tile (M <= 16: exact codes times x, the scales per group): every width × group
+    × branch, M from 1 to 16 (one n8 tile of x and a masked one, both), K ending inside a run and
+    spanning several k tiles, fp16 and bf16, both architectures' skinny tiles; its weight-word
+    loads free of bank conflicts (checked by the twin for every warp and run)."""
+    pw = _branch_layer([bits], [70], k, g, branches, seed=bits * 13 + k)
+    for i, m in enumerate((1, 7, 9, 16)):
+        cc = ARCHS[(bits + i + k) % 4]
+        dtype = 1 + (bits + i) % 2
+        info = _check(pw, m, dtype, cc, seed=i, what=f"{bits}b g{g} k{k} {branches} m={m} sm_{cc}")
+        assert _tile_info(info["tile"])["swap"]
+
+
+def test_skinny_tile_takes_only_its_group_sizes():
+    """M <= 16 runs the skinny tile for groups of 32/64/128 and the small tile for any other
+    group size (a PackedWeight may carry one), with the right result; M = 17 the small tile."""
+    pw = _layer([4], [40], 600, 256, True, 2, False, True, seed=5)
+    for cc in ARCHS:
+        row = next(r for r in _C.gemm_tile_table() if r["cc"] == cc)
+        assert _check(pw, 16, 1, cc, what=f"g256 sm_{cc}")["tile"] == row["small"]["id"]
+        assert _plan(cc, 16, 40, 600, g=128)["tile"] == row["skinny"]["id"]
+        assert _plan(cc, 17, 40, 600, g=128)["tile"] == row["small"]["id"]
+        assert _plan(cc, 16, 40, 600, g=128, skinny=False)["tile"] == row["small"]["id"]
+
+
 @pytest.mark.parametrize("m", [9, 16, 17, 40, 64, 65, 130])
 @pytest.mark.parametrize("dtype", [1, 2])
 @pytest.mark.parametrize("compact", [False, True], ids=["fp16-scales", "compact-scales"])
@@ -207,9 +283,7 @@ def test_gemm_host_mixed_classes_all_branches(m, dtype, compact):
         pw = _layer(cb, cr, 133 + 2 * i, [32, 64, 128, 64][i], True, 3, True, True, seed=m + i,
                     compact=compact)  # compact scales: FORMAT.md §5.1
         cc = ARCHS[(m + i) % 4]
-        info = _check(pw, m, dtype, cc, seed=i, what=f"{cb} {cr} m={m} dt={dtype} sm_{cc}")
-        row = next(r for r in _C.gemm_tile_table() if r["cc"] == cc)
-        assert info["tile"] == row["small" if m <= row["small_max_m"] else "large"]["id"]
+        _check(pw, m, dtype, cc, seed=i, what=f"{cb} {cr} m={m} dt={dtype} sm_{cc}")  # checks the tile
 
 
 @pytest.mark.parametrize("tile", _tiles())
@@ -256,16 +330,16 @@ def test_gemm_host_rejects_bad_arguments():
 
 # ---- split-K across blocks ------------------------------------------------------------------------
 
-def _plan(cc, m, n, k, g=128, bits=(4,), rows=None, sms=-1, split=0):
+def _plan(cc, m, n, k, g=128, bits=(4,), rows=None, sms=-1, split=0, skinny=True):
     rows = rows or [n]
     return _C.gemm_plan_host(cc, m, list(bits), list(rows), n, k, pack.padded_k(k, g), g, sms=sms,
-                             split=split)
+                             split=split, skinny=skinny)
 
 
 def _wave(cc, tile_id):
     row = next(r for r in _C.gemm_tile_table() if r["cc"] == cc)
-    blocks = row["small_blocks"] if row["small"]["id"] == tile_id else row["large_blocks"]
-    return row["sms"] * blocks
+    size = next(s for s in SIZES if row[s]["id"] == tile_id)
+    return row["sms"] * row[f"{size}_blocks"]
 
 
 @pytest.mark.parametrize("cc", ARCHS)
@@ -298,7 +372,7 @@ def test_split_plan_properties(cc):
                 assert p["workspace_bytes"] == (4 * s * m * n if s > 1 else 0)
     assert seen_split
     # for one layer and one tile, more rows of x never split more (more tiles, the traffic term)
-    for lo, hi in ((9, 64), (65, 8192)):
+    for lo, hi in ((1, 16), (17, 64), (65, 8192)):
         splits = [_plan(cc, m, 4096, 4096)["split"] for m in range(lo, hi + 1, 7)]
         assert splits == sorted(splits, reverse=True), (cc, lo, splits)
 
@@ -306,7 +380,7 @@ def test_split_plan_properties(cc):
 def test_split_plan_issue_shapes():
     """The issue's case (M = 16, N = K = 4096): split on the big GPUs, not on Orin (its 16 SMs
     are already full with 64 blocks); large M is never split; S follows the SM count given."""
-    want = {86: 6, 87: 1, 89: 8, 90: 8}
+    want = {86: 8, 87: 1, 89: 10, 90: 8}  # the skinny tile (3 blocks an SM, 3 or 4 stages)
     for cc, s in want.items():
         p = _plan(cc, 16, 4096, 4096)
         assert p["split"] == s, (cc, p)
@@ -318,16 +392,24 @@ def test_split_plan_issue_shapes():
     assert _plan(89, 64, 4096, 4096)["split"] == 4  # the traffic term: 2·128/64
     # forced S (tests): clipped to the k tiles, never an empty split
     assert _plan(90, 16, 64, 100, split=5)["split"] == 1  # 1 k tile of 128
-    assert _plan(86, 16, 64, 300, split=50)["split"] == 5  # 5 k tiles of 64
+    assert _plan(86, 17, 64, 300, split=50)["split"] == 5  # the small tile: 5 k tiles of 64
+    assert _plan(86, 16, 64, 300, split=50)["split"] == 3  # the skinny tile: 3 k tiles of 128
     assert _plan(86, 16, 64, 300, split=1)["split"] == 1
+    # M = 16 on the skinny tile and, with skinny=False, on the small tile: both split on the big GPUs
+    for cc in (86, 89, 90):
+        row = next(r for r in _C.gemm_tile_table() if r["cc"] == cc)
+        assert _plan(cc, 16, 4096, 4096)["tile"] == row["skinny"]["id"]
+        small = _plan(cc, 16, 4096, 4096, skinny=False)
+        assert small["tile"] == row["small"]["id"] and small["split"] > 1
 
 
 SPLITS = (2, 3, 64)  # 64: clipped to one k tile a split
 
 
+@pytest.mark.parametrize("m", [16, 17])  # the skinny and the small tile
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("branches", list(BRANCHES))
-def test_gemm_host_split_k_matches_unsplit(bits, branches):
+def test_gemm_host_split_k_matches_unsplit(bits, branches, m):
     """Forced S > 1 for every width × branch, odd K and N: the result is within the fp32
     summation-order bound of the S = 1 result (same operands, partial sums added in another
     order) and within the reference bound; the blocks' arrival order does not change a bit (the
@@ -338,22 +420,17 @@ def test_gemm_host_split_k_matches_unsplit(bits, branches):
     pw = _branch_layer([bits], [45], k, g, branches, seed=bits * 11 + len(branches))
     cc = ARCHS[bits % 4]
     what = f"{bits}b g{g} k{k} {branches} sm_{cc}"
-    base = _check(pw, 17, cc=cc, split=1, what=what + " S=1")
+    base = _check(pw, m, cc=cc, split=1, what=what + " S=1")
     assert base["split"] == 1 and base["workspace_bytes"] == 0
     x, y1 = base["x"], base["y"]
-
-    class _Q:
-        packed = pw
-
-    order_bound = matmul_bound(x, branch_magnitudes(_Q), torch.float32, bias=pw.bias)
     for split in SPLITS:
-        info = _check(pw, 17, cc=cc, split=split, what=f"{what} S={split}")
+        info = _check(pw, m, cc=cc, split=split, what=f"{what} S={split}")
         assert info["split"] == min(split, info["ktiles"]) > 1
-        assert info["workspace_bytes"] == 4 * info["split"] * 17 * pw.out_features
+        assert info["workspace_bytes"] == 4 * info["split"] * m * pw.out_features
         cover = [c for a, b in info["k_ranges"] for c in range(a, b)]
         assert cover == list(range(info["ktiles"]))
-        assert_within(info["y"], y1, order_bound, f"{what} S={split} vs S=1")
-        rev = _check(pw, 17, cc=cc, split=split, reverse=True, what=f"{what} S={split} reversed")
+        assert_within(info["y"], y1, base["order_bound"], f"{what} S={split} vs S=1")
+        rev = _check(pw, m, cc=cc, split=split, reverse=True, what=f"{what} S={split} reversed")
         assert torch.equal(rev["y"], info["y"]), "split-K result depends on the arrival order"
 
 
@@ -372,23 +449,22 @@ def test_gemm_host_split_k_mixed_classes(m, dtype):
         plan = _plan(cc, m, pw.out_features, pw.in_features, pw.group_size, cb, cr, split=3)
         assert info["split"] == plan["split"] == 3 and info["k_ranges"] == plan["k_ranges"]
         one = _check(pw, m, dtype, cc, seed=i, split=1, what=what + " S=1")
-
-        class _Q:
-            packed = pw
-
-        assert_within(info["y"], one["y"],
-                      matmul_bound(info["x"], branch_magnitudes(_Q), torch.float32, bias=pw.bias),
-                      what + " vs S=1")
+        assert_within(info["y"], one["y"], one["order_bound"], what + " vs S=1")
 
 
 def test_gemm_host_split_k_by_the_table():
     """Without forcing anything, the table's SM count splits small grids, and the twin runs
-    exactly the plan: 3 small N tiles on an RTX 4090's 128 SMs, 2 large tiles on an H100."""
+    exactly the plan: 4 N tiles (150 + 42 rows) on an RTX 4090's 128 SMs, on the skinny tile and
+    on the small one; 2 large tiles on an H100."""
     pw = _layer([4, 2], [150, 42], 1024, 128, True, 0, False, True, seed=3)
     plan = _plan(89, 16, 192, 1024, 128, [4, 2], [150, 42])
-    assert plan["split"] == 4  # min(ceil(512/3), 16, 16/3 = 5, 2·32/16 = 4)
-    info = _check(pw, 16, 1, 89, what="table plan, small tile")
-    assert info["split"] == 4 and info["sms"] == 128 and info["k_ranges"] == plan["k_ranges"]
+    assert plan["split"] == 2 and plan["tile"] == 6  # min(ceil(768/4), 16, 8/3 = 2, 2·32/16 = 4)
+    info = _check(pw, 16, 1, 89, what="table plan, skinny tile")
+    assert info["split"] == 2 and info["sms"] == 128 and info["k_ranges"] == plan["k_ranges"]
+    plan = _plan(89, 16, 192, 1024, 128, [4, 2], [150, 42], skinny=False)
+    assert plan["split"] == 4 and plan["tile"] == 0  # min(ceil(512/4), 16, 16/3 = 5, 2·32/16 = 4)
+    info = _check(pw, 16, 1, 89, tile=0, what="table plan, small tile")
+    assert info["split"] == 4 and info["k_ranges"] == plan["k_ranges"]
     pw = _layer([3, 4], [67, 64], 2101, 64, False, 2, True, True, seed=4)
     plan = _plan(90, 65, 131, 2101, 64, [3, 4], [67, 64])
     assert plan["split"] == 2 and plan["tile"] == 5  # min(132, 16, 33/4, 2·66/65 = 2)
@@ -421,7 +497,7 @@ def test_gemm_host_lowrank_staged(rank, split, cc):
     starts and an odd last one). Its shared reads are free of bank conflicts, and with r in one
     chunk every t and lr_up element is loaded once per block."""
     table = {r["cc"]: r for r in _C.gemm_tile_table()}[cc]
-    for m, dtype in ((17, 1), (130, 2)):
+    for m, dtype in ((13, 2), (17, 1), (130, 2)):  # skinny, small, large tiles
         i = (rank + cc + m) % 4
         cb, cr = MIXED[i]
         k, g = 133 + 2 * i, [32, 64, 128, 64][i]
@@ -436,7 +512,7 @@ def test_gemm_host_lowrank_staged(rank, split, cc):
         small, sinfo = _gemm_host(x, pw, dtype, cc, split=split, lr_chunk=7)
         assert sinfo["lr_chunk"] == 7 and sinfo["lr_conflicts"] == 0
         assert torch.equal(_bits(small), _bits(scalar)), what + ": 7-column chunks"
-        tile = table["small" if m <= table["small_max_m"] else "large"]
+        tile = _tile_info(_expected_tile(cc, m, g))
         assert info["tile"] == tile["id"]
         m_tiles = -(-m // tile["bm"])
         n_tiles = info["tiles"] // m_tiles
@@ -455,7 +531,7 @@ def test_gemm_host_lowrank_chunk_sizes():
     for tile in _tiles():
         _, info = _gemm_host(x, pw, 1, tile=tile)
         chunks[tile] = info["lr_chunk"]
-    assert chunks == {0: 88, 1: 272, 2: 400, 3: 72, 4: 152, 5: 216}
+    assert chunks == {0: 88, 1: 272, 2: 400, 3: 72, 4: 152, 5: 216, 6: 104, 7: 160}
     with pytest.raises(ValueError, match="lr_chunk"):
         _gemm_host(x, pw, 1, tile=0, lr_chunk=89)
 
@@ -468,11 +544,14 @@ def test_tile_table_matches_target_profiles():
     for r in rows:
         prof = targets.PROFILES[targets._BY_CAPABILITY[divmod(r["cc"], 10)]]
         assert (r["sms"], r["smem_per_sm_kb"]) == (prof.sms, prof.smem_per_sm_kb)
-        for size in ("small", "large"):
+        for size in SIZES:
             t = r[size]
             assert t["smem"] <= (prof.smem_per_sm_kb - 1) * 1024, (r["cc"], size, t)
+            assert r[f"{size}_blocks"] * (t["smem"] + 1024) <= prof.smem_per_sm_kb * 1024, (r["cc"], size)
             assert t["threads"] == 32 * t["wm"] * t["wn"] * t["wk"]
+            assert t["swap"] == (size == "skinny")
         assert r["small"]["bm"] >= r["small_max_m"] and r["small"]["wm"] == 1
+        assert r["skinny"]["bm"] >= r["skinny_max_m"] and r["skinny"]["bk"] % 128 == 0
 
 
 # ---- the CUDA entry point without a GPU -----------------------------------------------------------

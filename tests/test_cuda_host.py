@@ -335,3 +335,19 @@ def test_gemv_kernel_choice(monkeypatch):
     x = torch.randn(1, 300).half()
     with pytest.raises(ValueError, match="group sizes"):
         _gemv_host(x, pw256, tensor_cores=True)
+
+
+def test_gemm_kernel_choice(monkeypatch):
+    """BITFUSE_CUDA_GEMM / kernel= pick the GEMM tile for M <= 16: the skinny one by default;
+    a bad name is an error that names the variable; the constant matches the extension's table."""
+    from bitfuse import _C
+    from bitfuse import backend_cuda as bc
+
+    monkeypatch.delenv("BITFUSE_CUDA_GEMM", raising=False)
+    assert bc.gemm_kernel() == "skinny" and bc.gemm_kernel("Small") == "small"
+    monkeypatch.setenv("BITFUSE_CUDA_GEMM", "small")
+    assert bc.gemm_kernel() == "small" and bc.gemm_kernel("skinny") == "skinny"
+    monkeypatch.setenv("BITFUSE_CUDA_GEMM", "wide")
+    with pytest.raises(ValueError, match="BITFUSE_CUDA_GEMM"):
+        bc.gemm_kernel()
+    assert {r["skinny_max_m"] for r in _C.gemm_tile_table()} == {bc.SKINNY_MAX_M}

@@ -23,6 +23,7 @@ def test_e2e_tiny_cli_writes_json(tmp_path):
                 "weight_bytes_fp16", "weight_bytes_bitfuse", "fidelity", "orin"):
         assert key in res, key
     assert res["cuda_gemv"] in ("tc", "simt")  # which CUDA GEMV a GPU run's M <= 8 layers used
+    assert res["cuda_gemm_m16"] in ("skinny", "small")  # and which GEMM tile its M 9..16 layers used
     assert res["weight_reduction"] > 2.5  # W4 g64 on linears and convs (small layers stay fp16)
     assert res["fidelity"]["cosine"] > 0.9
     o = res["orin"]

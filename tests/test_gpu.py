@@ -214,22 +214,41 @@ def _gemm_layer(bits, name, n, k, g):
     return q, copy.deepcopy(q).cuda()  # Module.cuda() moves in place: keep q on the CPU
 
 
-def _check_gemm(q, qc, x, what, rows=None, split=0):
+def _gemm_skinny(qc, m, split=0, kernel=None) -> bool:
+    """Whether backend_cuda.gemm runs m rows of x on the skinny tile (its plan's tile)."""
+    from bitfuse import _C
+    from bitfuse.backend_cuda import gemm_kernel
+
+    tile = _gemm_plan_of(qc, m, split, skinny=gemm_kernel(kernel) == "skinny")["tile"]
+    return any(r["skinny"]["id"] == tile for r in _C.gemm_tile_table())
+
+
+def _gemm_bound(q, qc, x, y_ref, rows_x, split=0, kernel=None):
+    """The bound of a GEMM result: small and large tiles round Ŵ to x's dtype for the tensor
+    cores (operand bound: products exact, fp32 accumulation in another order, one cast of y); the
+    skinny tile sums the exact codes times x in fp32 and applies s, m, α per group (factored
+    magnitudes, no rounding before the sums), then one cast."""
+    from _tolerance import branch_magnitudes, factored_branch_magnitudes
+
+    if _gemm_skinny(qc, x.shape[0], split, kernel):
+        return matmul_bound(rows_x, factored_branch_magnitudes(q), x.dtype, y_ref=y_ref,
+                            bias=q.packed.bias)
+    return matmul_bound(rows_x, branch_magnitudes(q), x.dtype, y_ref=y_ref, operand_dtype=x.dtype,
+                        bias=q.packed.bias)
+
+
+def _check_gemm(q, qc, x, what, rows=None, split=0, kernel=None):
     """backend_cuda.gemm on x (CUDA, fp16/bf16) vs the fp32 reference on the CPU, on `rows` of x
-    (rows of a GEMM are independent: a large M is checked on a sample); split: forced S."""
-    from _tolerance import branch_magnitudes
+    (rows of a GEMM are independent: a large M is checked on a sample); split: forced S; kernel:
+    the tile M <= 16 runs on (backend_cuda.gemm_kernel)."""
     from bitfuse.backend_cuda import gemm
 
-    y = gemm(x, qc.packed, split=split).float().cpu()
+    y = gemm(x, qc.packed, split=split, kernel=kernel).float().cpu()
     assert bool(torch.isfinite(y).all()), what
     xs = x.cpu() if rows is None else x.cpu()[rows]
     ys = y if rows is None else y[rows]
     y_ref = reference.linear(xs.float(), q.packed)  # fp32, before the cast
-    # Ŵ is the reference's fp32 value rounded once to x's dtype for the tensor cores (operand
-    # bound), products exact, fp32 accumulation in another order, one cast of y.
-    bound = matmul_bound(xs.float(), branch_magnitudes(q), x.dtype, y_ref=y_ref,
-                         operand_dtype=x.dtype, bias=q.packed.bias)
-    assert_within(ys, y_ref, bound, what)
+    assert_within(ys, y_ref, _gemm_bound(q, qc, x, y_ref, xs.float(), split, kernel), what)
     return y
 
 
@@ -238,10 +257,11 @@ def _check_gemm(q, qc, x, what, rows=None, split=0):
 @pytest.mark.parametrize("n,k,g", [(257, 200, 32), (1088, 1000, 64), (96, 4103, 128), (48, 33, 32)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_gemm_matches_reference(bits, name, n, k, g, dtype):
-    """M in {16, 17, 64, 255, 1024} (small and large tiles, masked M, odd K and N) vs the reference."""
+    """M in {9, 16, 17, 64, 255, 1024} (skinny, small and large tiles, masked M, odd K and N) vs
+    the reference."""
     _cuda_ready()
     q, qc = _gemm_layer(bits, name, n, k, g)
-    for m in (16, 17, 64, 255, 1024):
+    for m in (9, 16, 17, 64, 255, 1024):
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype).cuda()
         _check_gemm(q, qc, x, f"cuda gemm {bits}b {name} {n}x{k} g{g} M={m} {dtype}")
 
@@ -292,15 +312,16 @@ def test_cuda_linear_uses_gemm_above_8(monkeypatch):
 
 
 @pytest.mark.parametrize("m,k,split", [(9, 77, 0), (70, 333, 0), (130, 2051, 0), (17, 1999, 0),
-                                       (70, 1999, 3)])
+                                       (70, 1999, 3), (16, 1999, 0), (5, 333, 3)])
 def test_cuda_gemm_sanitizer_subset(m, k, split):
     """A representative subset for `compute-sanitizer --tool memcheck` (scripts/gpu_session.sh):
-    mixed classes, residual, low-rank, sparse, bias; M masked in the small and large tiles, K ends
-    inside a run, fp16 and bf16; split-K across blocks as planned (m = 17, k = 1999: a handful of
-    N tiles, split on every GPU of the tile table) and forced (S = 3, large tile)."""
+    mixed classes, residual, low-rank, sparse, bias; M masked in the skinny, small and large
+    tiles, K ends inside a run, fp16 and bf16; split-K across blocks as planned (m = 16 / 17,
+    k = 1999: a handful of N tiles, split on every GPU of the tile table) and forced (S = 3,
+    skinny and large tiles)."""
     _cuda_ready()
     q, qc = _gemm_layer(3, "all", 200, k, 64)
-    if (m, split) == (17, 0):
+    if (m, split) in ((17, 0), (16, 0)):
         assert _gemm_plan_of(qc, m)["split"] > 1
     for dtype in (torch.float16, torch.bfloat16):
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype).cuda()
@@ -308,14 +329,37 @@ def test_cuda_gemm_sanitizer_subset(m, k, split):
     torch.cuda.synchronize()
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("name", ["plain", "residual", "all", "all+compact"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_gemm_skinny_and_small_tiles(bits, name, dtype):
+    """M <= 16 on both tiles the GEMM has for it: the skinny one (the default) and the small one
+    (kernel="small"), each within its own bound of the reference, at M = 1, 8, 13, 16, groups of
+    32/64/128, split as planned and forced (S = 3); the two agree within the sum of their bounds."""
+    _cuda_ready()
+    for n, k, g in ((1088, 1000, 64), (96, 4103, 128), (257, 200, 32)):
+        q, qc = _gemm_layer(bits, name, n, k, g)
+        for m in (1, 8, 13, 16):
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype).cuda()
+            assert _gemm_skinny(qc, m) and not _gemm_skinny(qc, m, kernel="small")
+            for split in (0, 3):
+                what = f"{bits}b {name} {n}x{k} g{g} M={m} S={split or 'plan'} {dtype}"
+                ys = _check_gemm(q, qc, x, what + " skinny", split=split)
+                yl = _check_gemm(q, qc, x, what + " small", split=split, kernel="small")
+                y_ref = reference.linear(x.cpu().float(), q.packed)
+                both = (_gemm_bound(q, qc, x, y_ref, x.cpu().float(), split)
+                        + _gemm_bound(q, qc, x, y_ref, x.cpu().float(), split, "small"))
+                assert_within(ys, yl, both, what + ": skinny vs small")
+
+
 # ---- split-K across blocks (csrc/cuda/gemm.cu split_fixup): small M × N = 4096 grids -----------
 
-def _gemm_plan_of(qc, m, split=0):
+def _gemm_plan_of(qc, m, split=0, skinny=True):
     from bitfuse.backend_cuda import _gemm_plan
 
     pw = qc.packed
     return _gemm_plan(torch.cuda.current_device(), m, tuple(pw.class_bits), tuple(pw.class_rows),
-                      pw.out_features, pw.in_features, pw.k_pad, pw.group_size, split)
+                      pw.out_features, pw.in_features, pw.k_pad, pw.group_size, split, skinny)
 
 
 def _split_counters_of(qc):
@@ -333,13 +377,13 @@ def test_cuda_gemm_split_k(bits, name, dtype):
     whichever block arrives last); S = 2, 5 within the fp32 summation-order bound of S = 1 (same
     operands, partials added in another order); every counter back at 0 afterwards."""
     _cuda_ready()
-    from _tolerance import branch_magnitudes
+    from _tolerance import branch_magnitudes, factored_branch_magnitudes
     from bitfuse.backend_cuda import gemm
 
     q, qc = _gemm_layer(bits, name, 4096, 2048, 128)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    mags = branch_magnitudes(q)
-    for m in (16, 17, 64):
+    for m in (16, 17, 64):  # the skinny tile, then the small one
+        mags = factored_branch_magnitudes(q) if _gemm_skinny(qc, m) else branch_magnitudes(q)
         x = torch.randn(m, 2048, generator=torch.Generator().manual_seed(m)).to(dtype).cuda()
         xf = x.float().cpu()
         plan = _gemm_plan_of(qc, m)
@@ -347,7 +391,7 @@ def test_cuda_gemm_split_k(bits, name, dtype):
             assert plan["split"] > 1, plan
         what = f"split-K {bits}b {name} M={m} {dtype} plan S={plan['split']}"
         y_ref = reference.linear(xf, q.packed)  # fp32, before the cast
-        bound = matmul_bound(xf, mags, dtype, y_ref=y_ref, operand_dtype=dtype, bias=q.packed.bias)
+        bound = _gemm_bound(q, qc, x, y_ref, xf)
         y = gemm(x, qc.packed).float().cpu()
         assert_within(y, y_ref, bound, what)
         for _ in range(3):

@@ -1,4 +1,5 @@
-"""benchmarks/static/sass_count.py, the static SASS count of the CUDA GEMVs, on one architecture:
+"""benchmarks/static/sass_count.py, the static SASS count of the CUDA GEMVs and of the GEMM at small
+M, on one architecture:
 the probes compile, the hot loops are found, and the counts say what docs/STATUS.md says of them
 (a tool that only runs by hand would rot)."""
 
@@ -39,3 +40,12 @@ def test_sass_count_sm90():
     # than the tensor-core GEMV's exact-code decode
     gemm = by[("gemm", 4, 128, "9-16")]
     assert gemm["ops"]["HMMA"] > 0 and gemm["per_weight"] > tc["per_weight"]
+    # the skinny tile (exact codes, scales per group) at M <= 16: far under the small tile's
+    # count and within the H100's 4-bit issue budget; a k tile of a warp is 2 runs × 2 k16 steps
+    # × (2 m16 tiles + Σx) × 2 n8 tiles of mma, no residual
+    for g in (32, 64, 128):
+        skinny = by[("skinny", 4, g, "9-16")]
+        assert skinny["ops"]["HMMA"] == 2 * 2 * 3 * 2
+        assert skinny["per_weight"] < 0.75 * gemm["per_weight"]
+    assert by[("skinny", 4, 128, "9-16")]["per_weight"] < mod.budget("H100 SXM", 4)
+    assert by[("skinny", 3, 128, "9-16")]["per_weight"] < by[("gemm", 3, 128, "9-16")]["per_weight"]

@@ -1,5 +1,5 @@
 """SASS instructions per weight in the steady-state loop of the CUDA GEMVs and of the tensor-core
-GEMM at M <= 16 (a static count).
+GEMM at M <= 16, its small tile and its skinny tile (a static count).
 
 No GPU needed: gemv_probe.cu instantiates each kernel body for a plain layer (no residual,
 low-rank, sparse or bias; fp16 scale pairs; compile-time bit width and group size), nvcc compiles
@@ -7,7 +7,8 @@ it for each architecture, and cuobjdump's SASS is parsed. The hot loop is the in
 body holds the product instructions (FFMA for the SIMT GEMV, HMMA for the tensor-core one); its
 instruction count divided by the weights one thread covers per iteration is "instructions a
 weight". Every instruction in those loops runs on every iteration (their only branches leave the
-loop at the end of K), so the static count is the dynamic one for a long K.
+loop at the end of K, or, in the skinny tile's k-tile loop, skip runs and folds past K, which the
+steady state never takes), so the static count is the dynamic one for a long K.
 
 What it bounds. A warp scheduler issues at most one instruction a clock, four schedulers an SM:
 a GEMV that streams `bits`-bit weights at DRAM bandwidth BW must issue SMs·4·32·clock /
@@ -64,7 +65,10 @@ def tool(name: str) -> str:
     sys.exit(f"sass_count: {name} not found (needs the CUDA toolkit or triton's bundled tools)")
 
 
-PROBE_FLAGS = {"simt": [], "tc": ["-DPROBE_KERNEL_TC"], "gemm": ["-DPROBE_KERNEL_GEMM"]}
+SKINNY_CODES = 64  # gemm.h skinny tile: a warp's k tile is 2 runs of 32 packed rows × 32 columns
+
+PROBE_FLAGS = {"simt": [], "tc": ["-DPROBE_KERNEL_TC"], "gemm": ["-DPROBE_KERNEL_GEMM"],
+               "skinny": ["-DPROBE_KERNEL_SKINNY"]}
 
 
 def compile_sass(arch: int, kind: str, workdir: str) -> str:
@@ -108,11 +112,11 @@ def hot_loop(ins: list, product: str):
     return max(inner, key=lambda lp: lp[1] - lp[0])
 
 
-def count(arch: int, workdir: str, kinds=("simt", "tc", "gemm")) -> list:
+def count(arch: int, workdir: str, kinds=("simt", "tc", "gemm", "skinny")) -> list:
     rows = []
     for kind in kinds:
         for name, ins in functions(compile_sass(arch, kind, workdir)).items():
-            m = re.search(r"probe_(simt|tc|gemm)ILi(\d+)E(?:Li(\d+)E)?", name)
+            m = re.search(r"probe_(simt|tc|gemm|skinny)ILi(\d+)E(?:Li(\d+)E)?", name)
             if not m:
                 continue
             p1, p2 = int(m.group(2)), int(m.group(3) or 0)
@@ -121,10 +125,16 @@ def count(arch: int, workdir: str, kinds=("simt", "tc", "gemm")) -> list:
             n = sum(ops.values())
             # weights one thread covers per iteration; for the GEMM (one m16 tile a warp) each
             # HMMA takes a lane's 4 weights of one n8 tile and k16 step
-            codes = {"simt": SIMT_CODES, "tc": TC_CODES, "gemm": 4 * ops["HMMA"]}[kind]
+            codes = {"simt": SIMT_CODES, "tc": TC_CODES, "gemm": 4 * ops["HMMA"],
+                     "skinny": SKINNY_CODES}[kind]
             row = {"arch": arch, "kernel": kind, "loop_instructions": n, "weights_per_iteration": codes,
                    "per_weight": n / codes, "ops": dict(ops.most_common())}
-            if kind == "tc":
+            if kind == "skinny":
+                # one k tile a warp: its RUNS / WK = 2 runs of 32 packed rows × 32 columns; its
+                # branches (runs past K, groups whose first run was past K) are all taken in the
+                # steady state, so the static count is the dynamic one
+                row.update(bits=p1, group=32 * p2, m="9-16")
+            elif kind == "tc":
                 row.update(bits=p1, group=32 * p2, m="1-8")
             elif kind == "gemm":
                 row.update(bits=p1, group=128, m="9-16")
@@ -144,8 +154,11 @@ def markdown(rows: list, nvcc_version: str) -> str:
              f"{nvcc_version}. Produced by `python benchmarks/static/sass_count.py` (method in its "
              "docstring): the steady-state loop of each kernel for a plain layer with fp16 x, "
              "instructions a weight (thread-level), counted from the SASS per architecture. The "
-             "GEMM row is its main loop with one m16 tile a warp (M <= 16; the table's small tile "
-             "has 4, of which only the first is live at M = 16).", "",
+             "GEMM small-tile row is its main loop with one m16 tile a warp (M <= 16; the table's "
+             "small tile has 4, of which only the first is live at M = 16); the skinny-tile row is "
+             "its compute of one k tile (gemm.cu skinny_k_tile, sm_90's tile, M = 16: exact codes as "
+             "A, scales per group, the folds included). Neither GEMM row counts the cp.async issue "
+             "of the pipeline.", "",
              "| kernel | bits | group | M | " + " | ".join(f"sm_{a}" for a in ARCHS) + " | main opcodes (sm_90) |",
              "|---|---|---|---|" + "---|" * len(ARCHS) + "---|"]
     keyed = collections.defaultdict(dict)
@@ -154,7 +167,8 @@ def markdown(rows: list, nvcc_version: str) -> str:
     for (kernel, bits, group, m), by_arch in sorted(keyed.items()):
         ops = by_arch.get(90, next(iter(by_arch.values())))["ops"]
         top = ", ".join(f"{k} {v}" for k, v in list(ops.items())[:6])
-        label = {"tc": "GEMV, tensor cores", "simt": "GEMV, SIMT", "gemm": "GEMM (M <= 16)"}[kernel]
+        label = {"tc": "GEMV, tensor cores", "simt": "GEMV, SIMT", "gemm": "GEMM small tile (M <= 16)",
+                 "skinny": "GEMM skinny tile (M <= 16)"}[kernel]
         lines.append(f"| {label} | {bits} | {group} | {m} | "
                      + " | ".join(f"{by_arch[a]['per_weight']:.2f}" if a in by_arch else "-" for a in ARCHS)
                      + f" | {top} |")

@@ -1,5 +1,5 @@
-// Fused low-bit tensor-core GEMM for M >= 16 rows of x (issue #4; also takes M = 9..15 by
-// masking): one launch computes
+// Fused low-bit tensor-core GEMM for M > 8 rows of x (issue #4; any M by masking): one launch
+// computes
 //   y = x·(Ŵ_b + R̂)ᵀ + t·L_upᵀ + extra + bias   stored through perm, in x's dtype,
 // for every bit class of the layer (2/3/4-bit, mixed), reading the packed words of FORMAT.md as
 // they are. Index math, the copy plan, the B-fragment decode and the epilogue live in
@@ -24,6 +24,12 @@
 //    reference) and rounds once to fp16/bf16 for the mma. A decoded fragment serves all of the
 //    warp's m16 tiles (4 in every tile of the table).
 //  * mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}, fp32 accumulators in registers.
+//  * M <= 16 (the skinny tile, gemm.h "Skinny tile"; skinny_k_tile below): the operands swap.
+//    The packed rows are the A operand, holding the exact integer codes (no dequantization), x
+//    the B operand (ldmatrix), and each group's scale and offset are applied afterwards in fp32
+//    (y += s·Σx·q + m·Σx, Σx by one more mma), as in the tensor-core GEMV; its scales come from
+//    global memory a group ahead instead of staged windows. The pipeline, split-K and the
+//    epilogue are the same code as the other tiles'.
 //  * Split-K inside the block (WK > 1, small-M tiles): warp-k w takes runs w, w+WK, ... of every
 //    k tile; at the end the partials go through shared memory and warp-k 0 adds them in the
 //    order 1, 2, ..: deterministic, no atomics.
@@ -139,39 +145,25 @@ __device__ __forceinline__ void lowrank_tile(const Args& a, const BlockTile& bt,
   __syncthreads();  // the sums of every warp-k share are in the tiles; the staging may be reused
 }
 
-// The main loop of one block: rows [bt.row0, bt.row_end) of one class (width BITS) × x rows
-// [bt.m0, bt.m0 + BM), over k tiles [kr.kt0, kr.kt1) (all of K unless split-K), into this lane's
-// accumulators; on return the stages are free (gemm_epilogue reuses them).
-template <class T, int BITS, int DT>
-__device__ __forceinline__ void gemm_mainloop(const Args& a, const BlockTile& bt,
-                                              const gemm::KRange& kr, char* smem,
-                                              float (&acc)[T::MT][T::NT][4]) {
-  const int tid = threadIdx.x, lane = tid & 31;
-  const WarpPos w = gemm::warp_pos<T>(tid >> 5);
-  const bool res = a.res_index != nullptr;
+// The cp.async pipeline of one block over k tiles [kr.kt0, kr.kt1) (all of K unless split-K):
+// compute(stage, stage_addr, kg) runs once per k tile kg, in order, once its stage has landed.
+// On return the stages are free (gemm_epilogue reuses them).
+//
+// Iteration it issues the copies of k tile kt0 + it (one commit group per iteration, empty past
+// the end so that the wait_group counts stay uniform) and computes k tile kt0 + kt,
+// kt = it - (STAGES - 1) (stage slots count from the block's first k tile):
+// the first STAGES - 1 iterations are the prologue. Before computing kt, wait_group leaves at
+// most STAGES - 2 younger groups in flight, so this thread's copies of kt have landed, and the
+// barrier makes everyone's visible and retires k tile kt - 1, whose stage the copies of this
+// iteration (k tile kt + STAGES - 1) overwrite. One copy site and one compute site keep the
+// code (and the build) small.
+template <class T, int BITS, class Compute>
+__device__ __forceinline__ void gemm_pipeline(const Args& a, const BlockTile& bt,
+                                              const gemm::KRange& kr, char* smem, const int* s_ri,
+                                              bool res, Compute& compute) {
+  const int tid = threadIdx.x;
   const bool vec = a.class_vec[bt.cls] != 0;
-  int* s_ri = reinterpret_cast<int*>(smem + T::RI_OFF);
-  for (int i = tid; i < T::BN; i += T::THREADS)
-    s_ri[i] = (res && bt.row0 + i < bt.row_end) ? a.res_index[bt.row0 + i] : -1;
-  __syncthreads();
-
   const int ktiles = kr.kt1 - kr.kt0;  // this block's k tiles, from kr.kt0 on
-  const int mtiles = gemm::warp_m_tiles<T>(a, bt, w.wm);
-#pragma unroll
-  for (int i = 0; i < T::MT; ++i)
-#pragma unroll
-    for (int j = 0; j < T::NT; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
-
-  // Iteration it issues the copies of k tile kt0 + it (one commit group per iteration, empty past
-  // the end so that the wait_group counts stay uniform) and computes k tile kt0 + kt,
-  // kt = it - (STAGES - 1) (stage slots count from the block's first k tile):
-  // the first STAGES - 1 iterations are the prologue. Before computing kt, wait_group leaves at
-  // most STAGES - 2 younger groups in flight, so this thread's copies of kt have landed, and the
-  // barrier makes everyone's visible and retires k tile kt - 1, whose stage the copies of this
-  // iteration (k tile kt + STAGES - 1) overwrite. One copy site and one compute site keep the
-  // code (and the build) small.
 #pragma unroll 1
   for (int it = 0; it < ktiles + T::STAGES - 1; ++it) {
     const int kt = it - (T::STAGES - 1);
@@ -185,31 +177,238 @@ __device__ __forceinline__ void gemm_mainloop(const Args& a, const BlockTile& bt
     }
     cp_async_commit();
     if (kt < 0) continue;
-
     const char* stage = smem + (kt % T::STAGES) * T::STAGE_BYTES;
-    const uint32_t stage_addr = smem_addr(stage);
-    const int kg = kr.kt0 + kt;  // the k tile of K
-#pragma unroll 1
-    for (int jr = 0; jr < T::RUNS_PER_WARP; ++jr) {
-      const int rho = gemm::warp_run<T>(w.wk, jr);
-      if (kg * T::BK + 32 * rho >= a.k) break;  // runs past K hold only padding (x = 0)
-      uint32_t b[T::NT][4];
-      gemm::decode_b<T, BITS, DT>(a, bt, kg, stage, s_ri, w, lane, rho, res, b);
-#pragma unroll
-      for (int s = 0; s < 2; ++s) {
-#pragma unroll
-        for (int i = 0; i < T::MT; ++i) {
-          if (i >= mtiles) break;  // m16 tiles wholly past M: nothing to compute
-          uint32_t af[4];
-          ldsm_x4(stage_addr + gemm::a_ldsm_offset<T>(w, i, rho, s, lane), af);
-#pragma unroll
-          for (int j = 0; j < T::NT; ++j) mma16816<DT>(acc[i][j], af, b[j][2 * s], b[j][2 * s + 1]);
-        }
-      }
-    }
+    compute(stage, smem_addr(stage), kr.kt0 + kt);
   }
   cp_async_wait<0>();  // only empty groups remain; the stages are reused by the epilogue
   __syncthreads();
+}
+
+// res_index of the block's BN rows into shared memory (-1: none, or past the class's end).
+template <class T>
+__device__ __forceinline__ int* stage_res_index(const Args& a, const BlockTile& bt, char* smem) {
+  int* s_ri = reinterpret_cast<int*>(smem + T::RI_OFF);
+  const bool res = a.res_index != nullptr;
+  for (int i = threadIdx.x; i < T::BN; i += T::THREADS)
+    s_ri[i] = (res && bt.row0 + i < bt.row_end) ? a.res_index[bt.row0 + i] : -1;
+  __syncthreads();
+  return s_ri;
+}
+
+// The skinny tile's per-warp state (gemm.h "Skinny tile"): the lane's rows and addresses, the
+// group sums (Σx·q, Σ±x·signs, Σx) and the next group's stored scales, loaded ahead.
+template <class T, int BITS>
+struct SkinnyWarp {
+  WarpPos w;
+  int lane, nx, run_end, shift, g;  // shift: log2(runs a group); g: the group raw / alpha hold
+  bool wres;                    // some row of the warp has a residual (else no sign products)
+  int word[T::MW][2];           // skinny_word of the warp's first run of a k tile
+  int ldsm[T::RUNS_PER_WARP][T::NX];  // skinny_ldsm_offset of each of its runs, stage-relative
+  gemm::SkinnyRows rows[T::MW];
+  uint32_t raw[T::MW][2];       // group g's s, m of the lane's rows, and α
+  uint16_t alpha[T::MW][2];
+  float cq[T::MW][T::NX][4], cr[T::MW][T::NX][4], xs[T::NX][4];
+};
+
+template <class T, int BITS>
+__device__ __forceinline__ void skinny_warp(const Args& a, const BlockTile& bt,
+                                            const gemm::KRange& kr, const int* s_ri,
+                                            SkinnyWarp<T, BITS>& sw) {
+  sw.lane = threadIdx.x & 31;
+  sw.w = gemm::warp_pos<T>(threadIdx.x >> 5);
+  bool mine = false;
+  for (int i = sw.lane; i < T::WTN; i += 32) mine = mine || s_ri[sw.w.wn * T::WTN + i] >= 0;
+  sw.wres = a.res_index != nullptr && __any_sync(0xffffffffu, mine);
+  sw.nx = gemm::warp_n8_tiles<T>(a, bt, sw.w.wm);
+  sw.run_end = min(kr.kt1 * T::RUNS, (a.k + 31) / 32);  // runs past K: padding only
+  sw.shift = gemm::skinny_rpg_shift(a.group_size);
+  sw.g = gemm::skinny_first_group<T>(kr.kt0, sw.w.wk, sw.shift);
+  // Defined values for the sums of n8 tiles past M too (never computed, folded into accumulators
+  // that are never stored): once a block, not a fold.
+#pragma unroll
+  for (int j = 0; j < T::NX; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      sw.xs[j][e] = 0.0f;
+#pragma unroll
+      for (int i = 0; i < T::MW; ++i) sw.cq[i][j][e] = sw.cr[i][j][e] = 0.0f;
+    }
+  // Offsets through ptx::opaque: computed once here, kept in registers (ptxas would otherwise
+  // recompute them from threadIdx in every k tile: ~20 instructions a run).
+  const int rho0 = gemm::skinny_run<T>(sw.w.wk, 0);
+#pragma unroll
+  for (int i = 0; i < T::MW; ++i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      sw.word[i][h] = int(ptx::opaque(uint32_t(gemm::skinny_word<T, BITS>(sw.w, i, sw.lane, h, rho0))));
+    sw.rows[i] = gemm::skinny_rows<T>(a, bt, s_ri, sw.w, sw.lane, i, ptx::LdgLoad());
+    gemm::skinny_raw_params(a, sw.rows[i], sw.g, sw.raw[i], sw.alpha[i], ptx::LdgLoad());
+  }
+#pragma unroll
+  for (int jr = 0; jr < T::RUNS_PER_WARP; ++jr)
+#pragma unroll
+    for (int j = 0; j < T::NX; ++j)
+      sw.ldsm[jr][j] = int(ptx::opaque(uint32_t(gemm::skinny_ldsm_offset<T>(sw.w, j, rho0 + jr, sw.lane))));
+}
+
+// One k tile kg of the skinny tile into acc, L consecutive runs of the warp a group (gemm.h
+// skinny_warp_group_runs: 1 for groups of 32, 2 for 64 and 128): per run of the warp, the exact
+// codes of its MW m16 tiles of packed rows as A, its live n8 tiles of x rows as B (ldmatrix),
+// Σx·q and Σx (A = 1.0) summed per group, the residual as a product with A = ±1; folded into acc
+// where the warp's group ends, after which the next group's parameters are loaded. The run loop
+// is unrolled, so a group's first products write C = 0 (no zeroing after a fold) and the folds
+// sit at fixed places.
+template <class T, int BITS, int DT, int L>
+__device__ __forceinline__ void skinny_k_tile(const Args& a, const char* stage, uint32_t stage_addr,
+                                              int kg, SkinnyWarp<T, BITS>& sw,
+                                              float (&acc)[T::A1][T::A2][4]) {
+  static_assert(T::RUNS_PER_WARP % L == 0, "a warp's runs of a k tile are whole groups of L");
+  const uint32_t ones = exact::one_pair(DT);
+  const uint32_t one4[4] = {ones, ones, ones, ones};
+  const uint32_t* sB = reinterpret_cast<const uint32_t*>(stage + T::B_OFF);
+  const uint32_t* sP = reinterpret_cast<const uint32_t*>(stage + T::P_OFF);
+  const int t = mma::thread_in_group(sw.lane);
+#pragma unroll
+  for (int jr = 0; jr < T::RUNS_PER_WARP; ++jr) {
+    const int rho = gemm::skinny_run<T>(sw.w.wk, jr);
+    const bool first = gemm::skinny_group_first(jr, L);  // compile-time after unrolling
+    if (kg * T::RUNS + rho < sw.run_end) {
+      uint32_t q[T::MW][8];
+#pragma unroll
+      for (int i = 0; i < T::MW; ++i) {
+        uint32_t lo[2], hi[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int wi = sw.word[i][h] + jr * BITS;  // linear in the run
+          lo[h] = sB[wi];
+          hi[h] = BITS == 3 ? sB[wi - exact::lane_word(BITS, t) + 2] : 0u;
+        }
+        gemm::skinny_codes<BITS, DT>(lo, hi, t, q[i]);
+      }
+      uint32_t b[T::NX][4];
+#pragma unroll
+      for (int j = 0; j < T::NX; ++j)
+        if (j < sw.nx) ldsm_x4(stage_addr + sw.ldsm[jr][j], b[j]);
+#pragma unroll
+      for (int s = 0; s < 2; ++s)
+#pragma unroll
+        for (int j = 0; j < T::NX; ++j) {
+          if (j >= sw.nx) break;  // n8 tiles wholly past M: nothing to compute
+          const bool zc = first && s == 0;  // the group's first product: C = 0
+          mma16816<DT>(sw.xs[j], one4, b[j][2 * s], b[j][2 * s + 1], zc);
+#pragma unroll
+          for (int i = 0; i < T::MW; ++i)
+            mma16816<DT>(sw.cq[i][j], &q[i][4 * s], b[j][2 * s], b[j][2 * s + 1], zc);
+        }
+      if (sw.wres) {
+#pragma unroll
+        for (int i = 0; i < T::MW; ++i) {
+          uint32_t pl[2], r[8];
+          bool has[2];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            pl[h] = sP[gemm::skinny_plane_word<T>(gemm::skinny_row<T>(sw.w, i, sw.lane, h), rho)];
+            has[h] = sw.rows[i].ri[h] >= 0;
+          }
+          gemm::skinny_signs<DT>(pl, has, t, r);
+#pragma unroll
+          for (int s = 0; s < 2; ++s)
+#pragma unroll
+            for (int j = 0; j < T::NX; ++j) {
+              if (j >= sw.nx) break;
+              mma16816<DT>(sw.cr[i][j], &r[4 * s], b[j][2 * s], b[j][2 * s + 1], first && s == 0);
+            }
+        }
+      }
+    }
+    if (gemm::skinny_group_last(jr, L) &&
+        gemm::skinny_group_first_run<T>(kg, sw.w.wk, jr, L) < sw.run_end) {
+#pragma unroll
+      for (int i = 0; i < T::MW; ++i) {
+        float sc[2], zr[2], al[2];
+        gemm::skinny_params(a, sw.rows[i], sw.raw[i], sw.alpha[i], sc, zr, al);
+#pragma unroll
+        for (int j = 0; j < T::NX; ++j)
+          exact::fold_group(acc[i][j], sw.cq[i][j], sw.cr[i][j], sw.xs[j], sc, zr, al, sw.wres);
+      }
+      sw.g = gemm::skinny_next_group<T>(kg, sw.w.wk, jr, sw.shift);  // its parameters, a group ahead
+#pragma unroll
+      for (int i = 0; i < T::MW; ++i)
+        gemm::skinny_raw_params(a, sw.rows[i], sw.g, sw.raw[i], sw.alpha[i], ptx::LdgLoad());
+    }
+  }
+}
+
+// The skinny tile's main loop (T::SWAP): the pipeline with skinny_k_tile as its compute.
+template <class T, int BITS, int DT, int L>
+__device__ __forceinline__ void skinny_mainloop(const Args& a, const BlockTile& bt,
+                                                const gemm::KRange& kr, char* smem,
+                                                float (&acc)[T::A1][T::A2][4]) {
+  const int* s_ri = stage_res_index<T>(a, bt, smem);
+  SkinnyWarp<T, BITS> sw;
+  skinny_warp<T, BITS>(a, bt, kr, s_ri, sw);
+#pragma unroll
+  for (int i = 0; i < T::MW; ++i)
+#pragma unroll
+    for (int j = 0; j < T::NX; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+  auto compute = [&](const char* stage, uint32_t stage_addr, int kg) {
+    skinny_k_tile<T, BITS, DT, L>(a, stage, stage_addr, kg, sw, acc);
+  };
+  gemm_pipeline<T, BITS>(a, bt, kr, smem, s_ri, a.res_index != nullptr, compute);
+}
+
+// The main loop of one block: rows [bt.row0, bt.row_end) of one class (width BITS) × x rows
+// [bt.m0, bt.m0 + BM), over k tiles [kr.kt0, kr.kt1), into this lane's accumulators: per run,
+// each lane decodes its B fragments (fp32 dequant, one rounding to x's dtype) and multiplies them
+// with the ldmatrix'd x fragments of the warp's live m16 tiles. The skinny tile has its own.
+template <class T, int BITS, int DT>
+__device__ __forceinline__ void gemm_mainloop(const Args& a, const BlockTile& bt,
+                                              const gemm::KRange& kr, char* smem,
+                                              float (&acc)[T::A1][T::A2][4]) {
+  if constexpr (T::SWAP) {
+    // Groups of 32, 64 or 128 (select_tile picks this tile for no other): a warp's run count a
+    // group, the only thing the unrolled loop needs at compile time, is 1, 2 or 2.
+    constexpr int L1 = gemm::skinny_warp_group_runs<T>(1), L2 = gemm::skinny_warp_group_runs<T>(4);
+    static_assert(gemm::skinny_warp_group_runs<T>(2) == L2, "groups of 64 and 128 fold alike");
+    if (a.group_size == 32) skinny_mainloop<T, BITS, DT, L1>(a, bt, kr, smem, acc);
+    else skinny_mainloop<T, BITS, DT, L2>(a, bt, kr, smem, acc);
+  } else {
+    const int lane = threadIdx.x & 31;
+    const WarpPos w = gemm::warp_pos<T>(threadIdx.x >> 5);
+    const bool res = a.res_index != nullptr;
+    const int* s_ri = stage_res_index<T>(a, bt, smem);
+    const int mtiles = gemm::warp_m_tiles<T>(a, bt, w.wm);
+#pragma unroll
+    for (int i = 0; i < T::MT; ++i)
+#pragma unroll
+      for (int j = 0; j < T::NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+
+    auto compute = [&](const char* stage, uint32_t stage_addr, int kg) {
+#pragma unroll 1
+      for (int jr = 0; jr < T::RUNS_PER_WARP; ++jr) {
+        const int rho = gemm::warp_run<T>(w.wk, jr);
+        if (kg * T::BK + 32 * rho >= a.k) break;  // runs past K hold only padding (x = 0)
+        uint32_t b[T::NT][4];
+        gemm::decode_b<T, BITS, DT>(a, bt, kg, stage, s_ri, w, lane, rho, res, b);
+#pragma unroll
+        for (int s = 0; s < 2; ++s) {
+#pragma unroll
+          for (int i = 0; i < T::MT; ++i) {
+            if (i >= mtiles) break;  // m16 tiles wholly past M: nothing to compute
+            uint32_t af[4];
+            ldsm_x4(stage_addr + gemm::a_ldsm_offset<T>(w, i, rho, s, lane), af);
+#pragma unroll
+            for (int j = 0; j < T::NT; ++j) mma16816<DT>(acc[i][j], af, b[j][2 * s], b[j][2 * s + 1]);
+          }
+        }
+      }
+    };
+    gemm_pipeline<T, BITS>(a, bt, kr, smem, s_ri, res, compute);
+  }
 }
 
 // The epilogue of one block, after its main loop (whatever the class's width: one copy per
@@ -218,7 +417,7 @@ __device__ __forceinline__ void gemm_mainloop(const Args& a, const BlockTile& bt
 template <class T, int DT>
 __device__ __forceinline__ void gemm_epilogue(const Args& a, const BlockTile& bt,
                                               const gemm::KRange& kr, char* smem,
-                                              float (&acc)[T::MT][T::NT][4]) {
+                                              float (&acc)[T::A1][T::A2][4]) {
   const int lane = threadIdx.x & 31;
   const WarpPos w = gemm::warp_pos<T>(threadIdx.x >> 5);
   const int mtiles = gemm::warp_m_tiles<T>(a, bt, w.wm);
@@ -230,12 +429,12 @@ __device__ __forceinline__ void gemm_epilogue(const Args& a, const BlockTile& bt
     float* red = reinterpret_cast<float*>(smem);
     if (w.wk > 0) {
 #pragma unroll
-      for (int i = 0; i < T::MT; ++i)
+      for (int i = 0; i < T::A1; ++i)
 #pragma unroll
-        for (int j = 0; j < T::NT; ++j)
+        for (int j = 0; j < T::A2; ++j)
 #pragma unroll
           for (int e = 0; e < 4; ++e)
-            red[gemm::red_index<T>(w.wk, w.wmn, (i * T::NT + j) * 4 + e, lane)] = acc[i][j][e];
+            red[gemm::red_index<T>(w.wk, w.wmn, (i * T::A2 + j) * 4 + e, lane)] = acc[i][j][e];
     }
     __syncthreads();
     if (w.wk > 0 && !lowrank) return;
@@ -243,12 +442,12 @@ __device__ __forceinline__ void gemm_epilogue(const Args& a, const BlockTile& bt
 #pragma unroll 1
       for (int p = 1; p < T::WK; ++p)  // fixed order: deterministic
 #pragma unroll
-        for (int i = 0; i < T::MT; ++i)
+        for (int i = 0; i < T::A1; ++i)
 #pragma unroll
-          for (int j = 0; j < T::NT; ++j)
+          for (int j = 0; j < T::A2; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e)
-              acc[i][j][e] += red[gemm::red_index<T>(p, w.wmn, (i * T::NT + j) * 4 + e, lane)];
+              acc[i][j][e] += red[gemm::red_index<T>(p, w.wmn, (i * T::A2 + j) * 4 + e, lane)];
     }
   }
 
@@ -264,21 +463,36 @@ __device__ __forceinline__ void gemm_epilogue(const Args& a, const BlockTile& bt
   for (int i = 0; i < loop_tiles; ++i) {
     if (lowrank) lowrank_tile<T>(a, bt, w, lane, i, smem, epi);
     if (w.wk > 0 || i >= mtiles) continue;  // only the low-rank share, or no rows < m here
+    if constexpr (T::SWAP) {
+      // n8 tiles 2i, 2i + 1 of x rows are this m16 tile; (c0, c1) are two x rows: scalar slots
 #pragma unroll
-    for (int j = 0; j < T::NT; ++j)
+      for (int mw = 0; mw < T::MW; ++mw)
 #pragma unroll
-      for (int e = 0; e < 4; e += 2) {  // (c0, c1) and (c2, c3) are column pairs: one float2
-        float2 v = make_float2(acc[0][j][e], acc[0][j][e + 1]);
+        for (int jx = 0; jx < T::NX; ++jx) {
+          if ((jx >> 1) != i) continue;  // a runtime i: selects, no local memory
 #pragma unroll
-        for (int ii = 1; ii < T::MT; ++ii)  // acc[i] with a runtime i: selects, no local memory
-          if (ii == i) v = make_float2(acc[ii][j][e], acc[ii][j][e + 1]);
-        float2* slot = reinterpret_cast<float2*>(epi + gemm::epi_slot<T>(j, lane, e));
-        if (lowrank) {
-          const float2 lr = *slot;
-          v.x += lr.x, v.y += lr.y;
+          for (int e = 0; e < 4; ++e) {
+            float* slot = epi + gemm::skinny_epi_slot<T>(mw, jx, lane, e);
+            *slot = lowrank ? acc[mw][jx][e] + *slot : acc[mw][jx][e];
+          }
         }
-        *slot = v;
-      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < T::NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; e += 2) {  // (c0, c1) and (c2, c3) are column pairs: one float2
+          float2 v = make_float2(acc[0][j][e], acc[0][j][e + 1]);
+#pragma unroll
+          for (int ii = 1; ii < T::MT; ++ii)  // acc[i] with a runtime i: selects, no local memory
+            if (ii == i) v = make_float2(acc[ii][j][e], acc[ii][j][e + 1]);
+          float2* slot = reinterpret_cast<float2*>(epi + gemm::epi_slot<T>(j, lane, e));
+          if (lowrank) {
+            const float2 lr = *slot;
+            v.x += lr.x, v.y += lr.y;
+          }
+          *slot = v;
+        }
+    }
     __syncwarp();
 #pragma unroll 1
     for (int o = lane; o < 16 * T::WTN; o += 32) {
@@ -361,14 +575,14 @@ __device__ __forceinline__ void split_fixup(const Args& a, const BlockTile& bt, 
 // Only the main loop is inside the BITS switch: the epilogue (with the low-rank staging) and the
 // split-K reduction are one copy per kernel, not one per width (a third of the code to build).
 template <int ID, int DT>
-__global__ void __launch_bounds__(gemm::tile_threads(ID)) gemm_kernel(const Args a) {
+__global__ void __launch_bounds__(gemm::tile_threads(ID), gemm::tile_min_blocks(ID)) gemm_kernel(const Args a) {
 #if defined(__CUDA_ARCH__)
   if constexpr (__CUDA_ARCH__ >= 800 && gemm::tile_built_for(ID, __CUDA_ARCH__ / 10)) {
     using T = typename gemm::TileOf<ID>::type;
     extern __shared__ __align__(16) char smem[];
     const BlockTile bt = gemm::block_tile(a, T::BN, T::BM, blockIdx.x, blockIdx.y);
     const gemm::KRange kr = gemm::split_range((a.k + T::BK - 1) / T::BK, a.split, blockIdx.z);
-    float acc[T::MT][T::NT][4];
+    float acc[T::A1][T::A2][4];
     switch (a.classes.bits[bt.cls]) {  // uniform per block
       case 2: gemm_mainloop<T, 2, DT>(a, bt, kr, smem, acc); break;
       case 3: gemm_mainloop<T, 3, DT>(a, bt, kr, smem, acc); break;
@@ -514,10 +728,10 @@ struct Launcher {
 // The tile for m rows on the current device, by the loaded code's architecture (see DeviceInfo),
 // which is the device's own in the usual build; the shared-memory check in Launcher::run still
 // uses the device's real limit.
-std::string pick_tile(int m, DeviceInfo* info, int* id) {
+std::string pick_tile(int m, int group_size, DeviceInfo* info, int* id) {
   std::string err = device_info(info);
   if (!err.empty()) return err;
-  *id = gemm::select_tile(info->code_cc, m);
+  *id = gemm::select_tile(info->code_cc, m, group_size);
   if (*id < 0)
     return "bitfuse gemm_cuda: needs an sm_80 or newer GPU (cp.async, bf16 mma) and device code "
            "built for sm_80 or newer; this GPU is sm_" + std::to_string(info->cc) +
@@ -534,7 +748,7 @@ std::string gemm_plan(const gemm::Args& args, int split, GemmPlan* plan) {
   if (args.n == 0 || args.m == 0) return "";
   DeviceInfo info;
   int id = -1;
-  const std::string err = pick_tile(args.m, &info, &id);
+  const std::string err = pick_tile(args.m, gemm::tile_group_size(args), &info, &id);
   if (!err.empty()) return err;
   Planner p{args, info.code_cc, info.sms, split, GemmPlan{}};
   gemm::with_tile(id, p);
@@ -553,9 +767,11 @@ std::string gemm(const gemm::Args& args, int dtype, int split, std::uintptr_t st
   if (dtype != mma::kDtypeF16 && dtype != mma::kDtypeBF16)
     return "bitfuse gemm_cuda: dtype must be 1 (fp16) or 2 (bf16)";
   if (args.n == 0 || args.m == 0) return "";
+  err = gemm::group_index_error(args);
+  if (!err.empty()) return std::string(who) + err;
   DeviceInfo info;
   int id = -1;
-  err = pick_tile(args.m, &info, &id);
+  err = pick_tile(args.m, gemm::tile_group_size(args), &info, &id);
   if (!err.empty()) return err;
   Launcher l{args,           dtype,     reinterpret_cast<cudaStream_t>(stream),
              info.device,    info.smem_optin, info.code_cc, info.sms, split, ""};

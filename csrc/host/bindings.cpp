@@ -231,8 +231,9 @@ void gemm_cuda(std::uintptr_t x, std::int64_t lda, std::uintptr_t out, std::uint
                const std::vector<int>& class_bits, const std::vector<int>& class_rows, int m,
                int n, int k, int k_pad, int group_size, int r, int dtype, std::uintptr_t stream,
                std::uintptr_t workspace, std::int64_t workspace_bytes, std::uintptr_t counters,
-               std::int64_t counters_len, int split, std::uintptr_t scale_rows) {
+               std::int64_t counters_len, int split, std::uintptr_t scale_rows, bool skinny) {
 #ifndef BITFUSE_WITH_CUDA
+  (void)skinny;
   (void)x, (void)lda, (void)out, (void)qweight, (void)scales, (void)zeros, (void)perm,
       (void)res_index, (void)res_plane, (void)res_alpha, (void)nr, (void)t, (void)lr_up,
       (void)extra, (void)bias, (void)class_bits, (void)class_rows, (void)m, (void)n, (void)k,
@@ -277,6 +278,7 @@ void gemm_cuda(std::uintptr_t x, std::int64_t lda, std::uintptr_t out, std::uint
   a.nr = br.residual ? nr : 0;
   set_epilogue_pointers(a, br.lowrank, t, lr_up, r, extra, bias);
   a.m = m, a.n = n, a.k = k, a.k_pad = k_pad, a.group_size = group_size;
+  a.no_skinny = !skinny;
   // The plan the launch will use (the same gemm_config.h call), to check the workspace against.
   cuda::GemmPlan plan;
   std::string err = cuda::gemm_plan(a, split, &plan);
@@ -302,9 +304,10 @@ void gemm_cuda(std::uintptr_t x, std::int64_t lda, std::uintptr_t out, std::uint
 // The GEMM's launch plan on the current device (cuda::gemm_plan) as a dict, for the caller to
 // size the split-K workspace: shapes only, so a torch.empty of that size is CUDA-graph safe.
 py::dict gemm_cuda_plan(int m, const std::vector<int>& class_bits, const std::vector<int>& class_rows,
-                        int n, int k, int k_pad, int group_size, int split) {
+                        int n, int k, int k_pad, int group_size, int split, bool skinny) {
   py::dict d;
 #ifndef BITFUSE_WITH_CUDA
+  (void)skinny;
   (void)m, (void)class_bits, (void)class_rows, (void)n, (void)k, (void)k_pad, (void)group_size,
       (void)split, (void)d;
   throw std::runtime_error(
@@ -317,6 +320,7 @@ py::dict gemm_cuda_plan(int m, const std::vector<int>& class_bits, const std::ve
   if (m < 1) host::fail(std::string(who) + ": m must be >= 1, got " + std::to_string(m));
   if (split < 0) host::fail(std::string(who) + ": split must be >= 0, got " + std::to_string(split));
   a.m = m, a.n = n, a.k = k, a.k_pad = k_pad, a.group_size = group_size;
+  a.no_skinny = !skinny;
   cuda::GemmPlan plan;
   const std::string err = cuda::gemm_plan(a, split, &plan);
   if (!err.empty()) throw std::runtime_error(err);
@@ -378,19 +382,21 @@ PYBIND11_MODULE(_C, m) {
         py::arg("k_pad"), py::arg("group_size"), py::arg("r"), py::arg("dtype"),
         py::arg("stream"), py::arg("workspace_ptr") = 0, py::arg("workspace_bytes") = 0,
         py::arg("counters_ptr") = 0, py::arg("counters_len") = 0, py::arg("split") = 0,
-        py::arg("scale_rows_ptr") = 0,
+        py::arg("scale_rows_ptr") = 0, py::arg("skinny") = true,
         "Fused tensor-core GEMM on the GPU (csrc/cuda/gemm.cu), meant for m > 8 (any m >= 1 "
         "works). As gemv_cuda, plus: x (m, lda) with lda >= k a multiple of 8 and x_ptr 16-byte "
         "aligned (columns >= k are never read); scales/zeros/res_alpha 4-byte aligned; nr = rows "
-        "of res_plane. mma.sync m16n8k16 with fp32 accumulation; Ŵ is rounded to x's dtype for "
-        "the tensor cores. Split-K across blocks: split 0 = S chosen by the plan (gemm_cuda_plan), "
+        "of res_plane. mma.sync m16n8k16 with fp32 accumulation; for m <= 16 and groups of "
+        "32/64/128 the skinny tile (exact codes times x, scales per group in fp32; skinny=False: "
+        "the small tile, Ŵ rounded to x's dtype), otherwise Ŵ is rounded to x's dtype for the "
+        "tensor cores. Split-K across blocks: split 0 = S chosen by the plan (gemm_cuda_plan), "
         ">= 1 = that S (clipped to the k tiles); with S > 1 workspace_ptr (16-byte aligned) must "
         "hold workspace_bytes >= the plan's and counters_ptr >= the plan's int32 counters, zeroed "
         "once (the kernel leaves them 0). Asynchronous on `stream`. RuntimeError when built "
         "without CUDA or when CUDA fails; ValueError for bad arguments.");
   m.def("gemm_cuda_plan", &gemm_cuda_plan, py::arg("m"), py::arg("class_bits"),
         py::arg("class_rows"), py::arg("n"), py::arg("k"), py::arg("k_pad"),
-        py::arg("group_size"), py::arg("split") = 0,
+        py::arg("group_size"), py::arg("split") = 0, py::arg("skinny") = true,
         "gemm_cuda's launch plan on the current CUDA device: dict(tile, split (S), sms, tiles "
         "(output tiles), workspace_bytes (fp32 split-K partials; 0 when S = 1), counters (int32 "
         "counters S needs; 0 when S = 1), counter_slots (what a caller should keep per layer)). "

@@ -23,6 +23,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -79,6 +80,7 @@ Buf take(const py::array& a, const std::string& name, char kind, int size,
 
 struct Stats {
   int64_t copies = 0, copy_bytes = 0, ldsm = 0, ldsm_conflicts = 0, mma = 0;
+  int64_t lds = 0, lds_conflicts = 0;  // the skinny tile's weight-word loads (warp-wide accesses)
   int64_t lr_loads = 0, lr_chunks = 0, lr_reads = 0, lr_conflicts = 0;
 };
 
@@ -178,6 +180,144 @@ void emu_ldsm(const char* stage, int stage_bytes, const int off[32], uint32_t ou
       out[l][j] = uint32_t(ld16(p)) | (uint32_t(ld16(p + 2)) << 16);
     }
 }
+
+// The skinny tile's main loop (gemm.cu skinny_mainloop / skinny_k_tile) for one block: per k
+// tile, warp by warp, run by run (skinny_run), the lanes' A registers from the words the kernel
+// reads (skinny_word, the same header decode skinny_codes / skinny_signs), B from the emulated
+// ldmatrix at skinny_ldsm_offset, the mma emulated, Σx by the product with A = 1.0, the group
+// sums started (first) and folded (last) where skinny_group_first / _last put them, with the
+// parameters of the group the kernel's prefetch chain holds there (skinny_first_group /
+// skinny_next_group: checked to be the group of the folded run), into the block's accumulators
+// [warp][lane][mw][jx][e]. Also checks that every shared load of weight words (each of a lane's
+// two rows, one warp-wide access each) is free of bank conflicts.
+template <class T>
+struct Skinny {
+  const gemm::Args& a;
+  const gemm::BlockTile& bt;
+  const int* s_ri;
+  bool res;
+  int run_end, rpg, shift, L;
+  std::vector<float> cq, cr, xs;  // [warp][lane][mw][jx][4], and xs [warp][lane][jx][4]
+  std::vector<int> g;             // [warp]: the group whose parameters the kernel holds
+  bool wres[T::WARPS];
+  Skinny(const gemm::Args& a_, const gemm::BlockTile& bt_, const gemm::KRange& kr, const int* s_ri_,
+         bool res_)
+      : a(a_), bt(bt_), s_ri(s_ri_), res(res_) {
+    if (!T::SWAP) return;  // the other tiles do not use it
+    run_end = std::min(kr.kt1 * T::RUNS, (a.k + 31) / 32);
+    rpg = a.group_size / 32;
+    shift = gemm::skinny_rpg_shift(a.group_size);
+    L = gemm::skinny_warp_group_runs<T>(rpg);
+    cq.assign(size_t(T::WARPS) * 32 * T::ACC, 0.0f);
+    cr = cq;
+    xs.assign(size_t(T::WARPS) * 32 * T::NX * 4, 0.0f);
+    g.assign(T::WARPS, 0);
+    for (int warp = 0; warp < T::WARPS; ++warp) {
+      const gemm::WarpPos w = gemm::warp_pos<T>(warp);
+      bool any = false;
+      for (int i = 0; i < T::WTN; ++i) any = any || s_ri[w.wn * T::WTN + i] >= 0;
+      wres[warp] = res && any;  // __any_sync over the warp's rows
+      g[size_t(warp)] = gemm::skinny_first_group<T>(kr.kt0, w.wk, shift);
+    }
+  }
+  float* at(std::vector<float>& v, int warp, int lane, int mw, int jx) {
+    return &v[(size_t(warp) * 32 + lane) * T::ACC + (mw * T::NX + jx) * 4];
+  }
+  float* xs_at(int warp, int lane, int jx) { return &xs[((size_t(warp) * 32 + lane) * T::NX + jx) * 4]; }
+
+  template <int BITS, int DT, class Acc>
+  void stage(int kt, const char* stage_mem, Acc& accp, Stats& st) {
+    const uint32_t ones = exact::one_pair(DT);
+    const uint32_t* sB = reinterpret_cast<const uint32_t*>(stage_mem + T::B_OFF);
+    const uint32_t* sP = reinterpret_cast<const uint32_t*>(stage_mem + T::P_OFF);
+    uint32_t one4[32][4];
+    for (int l = 0; l < 32; ++l)
+      for (int i = 0; i < 4; ++i) one4[l][i] = ones;
+    for (int warp = 0; warp < T::WARPS; ++warp) {
+      const gemm::WarpPos w = gemm::warp_pos<T>(warp);
+      const int nx = gemm::warp_n8_tiles<T>(a, bt, w.wm);
+      for (int jr = 0; jr < T::RUNS_PER_WARP; ++jr) {
+        const int rho = gemm::skinny_run<T>(w.wk, jr);
+        const int R = kt * T::RUNS + rho;
+        const bool first = gemm::skinny_group_first(jr, L);
+        if (R < run_end) {
+          uint32_t q[T::MW][2][32][4], r[T::MW][2][32][4];
+          for (int i = 0; i < T::MW; ++i) {
+            for (int h = 0; h < 2; ++h) {  // the weight words one lane loads per row: one access
+              int word[32];
+              for (int lane = 0; lane < 32; ++lane)
+                word[lane] = (T::B_OFF / 4) + gemm::skinny_word<T, BITS>(w, i, lane, h, rho);
+              ++st.lds;
+              st.lds_conflicts += bank_conflict(word);
+            }
+            for (int lane = 0; lane < 32; ++lane) {
+              const int t = lane & 3;
+              uint32_t lo[2], hi[2], pl[2], c[8], sg[8];
+              bool has[2];
+              for (int h = 0; h < 2; ++h) {
+                const int wi = gemm::skinny_word<T, BITS>(w, i, lane, h, rho);
+                lo[h] = sB[wi];
+                hi[h] = BITS == 3 ? sB[wi - exact::lane_word(BITS, t) + 2] : 0u;
+                const int rr = gemm::skinny_row<T>(w, i, lane, h);
+                pl[h] = wres[warp] ? sP[gemm::skinny_plane_word<T>(rr, rho)] : 0u;
+                has[h] = s_ri[rr] >= 0;
+              }
+              gemm::skinny_codes<BITS, DT>(lo, hi, t, c);
+              gemm::skinny_signs<DT>(pl, has, t, sg);
+              for (int s = 0; s < 2; ++s)
+                for (int e = 0; e < 4; ++e) {
+                  q[i][s][lane][e] = c[4 * s + e];
+                  r[i][s][lane][e] = sg[4 * s + e];
+                }
+            }
+          }
+          for (int j = 0; j < nx; ++j) {
+            int off[32];
+            uint32_t bx[32][4];
+            for (int lane = 0; lane < 32; ++lane) off[lane] = gemm::skinny_ldsm_offset<T>(w, j, rho, lane);
+            emu_ldsm(stage_mem, T::STAGE_BYTES, off, bx, st);
+            for (int s = 0; s < 2; ++s) {
+              const bool zc = first && s == 0;  // the kernel's C = 0: the group's first product
+              uint32_t b0[32], b1[32];
+              float* c[32];
+              for (int lane = 0; lane < 32; ++lane) b0[lane] = bx[lane][2 * s], b1[lane] = bx[lane][2 * s + 1];
+              auto mma = [&](std::vector<float>* v, int i, const uint32_t (*aa)[4]) {
+                for (int lane = 0; lane < 32; ++lane) {
+                  c[lane] = v ? at(*v, warp, lane, i, j) : xs_at(warp, lane, j);
+                  if (zc) std::fill(c[lane], c[lane] + 4, 0.0f);
+                }
+                emu_mma(DT, c, aa, b0, b1);
+                ++st.mma;
+              };
+              mma(nullptr, 0, one4);
+              for (int i = 0; i < T::MW; ++i) {
+                mma(&cq, i, q[i][s]);
+                if (wres[warp]) mma(&cr, i, r[i][s]);
+              }
+            }
+          }
+        }
+        if (!gemm::skinny_group_last(jr, L) || gemm::skinny_group_first_run<T>(kt, w.wk, jr, L) >= run_end)
+          continue;
+        if (g[size_t(warp)] != R / rpg)
+          fail(std::string(kWho) + ": the skinny tile folds a group other than the one it loaded");
+        for (int lane = 0; lane < 32; ++lane)
+          for (int i = 0; i < T::MW; ++i) {
+            const gemm::SkinnyRows rows = gemm::skinny_rows<T>(a, bt, s_ri, w, lane, i);
+            uint32_t raw[2];
+            uint16_t alpha[2];
+            float sc[2], zr[2], al[2];
+            gemm::skinny_raw_params(a, rows, g[size_t(warp)], raw, alpha);
+            gemm::skinny_params(a, rows, raw, alpha, sc, zr, al);
+            for (int j = 0; j < T::NX; ++j)
+              exact::fold_group(accp(warp, lane, i, j), at(cq, warp, lane, i, j), at(cr, warp, lane, i, j),
+                                xs_at(warp, lane, j), sc, zr, al, wres[warp]);
+          }
+        g[size_t(warp)] = gemm::skinny_next_group<T>(kt, w.wk, jr, shift);
+      }
+    }
+  }
+};
 
 struct Twin {
   gemm::Args a;
@@ -339,13 +479,18 @@ struct Twin {
       s_ri[i] = (res && bt.row0 + i < bt.row_end) ? a.res_index[bt.row0 + i] : -1;
     std::vector<float> acc(size_t(T::WARPS) * 32 * T::ACC, 0.0f);  // [warp][lane][i][j][e]
     auto accp = [&](int warp, int lane, int i, int j) {
-      return &acc[(size_t(warp) * 32 + lane) * T::ACC + (i * T::NT + j) * 4];
+      return &acc[(size_t(warp) * 32 + lane) * T::ACC + (i * T::A2 + j) * 4];
     };
+    Skinny<T> sk(a, bt, kr, s_ri, res);
     uint32_t bfrag[32][T::NT][4];
     for (int kt = kr.kt0; kt < kr.kt1; ++kt) {
       char* stage = sm + ((kt - kr.kt0) % T::STAGES) * T::STAGE_BYTES;  // slots count from kt0
       EmuCopy cp{stage, T::STAGE_BYTES, &st, &ranges};
       gemm::stage_copies<T, BITS>(a, bt, kt, s_ri, vec, res, 0, 1, cp);
+      if constexpr (T::SWAP) {
+        sk.template stage<BITS, DT>(kt, stage, accp, st);
+        continue;
+      }
       for (int warp = 0; warp < T::WARPS; ++warp) {
         const gemm::WarpPos w = gemm::warp_pos<T>(warp);
         const int mtiles = gemm::warp_m_tiles<T>(a, bt, w.wm);
@@ -408,11 +553,17 @@ struct Twin {
         if (w.wk != 0 || i >= gemm::warp_m_tiles<T>(a, bt, w.wm)) continue;
         float* epi = reinterpret_cast<float*>(sm + T::EPI_OFF) + w.wmn * T::EPI_FLOATS;
         for (int lane = 0; lane < 32; ++lane)
-          for (int j = 0; j < T::NT; ++j)
+          for (int j = 0; j < T::A2; ++j)
             for (int e = 0; e < 4; ++e) {
-              const int slot = gemm::epi_slot<T>(j, lane, e);
-              const float acc_e = accp(warp, lane, i, j)[e];
-              epi[slot] = lowrank ? acc_e + epi[slot] : acc_e;  // acc + lr, as the kernel
+              for (int i1 = 0; i1 < T::A1; ++i1) {
+                // (i1, j) is the kernel's acc[i][j] (non-skinny: i1 = the m16 tile i) or
+                // acc[mw][jx] (skinny: epilogue tile jx >> 1)
+                if (T::SWAP ? (j >> 1) != i : i1 != i) continue;
+                const int slot = T::SWAP ? gemm::skinny_epi_slot<T>(i1, j, lane, e)
+                                         : gemm::epi_slot<T>(j, lane, e);
+                const float acc_e = accp(warp, lane, i1, j)[e];
+                epi[slot] = lowrank ? acc_e + epi[slot] : acc_e;  // acc + lr, as the kernel
+              }
             }
         for (int o = 0; o < 16 * T::WTN; ++o) {
           const int mi = bt.m0 + gemm::epi_x_row<T>(w, i, o);
@@ -453,7 +604,7 @@ py::tuple gemm_host(const py::array& x_in, int dtype, int cc, const py::array& q
     fail(std::string(kWho) + ": x must be (m, " + std::to_string(k) + "), got " + shape_str(x_in));
   const int m = int(x_in.shape(0));
   if (m < 1) fail(std::string(kWho) + ": m must be >= 1");
-  if (tile < 0) tile = gemm::select_tile(cc, m);
+  if (tile < 0) tile = gemm::select_tile(cc, m, group_size);  // (skinny unless tile says otherwise)
   if (tile < 0 || tile >= gemm::kTileCount)
     fail(std::string(kWho) + ": no tile for cc=" + std::to_string(cc) + " (sm_80 or newer), tile=" +
          std::to_string(tile));
@@ -541,6 +692,8 @@ py::tuple gemm_host(const py::array& x_in, int dtype, int cc, const py::array& q
     a.bias = static_cast<const float*>(bias.data());
   }
   a.m = m, a.n = n, a.k = k, a.k_pad = k_pad, a.group_size = group_size;
+  const std::string big = gemm::group_index_error(a);
+  if (!big.empty()) fail(std::string(kWho) + big);
 
   std::vector<float> y(size_t(m) * n, 0.0f);
   std::vector<int> written(size_t(m) * n, 0);
@@ -578,6 +731,8 @@ py::tuple gemm_host(const py::array& x_in, int dtype, int cc, const py::array& q
   info["ldsm"] = tw.st.ldsm;
   info["ldsm_conflicts"] = tw.st.ldsm_conflicts;
   info["mma"] = tw.st.mma;
+  info["lds"] = tw.st.lds;                    // skinny tile: warp-wide weight-word loads
+  info["lds_conflicts"] = tw.st.lds_conflicts;  // of which bank-conflicted
   info["lr_loads"] = tw.st.lr_loads;          // global loads of the low-rank staging
   info["lr_chunks"] = tw.st.lr_chunks;        // (m16 tile, chunk) stagings
   info["lr_reads"] = tw.st.lr_reads;          // warp-wide shared reads checked for bank conflicts
@@ -609,7 +764,7 @@ struct TileInfo {
     using T = typename gemm::TileOf<ID>::type;
     d["id"] = ID, d["bm"] = T::BM, d["bn"] = T::BN, d["bk"] = T::BK, d["wm"] = T::WM;
     d["wn"] = T::WN, d["wk"] = T::WK, d["stages"] = T::STAGES, d["threads"] = T::THREADS;
-    d["smem"] = T::SMEM_BYTES;
+    d["smem"] = T::SMEM_BYTES, d["swap"] = T::SWAP;
   }
 };
 
@@ -617,13 +772,17 @@ py::list gemm_tile_table() {
   py::list rows;
   for (int r = 0; r < gemm::kArchRows; ++r) {
     const gemm::ArchConfig c = gemm::arch_config(r);
-    TileInfo s, l;
+    TileInfo s, l, k;
     gemm::with_tile(c.small_tile, s);
     gemm::with_tile(c.large_tile, l);
+    gemm::with_tile(c.skinny_tile, k);
     py::dict d;
     d["cc"] = c.cc, d["sms"] = c.sms, d["smem_per_sm_kb"] = c.smem_per_sm_kb;
     d["small"] = s.d, d["large"] = l.d, d["small_max_m"] = gemm::kSmallMaxM;
+    d["skinny"] = k.d, d["skinny_max_m"] = gemm::kSkinnyMaxM;
+    d["skinny_group_sizes"] = py::make_tuple(32, 64, 128);  // gemm.h skinny_takes_group_size
     d["small_blocks"] = c.small_blocks, d["large_blocks"] = c.large_blocks;
+    d["skinny_blocks"] = c.skinny_blocks;
     rows.append(d);
   }
   return rows;
@@ -656,11 +815,12 @@ struct PlanInfo {
 
 py::dict gemm_plan_host(int cc, int m, const std::vector<int>& class_bits,
                         const std::vector<int>& class_rows, int n, int k, int k_pad, int group_size,
-                        int sms, int split) {
+                        int sms, int split, bool skinny) {
   gemm::Args a{};
   a.classes = make_class_table(class_bits, class_rows, n, k, k_pad, group_size);
   if (m < 1) fail(std::string(kWho) + ": m must be >= 1");
-  const int tile = gemm::select_tile(cc, m);
+  a.group_size = group_size, a.no_skinny = !skinny;
+  const int tile = gemm::select_tile(cc, m, gemm::tile_group_size(a));
   if (tile < 0) fail(std::string(kWho) + ": no tile for cc=" + std::to_string(cc) + " (sm_80 or newer)");
   if (sms < 0) sms = gemm::arch_config(gemm::arch_row(cc)).sms;
   if (sms < 1) fail(std::string(kWho) + ": sms must be >= 1 (or -1: the table's)");
@@ -669,6 +829,20 @@ py::dict gemm_plan_host(int cc, int m, const std::vector<int>& class_bits,
   PlanInfo p{a, cc, sms, split, py::dict()};
   gemm::with_tile(tile, p);
   return p.d;
+}
+
+// A stage whose x tile holds 256·r + c at element (r, c), written as the copy plan places it
+// (through the swizzle): what the layout tests read back through the emulated ldmatrix.
+template <class T>
+std::vector<uint32_t> numbered_x_tile() {
+  std::vector<uint32_t> stage(T::STAGE_BYTES / 4, 0u);
+  char* st8 = reinterpret_cast<char*>(stage.data());
+  for (int r = 0; r < T::BM; ++r)
+    for (int c = 0; c < T::BK; ++c) {
+      const uint16_t v = uint16_t(256 * r + c);
+      std::memcpy(st8 + T::A_OFF + mma::a_tile_offset(r, c - c % 8, T::BK) + 2 * (c % 8), &v, 2);
+    }
+  return stage;
 }
 
 // Fills an x tile whose element (r, c) is 256·r + c and reads one m16k16 fragment back through
@@ -682,13 +856,8 @@ struct LayoutFill {
     using T = typename gemm::TileOf<ID>::type;
     if (i < 0 || i >= T::MT || rho < 0 || rho >= T::RUNS || s < 0 || s > 1)
       fail(std::string(kWho) + ": m16 tile / run / step outside the tile");
-    std::vector<uint32_t> stage(T::STAGE_BYTES / 4, 0u);
+    std::vector<uint32_t> stage = numbered_x_tile<T>();
     char* st8 = reinterpret_cast<char*>(stage.data());
-    for (int r = 0; r < T::BM; ++r)  // the x tile, written as the copy plan places it
-      for (int c = 0; c < T::BK; ++c) {
-        const uint16_t v = uint16_t(256 * r + c);
-        std::memcpy(st8 + T::A_OFF + mma::a_tile_offset(r, c - c % 8, T::BK) + 2 * (c % 8), &v, 2);
-      }
     const gemm::WarpPos w = gemm::warp_pos<T>(0);
     int off[32];
     uint32_t af[32][4];
@@ -718,6 +887,40 @@ py::dict mma_layout_test(int tile, int i, int rho, int s) {
   gemm::with_tile(tile, f);
   py::dict d;
   d["a"] = A, d["b"] = B, d["c"] = C, d["ldsm"] = L, d["ldsm_conflicts"] = f.st.ldsm_conflicts;
+  return d;
+}
+
+// The skinny tile's B path (gemm.h skinny_ldsm_offset): an x tile whose element (r, c) holds
+// 256·r + c, written through the swizzle, read by the ldmatrix.x4 of n8 tile jx, run rho of the
+// warp at (wn, wk) = (0, wk): the 8 values lane receives (register j, low half first).
+struct SkinnyLayoutFill {
+  int jx, rho, wk;
+  py::array_t<int32_t>* L;
+  Stats st;
+  template <int ID>
+  void run() {
+    using T = typename gemm::TileOf<ID>::type;
+    if (!T::SWAP) fail(std::string(kWho) + ": not a skinny tile");
+    if (jx < 0 || jx >= T::NX || rho < 0 || rho >= T::RUNS || wk < 0 || wk >= T::WK)
+      fail(std::string(kWho) + ": n8 tile / run / warp outside the tile");
+    std::vector<uint32_t> stage = numbered_x_tile<T>();
+    char* st8 = reinterpret_cast<char*>(stage.data());
+    const gemm::WarpPos w = gemm::warp_pos<T>(wk * T::WM * T::WN);
+    int off[32];
+    uint32_t bf[32][4];
+    for (int l = 0; l < 32; ++l) off[l] = gemm::skinny_ldsm_offset<T>(w, jx, rho, l);
+    emu_ldsm(st8, T::STAGE_BYTES, off, bf, st);
+    for (int l = 0; l < 32; ++l)
+      for (int e = 0; e < 8; ++e) L->mutable_at(l, e) = int32_t(uint16_t(bf[l][e >> 1] >> (16 * (e & 1))));
+  }
+};
+py::dict skinny_layout_test(int tile, int jx, int rho, int wk) {
+  if (tile < 0 || tile >= gemm::kTileCount) fail(std::string(kWho) + ": no such tile");
+  py::array_t<int32_t> L({32, 8});
+  SkinnyLayoutFill f{jx, rho, wk, &L, Stats{}};
+  gemm::with_tile(tile, f);
+  py::dict d;
+  d["ldsm"] = L, d["ldsm_conflicts"] = f.st.ldsm_conflicts;
   return d;
 }
 
@@ -787,7 +990,7 @@ void register_gemm_host_ops(py::module_& m) {
         "each split), workspace_bytes, copy stats, lr_chunk and low-rank staging stats, ...).");
   m.def("gemm_plan_host", &gemm_plan_host, py::arg("cc"), py::arg("m"), py::arg("class_bits"),
         py::arg("class_rows"), py::arg("n"), py::arg("k"), py::arg("k_pad"), py::arg("group_size"),
-        py::arg("sms") = -1, py::arg("split") = 0,
+        py::arg("sms") = -1, py::arg("split") = 0, py::arg("skinny") = true,
         "The GEMM's launch plan on compute capability cc with `sms` SMs (-1: the table's), as the "
         "kernel makes it (gemm_config.h plan_split): dict(tile, split, ktiles, bk, stages, "
         "k_ranges, tiles, blocks_per_sm, sms, workspace_bytes).");
@@ -795,6 +998,10 @@ void register_gemm_host_ops(py::module_& m) {
         "The GEMM's per-architecture tile table (bitfuse/gemm_config.h) as a list of dicts.");
   m.def("mma_layout_test", &mma_layout_test, py::arg("tile"), py::arg("i") = 0, py::arg("rho") = 0,
         py::arg("s") = 0, "mma_tile.h fragment layouts and the emulated ldmatrix path (tests).");
+  m.def("skinny_layout_test", &skinny_layout_test, py::arg("tile"), py::arg("jx") = 0,
+        py::arg("rho") = 0, py::arg("wk") = 0,
+        "The skinny tile's ldmatrix B path (gemm.h skinny_ldsm_offset) on an emulated x tile whose "
+        "element (r, c) is 256·r + c: dict(ldsm (32, 8) values lane receives, ldsm_conflicts).");
   m.def("b_fragment_test", &b_fragment_test, py::arg("words"), py::arg("bits"), py::arg("t"),
         py::arg("scale_bits"), py::arg("zero_bits"), py::arg("res"), py::arg("sign_byte"),
         py::arg("alpha_bits"), py::arg("dtype"),

@@ -4,7 +4,8 @@ Kernels: the dense dequantize (codes + residual, inverse permutation fused into 
 fused GEMV for M <= 8 (two of them: csrc/cuda/gemv_tc.cu on the tensor cores, the default, and the
 SIMT csrc/cuda/gemv.cu; `BITFUSE_CUDA_GEMV=simt|tc` or gemv(..., kernel=) chooses) and the fused
 tensor-core GEMM for larger M
-(csrc/cuda/gemm.cu, mma.sync m16n8k16 with a cp.async pipeline). Both fused kernels take the codes
+(csrc/cuda/gemm.cu, mma.sync m16n8k16 with a cp.async pipeline; at M <= 16 its skinny tile,
+`BITFUSE_CUDA_GEMM=skinny|small` or gemm(..., kernel=) chooses). Both fused kernels take the codes
 of every bit class, the residual, the low-rank up-projection, the sparse product and the bias in
 one launch and store through perm. `linear` runs the GEMV for M <= 8 and the GEMM otherwise
 (fp16/bf16 x); fp32 x keeps CUDA dequantize + cuBLAS. The GEMM splits K across blocks when its
@@ -28,7 +29,7 @@ from .sparse import outliers
 _OUT_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 GEMV_MAX_M = 8       # gemv.h kMaxM
 _GEMV_ROW_BLOCK = 16  # gemv.h / gemv_tc.h kRowsPerBlock: bit-class boundaries must be multiples of it
-GEMV_KERNELS = ("tc", "simt")
+GEMV_KERNELS = ("tc", "simt")  # the first is the default
 
 
 def gemv_kernel(kernel: str | None = None) -> str:
@@ -39,16 +40,35 @@ def gemv_kernel(kernel: str | None = None) -> str:
     to fp32 and multiplies with fp32 fmas. The default is reasoned from their SASS (instructions
     a weight, docs/STATUS.md), not measured: the first GPU benchmark decides.
     """
-    name = (kernel if kernel is not None else os.environ.get("BITFUSE_CUDA_GEMV", "")).strip().lower()
+    return _kernel_choice(kernel, "BITFUSE_CUDA_GEMV", GEMV_KERNELS, "GEMV kernel")
+
+
+def _kernel_choice(kernel: str | None, env: str, choices: tuple, what: str) -> str:
+    """`kernel` if given, else $env, else choices[0] (the default); a name not in choices is an
+    error that names where it came from."""
+    name = (kernel if kernel is not None else os.environ.get(env, "")).strip().lower()
     if not name:
-        return "tc"
-    if name not in GEMV_KERNELS:
-        raise ValueError(f"bitfuse cuda GEMV kernel must be one of {GEMV_KERNELS}, got {name!r} "
-                         "(BITFUSE_CUDA_GEMV or kernel=)")
+        return choices[0]
+    if name not in choices:
+        raise ValueError(f"bitfuse cuda {what} must be one of {choices}, got {name!r} ({env} or kernel=)")
     return name
 
 
 TC_GROUP_SIZES = (32, 64, 128)  # gemv_tc.cu: a group is 1, 2 or 4 runs of its unrolled 8-run block
+GEMM_TILES = ("skinny", "small")  # what the GEMM runs M <= 16 on (gemm_kernel); the first: default
+SKINNY_MAX_M = 16  # gemm.h kSkinnyMaxM
+
+
+def gemm_kernel(kernel: str | None = None) -> str:
+    """Which GEMM tile runs M <= 16 (groups of 32/64/128): `kernel` if given, else
+    $BITFUSE_CUDA_GEMM, else "skinny".
+
+    "skinny" (gemm.h "Skinny tile") multiplies the exact codes with x on the tensor cores and
+    applies the scales per group, as the tensor-core GEMV does, in the GEMM's pipeline; "small"
+    is the small-M tile, which dequantizes every weight and rounds it to x's dtype. The default
+    is reasoned from their SASS (docs/STATUS.md), not measured: the first GPU benchmark decides.
+    """
+    return _kernel_choice(kernel, "BITFUSE_CUDA_GEMM", GEMM_TILES, "GEMM tile")
 
 
 def _gemv_tensor_cores(pw: PackedWeight, kernel: str | None) -> bool:
@@ -199,12 +219,12 @@ def gemm_unsupported(x: torch.Tensor, pw: PackedWeight):
 
 @functools.lru_cache(maxsize=4096)
 def _gemm_plan(device_index: int, m: int, class_bits: tuple, class_rows: tuple, n: int, k: int,
-               k_pad: int, group_size: int, split: int) -> dict:
+               k_pad: int, group_size: int, split: int, skinny: bool = True) -> dict:
     """gemm_cuda_plan on a device (tile, S, workspace bytes, counters): shapes and device only,
     so it is cached, and computing it inside a CUDA-graph capture does no CUDA work."""
     with torch.cuda.device(device_index):
         return extension().gemm_cuda_plan(m, list(class_bits), list(class_rows), n, k, k_pad,
-                                          group_size, split)
+                                          group_size, split, skinny=skinny)
 
 
 # id(qweight) -> (weak ref to that tensor, int32 split-K counters on its device). Keyed by id,
@@ -235,12 +255,14 @@ def _split_counters(pw: PackedWeight, slots: int) -> torch.Tensor:
     return c
 
 
-def gemm(x: torch.Tensor, pw: PackedWeight, *, split: int = 0) -> torch.Tensor:
+def gemm(x: torch.Tensor, pw: PackedWeight, *, split: int = 0, kernel: str | None = None) -> torch.Tensor:
     """The fused layer for any M (meant for M > 8) of fp16/bf16 x in one CUDA launch
-    (csrc/cuda/gemm.cu): tensor cores (mma.sync m16n8k16, fp32 accumulation) on x and Ŵ rounded
-    to x's dtype, every bit class, residual, low-rank up, sparse and bias in the epilogue, stored
-    through perm. The kernel streams x in 16-byte rows: x is copied into a zero-padded buffer
-    whose rows are a multiple of 8 elements when K is not, or when x is not 16-byte aligned.
+    (csrc/cuda/gemm.cu): tensor cores (mma.sync m16n8k16, fp32 accumulation), every bit class,
+    residual, low-rank up, sparse and bias in the epilogue, stored through perm. For M <= 16 with
+    groups of 32/64/128 the skinny tile multiplies the exact codes and applies the scales per
+    group in fp32; otherwise (or with kernel="small", see gemm_kernel) the product is x times Ŵ
+    rounded to x's dtype. The kernel streams x in 16-byte rows: x is copied into a zero-padded
+    buffer whose rows are a multiple of 8 elements when K is not, or when x is not 16-byte aligned.
 
     Small grids (small M × small N against the GPU's SMs) are split along K across blocks
     (gemm_config.h plan_split; `split` >= 1 forces S, for tests and benchmarks; 0 lets the plan
@@ -262,8 +284,9 @@ def gemm(x: torch.Tensor, pw: PackedWeight, *, split: int = 0) -> torch.Tensor:
     t, lr_up, extra, bias, r = _side_branches(x[:, :k], pw)
     nr = 0 if pw.res_plane is None else pw.res_plane.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    skinny = gemm_kernel(kernel) == "skinny"
     plan = _gemm_plan(x.device.index, m, tuple(pw.class_bits), tuple(pw.class_rows), n, k,
-                      pw.k_pad, pw.group_size, split)
+                      pw.k_pad, pw.group_size, split, skinny)
     counters = _split_counters(pw, plan["counter_slots"])
     ws = None
     if plan["split"] > 1:
@@ -277,7 +300,7 @@ def gemm(x: torch.Tensor, pw: PackedWeight, *, split: int = 0) -> torch.Tensor:
             torch.cuda.current_stream(x.device).cuda_stream,
             workspace_ptr=_ptr(ws), workspace_bytes=plan["workspace_bytes"] if ws is not None else 0,
             counters_ptr=_ptr(counters), counters_len=counters.numel(),
-            split=plan["split"], scale_rows_ptr=_ptr(pw.scale_rows),
+            split=plan["split"], scale_rows_ptr=_ptr(pw.scale_rows), skinny=skinny,
         )
     return out
 

@@ -110,11 +110,11 @@ def environment() -> dict:
     import triton
 
     import bitfuse
-    from bitfuse.backend_cuda import gemv_kernel
+    from bitfuse.backend_cuda import gemm_kernel, gemv_kernel
 
     env = {"bitfuse": bitfuse.__version__, "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "cuda": torch.version.cuda,
-           "cuda_gemv_default": gemv_kernel(),
+           "cuda_gemv_default": gemv_kernel(), "cuda_gemm_m16_default": gemm_kernel(),
            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
@@ -185,7 +185,8 @@ def bench_case(name: str, n: int, k: int, ms: List[int], recipes: List[str], bw:
     gl, gl_w = gemlite_w4(w16) if gemlite else (None, "gemlite skipped under --quick (it autotunes per shape)")
     cuda_ok = bitfuse.backends()["cuda"]["available"]
     if cuda_ok:
-        from bitfuse.backend_cuda import GEMV_KERNELS, gemv, gemv_unsupported
+        from bitfuse.backend_cuda import GEMM_TILES, GEMV_KERNELS, SKINNY_MAX_M, gemm, gemm_unsupported
+        from bitfuse.backend_cuda import gemv, gemv_unsupported
         from bitfuse.backend_cuda import linear as cuda_linear
     for m in ms:
         x = torch.randn(m, k, device="cuda", dtype=dtype)
@@ -212,6 +213,13 @@ def bench_case(name: str, n: int, k: int, ms: List[int], recipes: List[str], bw:
                         tk = gpu_time_us(lambda: gemv(x, pw, kernel=kern))
                         row[f"{r}_gemv_{kern}_us"] = tk["us"]
                         row[f"{r}_gemv_{kern}_bw_frac"] = nbytes / (tk["us"] * 1e-6) / 1e9 / bw
+                if m <= SKINNY_MAX_M and gemm_unsupported(x, pw) is None:
+                    # the GEMM's two tiles for M <= 16 (skinny: the default; small), and at M <= 8
+                    # against the GEMVs above: which kernel each M should run
+                    for tile in GEMM_TILES:
+                        tk = gpu_time_us(lambda: gemm(x, pw, kernel=tile))
+                        row[f"{r}_gemm_{tile}_us"] = tk["us"]
+                        row[f"{r}_gemm_{tile}_bw_frac"] = nbytes / (tk["us"] * 1e-6) / 1e9 / bw
         q4 = layers.get("w4g128")
         if q4 is not None and m <= tuning.CROSSOVER_MAX_M:
             # Both Triton paths at their table configs: the measured GEMV/GEMM crossover
@@ -348,6 +356,23 @@ def write_outputs(results: list, env: dict, out_dir: str, bw: float) -> None:
             lines.append(f"| {row['case']} | {row['n']} | {row['k']} | {row['m']} | {r} | {row['fp16_us']:.1f} | "
                          f"{tc:.1f} ({row[f'{r}_gemv_tc_bw_frac']:.2f}) | {simt:.1f} "
                          f"({row[f'{r}_gemv_simt_bw_frac']:.2f}) | {'tc' if tc <= simt else 'simt'} |")
+    gemms = [(row, r) for row in results for r in RECIPES if f"{r}_gemm_skinny_us" in row]
+    if gemms:
+        lines += ["", "## CUDA GEMM, M <= 16: skinny tile (exact codes, scales per group) vs small tile", "",
+                  "Times in µs (fraction of the measured copy bandwidth); at M <= 8 the faster CUDA "
+                  "GEMV of the table above for comparison.", "",
+                  "| case | N | K | M | recipe | fp16 µs | skinny µs (bw) | small µs (bw) | best GEMV µs | fastest |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for row, r in gemms:
+            sk, sm = row[f"{r}_gemm_skinny_us"], row[f"{r}_gemm_small_us"]
+            gv = min((row[f"{r}_gemv_{k}_us"] for k in ("tc", "simt") if f"{r}_gemv_{k}_us" in row),
+                     default=None)
+            best = min([("skinny", sk), ("small", sm)] + ([("gemv", gv)] if gv is not None else []),
+                       key=lambda kv: kv[1])[0]
+            lines.append(f"| {row['case']} | {row['n']} | {row['k']} | {row['m']} | {r} | {row['fp16_us']:.1f} | "
+                         f"{sk:.1f} ({row[f'{r}_gemm_skinny_bw_frac']:.2f}) | {sm:.1f} "
+                         f"({row[f'{r}_gemm_small_bw_frac']:.2f}) | "
+                         + (f"{gv:.1f}" if gv is not None else "-") + f" | {best} |")
     lines += conv_table(results)
     with open(os.path.join(out_dir, "kernels.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

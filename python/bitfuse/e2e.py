@@ -106,6 +106,13 @@ def _cuda_gemv_kernel() -> str:
     return gemv_kernel()
 
 
+def _cuda_gemm_kernel() -> str:
+    """The CUDA GEMM tile the cuda backend runs M <= 16 on (BITFUSE_CUDA_GEMM, default "skinny")."""
+    from .backend_cuda import gemm_kernel
+
+    return gemm_kernel()
+
+
 def build_denoiser(model: str, path: Optional[str] = None):
     import diffusers
 
@@ -474,6 +481,7 @@ def run(model: str = "tiny", recipe: str = "w4", steps: int = 4, batch: int = 1,
         "timing": "GPU time, CUDA events" if dev.type == "cuda" else "CPU timings of the torch reference path",
         "backend": {op: select_backend(dev, op) for op in ("gemv", "gemm")},
         "cuda_gemv": _cuda_gemv_kernel(),  # which CUDA GEMV (tc / simt) M <= 8 ran on
+        "cuda_gemm_m16": _cuda_gemm_kernel(),  # which GEMM tile (skinny / small) M 9..16 ran on
         "versions": {"bitfuse": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "float_dtype": str(dtype).replace("torch.", ""),
         "float_step_ms": 1e3 * med(ref["step_s"]), "bitfuse_step_ms": 1e3 * med(got["step_s"]),

@@ -191,16 +191,17 @@ def fake_gemv(x, pw, kernel=None):
     return torch.from_numpy(y).to(x.dtype)
 
 
-def fake_gemm_plan(device_index, m, class_bits, class_rows, n, k, k_pad, group_size, split):
+def fake_gemm_plan(device_index, m, class_bits, class_rows, n, k, k_pad, group_size, split,
+                   skinny=True):
     p = _C.gemm_plan_host(90, m, list(class_bits), list(class_rows), n, k, k_pad, group_size,
-                          sms=132, split=split)
+                          sms=132, split=split, skinny=skinny)
     p = dict(p)
     p["counter_slots"] = 1024
     p["counters"] = p["tiles"] if p["split"] > 1 else 0
     return p
 
 
-def fake_gemm(x, pw, *, split=0):
+def fake_gemm(x, pw, *, split=0, kernel=None):
     _check_call("gemm", bc.gemm_unsupported(x, pw), x, pw)
     if split < 0:
         raise ValueError("split")
@@ -208,7 +209,7 @@ def fake_gemm(x, pw, *, split=0):
     x = x.contiguous()
     t, lr_up, extra, bias, r = bc._side_branches(x, pw)
     plan = bc._gemm_plan(None, m, tuple(pw.class_bits), tuple(pw.class_rows), pw.out_features, k,
-                         pw.k_pad, pw.group_size, split)
+                         pw.k_pad, pw.group_size, split, bc.gemm_kernel(kernel) == "skinny")
     bc._split_counters(pw, plan["counter_slots"])
     STATS["gemm"] += 1
     if os.environ.get("DRY_GEMM", "twin") == "torch":
@@ -228,7 +229,7 @@ def fake_gemm(x, pw, *, split=0):
                            _np(pw.res_index), _np(pw.res_plane), _np(pw.res_alpha), _np(t), _np(lr_up),
                            _np(extra), _np(bias), list(pw.class_bits), list(pw.class_rows),
                            pw.out_features, pw.in_features, pw.k_pad, pw.group_size, sms=132,
-                           split=split, **rows)
+                           split=split, tile=plan["tile"], **rows)
     assert info["split"] == plan["split"], (info["split"], plan)
     return torch.from_numpy(y).to(x.dtype)
 

@@ -36,8 +36,10 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "bitfuse/epilogue.h"
+#include "bitfuse/exact_codes.h"
 #include "bitfuse/format.h"
 #include "bitfuse/mma_tile.h"
 
@@ -45,10 +47,11 @@ namespace bitfuse {
 namespace gemm {
 
 constexpr int kSmallMaxM = 64;  // M <= 64 runs the arch's small-M tile (gemm_config.h)
+constexpr int kSkinnyMaxM = 16; // M <= 16 runs its skinny tile (section "Skinny tile")
 
 BF_HD constexpr int imax(int a, int b) { return a > b ? a : b; }
 
-template <int BM_, int BN_, int BK_, int WM_, int WN_, int WK_, int STAGES_>
+template <int BM_, int BN_, int BK_, int WM_, int WN_, int WK_, int STAGES_, bool SWAP_ = false>
 struct Tile {
   static constexpr int BM = BM_, BN = BN_, BK = BK_;
   static constexpr int WM = WM_, WN = WN_, WK = WK_, STAGES = STAGES_;
@@ -56,6 +59,13 @@ struct Tile {
   static constexpr int WTM = BM / WM, WTN = BN / WN;  // one warp's output tile
   static constexpr int MT = WTM / 16, NT = WTN / 8;   // its m16 and n8 mma tiles
   static constexpr int ACC = MT * NT * 4;             // fp32 accumulators a lane holds
+  // SWAP: the skinny tile (section "Skinny tile" below): the warp's WTN packed rows are the A
+  // operand (MW m16 tiles of exact codes) and its WTM x rows the B operand (NX n8 tiles), the
+  // scales applied per group. Accumulators acc[A1][A2][4]: [MT][NT] of (x rows × packed rows)
+  // mma tiles, or with SWAP [MW][NX] of (packed rows × x rows) ones; ACC floats either way.
+  static constexpr bool SWAP = SWAP_;
+  static constexpr int MW = WTN / 16, NX = WTM / 8;
+  static constexpr int A1 = SWAP ? MW : MT, A2 = SWAP ? NX : NT;
   static constexpr int RUNS = BK / 32;                // 32-column runs in a k tile
   static constexpr int RUNS_PER_WARP = RUNS / WK;
   static constexpr int A_CHUNKS = BM * BK / 8;        // 16-byte chunks of the x tile
@@ -68,7 +78,8 @@ struct Tile {
   }
   static constexpr int B_STRIDE_MAX = imax(b_stride(4), imax(b_stride(3), b_stride(2)));
   // Words of a per-group window: the parity half + up to RUNS groups (g = 32) -> RUNS + 1 halves.
-  static constexpr int SW = (RUNS + 2) / 2;
+  // The skinny tile stages none (it reads s, m, α from global memory: section "Skinny tile").
+  static constexpr int SW = SWAP_ ? 0 : (RUNS + 2) / 2;
 
   // One pipeline stage, byte offsets (every region a multiple of 16 bytes).
   static constexpr int A_OFF = 0;
@@ -133,6 +144,9 @@ struct Tile {
   static_assert(BK == 32 || BK % 64 == 0, "the x swizzle handles 4 or a multiple of 8 chunks a row");
   static_assert(STAGES >= 2, "a pipeline has at least two stages");
   static_assert(STAGE_BYTES % 16 == 0, "stages stay 16-byte aligned");
+  static_assert(!SWAP || (WTN % 16 == 0 && WTM % 16 == 0 && BK % 128 == 0 && (WK & (WK - 1)) == 0),
+                "a skinny warp tile is whole m16 tiles of packed rows and of x rows; its k tiles "
+                "are whole groups of every size it takes (BK a multiple of 128); WK a power of 2");
   static_assert(EPI_OFF + WM * WN * EPI_FLOATS * 4 <= RI_OFF,
                 "split-K partials and epilogue tiles fit in the stage buffers");
 };
@@ -168,7 +182,22 @@ struct Args {
   float* partial;  // (split, m, n) fp32, packed row order; with split > 1
   int* counters;   // one per (N tile, M tile), 0 between launches (the last block resets its own)
   int split;
+  // Tile choice only (the launcher's, not the kernel's): 1 keeps M <= kSkinnyMaxM off the skinny
+  // tile (tests, and the benchmark that times both tiles).
+  int no_skinny;
 };
+// The group size select_tile is to see for a's layer: 0 (taken by no skinny tile) with no_skinny.
+inline int tile_group_size(const Args& a) { return a.no_skinny ? 0 : a.group_size; }
+
+// The skinny tile indexes a layer's groups with 32 bits (skinny_raw_params): a layer of 2^31
+// groups or more (2^38 weights at g128) is refused rather than read wrong. Empty: fine.
+inline std::string group_index_error(const Args& a) {
+  const int64_t G = a.group_size > 0 ? a.k_pad / a.group_size : 0;
+  const int64_t rows = a.n > a.nr ? a.n : a.nr;
+  if (rows * G < (int64_t(1) << 31)) return "";
+  return ": " + std::to_string(rows) + " rows x " + std::to_string(G) +
+         " groups exceed the 2^31 group indices of the GEMM's 32-bit scale indexing";
+}
 
 // Class geometry of a launch with tile T: first row / word / N tile of every class and whether
 // its rows can be copied with 16-byte cp.async (the buffer, the class start, the row length and
@@ -418,9 +447,10 @@ BF_HD inline void stage_copies(const Args& a, const BlockTile& bt, int kt, const
   const uint32_t* al = reinterpret_cast<const uint32_t*>(a.res_alpha);
   // Compact scales are not staged: decode_b reads a row's two code bytes and its factors
   // straight from global memory (L1-cached; a byte window would need its own alignment rules).
-  const bool stage_scales = a.scale_codes == nullptr;
+  const bool stage_scales = a.scale_codes == nullptr && !T::SWAP;  // (the skinny tile: none)
+  constexpr int SWN = T::SW > 0 ? T::SW : 1;  // (no windows: the loop below runs 0 times)
   for (int q = q0; q < T::BN * T::SW; q += step) {
-    const int rr = q / T::SW, u = q % T::SW;
+    const int rr = q / SWN, u = q % SWN;
     const int row = bt.row0 + rr < bt.row_end ? bt.row0 + rr : -1;
     Copy c;
     if (stage_scales) {
@@ -429,7 +459,7 @@ BF_HD inline void stage_copies(const Args& a, const BlockTile& bt, int kt, const
       c = group_copy<T>(a, T::Z_OFF, rr, u, row, a.n * G, kt);
       copy(4, c.smem, zr + c.src, c.bytes);
     }
-    if (res) {
+    if (res && !T::SWAP) {
       c = group_copy<T>(a, T::AL_OFF, rr, u, s_ri[rr], a.nr * G, kt);
       copy(4, c.smem, al + c.src, c.bytes);
     }
@@ -479,6 +509,206 @@ BF_HD inline void decode_b(const Args& a, const BlockTile& bt, int kt, const cha
     mma::b_fragment<BITS, DT>(sB + rr * T::b_stride(BITS) + rho * BITS, t, scale, zero, res, sign,
                               alpha, b[j]);
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Skinny tile (T::SWAP; gemm_config.h uses it for M <= kSkinnyMaxM with group sizes 32/64/128).
+//
+// Why. At M <= 16 the GEMM is memory-bound, and the loop above spends most of its instructions
+// on the weights, not on the mma: every weight is dequantized in fp32 (q·s + m, ± α) and rounded
+// to x's dtype for its B fragment, 6.8 instructions a weight at W4 with one m16 tile of x
+// (benchmarks/results/static/gemv_sass.md), over what an H100 (5.0) or an AGX Orin (6.5) can
+// issue while streaming 4-bit weights at DRAM bandwidth. The tensor-core GEMV's factored form
+// (bitfuse/exact_codes.h) costs a fraction of that, and the GEMM's block structure (BN packed rows
+// share each staged x tile, the cp.async pipeline, split-K across blocks, the staged low-rank
+// epilogue) is what the GEMV lacks at these M (its 16-row blocks re-read x from L2 for every 16
+// packed rows: M·2 / (16·bits/8) times the weight bytes, 4x at M = 16 and 4 bits).
+//
+// So this tile computes yᵀ = W·xᵀ ("swap AB"): per warp, the WTN packed rows are MW m16 A tiles
+// and the WTM x rows are NX n8 B tiles (BM = 16: NX = 2, every M <= 16 in one block row).
+//  * A: lane (g, t) reads word lane_word(BITS, t) (and the 3-bit high-plane word 2) of run rho of
+//    packed rows g and g + 8 of each m16 tile from the staged weight tile and decodes the exact
+//    codes (exact::lane_codes): FORMAT.md §3.1's slot order is the A fragment, as in the GEMV.
+//    The 8 rows g of one load sit b_stride words apart (the +4 padding), so the 32 lanes' words
+//    fall in 32 distinct banks (or are broadcast where two lanes read one word): conflict-free
+//    (the twin checks it).
+//  * B: x rows are the n8 columns; a B register is two consecutive k of one x row, which is
+//    exactly what ldmatrix (non-transposed) hands out of the row-major x tile: one ldmatrix.x4
+//    per n8 tile and run gives (b0, b1) of both k16 steps (matrices = the run's 4 column chunks).
+//    The x tile and its swizzle are the other tiles' (a_copy, a_tile_offset).
+//  * Σx of each x row and group, for the offset terms m·Σx: one more mma per n8 tile and k16 step
+//    with A = 1.0 everywhere (every row of its C is Σ_k x[col, k]); computed by each warp on its
+//    own runs, so it pairs with the warp's own Σx·q partial sums.
+//  * Per group the lane folds (exact::fold_group: C rows g, g + 8 are its own decoded rows, C
+//    columns 2t, 2t + 1 the x rows) y += s·Σxq + m·Σx (+ α·Σ±x), with s, m, α of its two rows
+//    read from global memory one group ahead (skinny_rows / skinny_raw_params, as the GEMV does:
+//    this tile stages no scale windows, which also saves their cp.async issue). A warp takes
+//    RUNS / WK consecutive runs of a k tile (skinny_run), and a k tile is whole groups, so where
+//    its groups start and end is known at compile time for each group size
+//    (skinny_warp_group_runs; the kernel is instantiated per run count L = 1 or 2): a group's
+//    first products write C = 0 and no zeroing follows a fold. Splitting a group between warps (g128) only
+//    splits the linear sums.
+//  * Rows past the class's end read zero-filled words (codes 0) and the class's last row's
+//    scales: finite sums that are never stored. Rows without a residual get zero sign registers
+//    (no ±1·x term, so an infinite x elsewhere does not turn into 0·inf = NaN).
+// Nothing is rounded before the fp32 sums (the GEMV's error model: tests/_tolerance
+// factored_magnitude). The epilogue, split-K and low-rank paths are the other tiles': the
+// accumulators are placed into the same epilogue staging tile (skinny_epi_slot).
+//
+// Static count (benchmarks/static/sass_count.py, sm_90, CUDA 13.0; the compute of a k tile, the
+// cp.async issue not counted, as for the other GEMM row): W4 3.4 instructions a weight at g128
+// and g64, 4.6 at g32; W3 5.9, W2 4.2 at g128, against 6.8 / 9.0 / 7.3 for the small tile with
+// one live m16 tile. Not measured on a GPU.
+// ---------------------------------------------------------------------------------------------
+
+// Group sizes the skinny tile takes: a group is 1, 2 or 4 runs (the kernel's RPG template).
+BF_HD constexpr bool skinny_takes_group_size(int gs) { return gs == 32 || gs == 64 || gs == 128; }
+
+// Tile-local packed row of half h (0: row g, 1: row g + 8) of m16 tile mw for lane.
+template <class T>
+BF_HD constexpr int skinny_row(const WarpPos& w, int mw, int lane, int h) {
+  return w.wn * T::WTN + 16 * mw + mma::group_id(lane) + 8 * h;
+}
+// n8 tiles of warp row wm holding at least one x row < m: the others skip ldmatrix and mma.
+template <class T>
+BF_HD inline int warp_n8_tiles(const Args& a, const BlockTile& bt, int wm) {
+  const int left = a.m - bt.m0 - wm * T::WTM;
+  return left <= 0 ? 0 : left >= T::WTM ? T::NX : (left + 7) / 8;
+}
+
+// Run (0..RUNS-1) of a k tile that warp-k index wk takes as its jr-th: the skinny tile gives each
+// warp RUNS / WK consecutive runs (the other tiles interleave them, warp_run), so that a 64-column
+// group is one warp's (one fold, not one in each warp).
+template <class T>
+BF_HD constexpr int skinny_run(int wk, int jr) { return wk * T::RUNS_PER_WARP + jr; }
+
+// Word index, in the stage's weight tile, of the word lane reads for half h of m16 tile mw in
+// run rho: word lane_word(BITS, t) of the run (the 3-bit high plane is word 2 of the run, i.e.
+// skinny_word - lane_word + 2). Linear in rho: the kernel adds BITS words a run of its own.
+template <class T, int BITS>
+BF_HD constexpr int skinny_word(const WarpPos& w, int mw, int lane, int h, int rho) {
+  return skinny_row<T>(w, mw, lane, h) * T::b_stride(BITS) + rho * BITS +
+         exact::lane_word(BITS, mma::thread_in_group(lane));
+}
+// The A registers of one run of one m16 tile from the words of its two rows (lo: word
+// lane_word, hi: the 3-bit high-plane word): q[0..3] for k16 step 0 (columns 0..15 of the run),
+// q[4..7] for step 1, in the ISA's order a0..a3 (rows g, g + 8, g, g + 8; pairs 2t, 2t + 8).
+template <int BITS, int DT>
+BF_HD inline void skinny_codes(const uint32_t lo[2], const uint32_t hi[2], int t, uint32_t q[8]) {
+  uint32_t c[2][4];
+  BF_UNROLL for (int h = 0; h < 2; ++h) exact::lane_codes<BITS>(lo[h], hi[h], t, DT, c[h]);
+  BF_UNROLL for (int s = 0; s < 2; ++s) {
+    q[4 * s + 0] = c[0][2 * s], q[4 * s + 1] = c[1][2 * s];
+    q[4 * s + 2] = c[0][2 * s + 1], q[4 * s + 3] = c[1][2 * s + 1];
+  }
+}
+// The ±1 A registers of the residual signs from the two rows' plane words, same order; zero for
+// a row without a residual (has = false).
+template <int DT>
+BF_HD inline void skinny_signs(const uint32_t plane[2], const bool has[2], int t, uint32_t r[8]) {
+  uint32_t c[2][4];
+  BF_UNROLL for (int h = 0; h < 2; ++h) exact::lane_signs(plane[h], t, DT, has[h], c[h]);
+  BF_UNROLL for (int s = 0; s < 2; ++s) {
+    r[4 * s + 0] = c[0][2 * s], r[4 * s + 1] = c[1][2 * s];
+    r[4 * s + 2] = c[0][2 * s + 1], r[4 * s + 3] = c[1][2 * s + 1];
+  }
+}
+// Word index of the residual plane word of tile-local row rr in run rho (stage_copies' layout).
+template <class T>
+BF_HD constexpr int skinny_plane_word(int rr, int rho) { return rr * T::RUNS + rho; }
+
+// Stage byte offset of the row address lane gives to the ldmatrix.x4 of n8 tile jx, run rho:
+// x row (tile) w.wm·WTM + 8jx + (lane & 7), column chunk 32·rho + 8·(lane >> 3). Register j of
+// the result is then matrix j = columns 8j..8j+7 of the run: b0, b1 of step 0, b0, b1 of step 1.
+template <class T>
+BF_HD constexpr int skinny_ldsm_offset(const WarpPos& w, int jx, int rho, int lane) {
+  return T::A_OFF + mma::a_tile_offset(w.wm * T::WTM + 8 * jx + (lane & 7), 32 * rho + 8 * (lane >> 3), T::BK);
+}
+
+// Where a warp's groups start and end. A skinny k tile is whole groups (BK a multiple of every
+// group size it takes) and a warp takes RPW = RUNS / WK consecutive runs of it (skinny_run): with
+// RPG runs a group, L = min(RPG, RPW) consecutive runs of a warp share a group (powers of two),
+// so the warp's group starts at jr % L == 0 (its first mma of the group writes C = 0: no zeroing)
+// and ends at (jr + 1) % L == 0 (the fold): compile-time positions in the kernel's unrolled run
+// loop. Runs past K (the last k tile) are skipped; a group whose first run of the warp was
+// skipped is not folded (nothing was summed), one whose later runs were is.
+template <class T>
+BF_HD constexpr int skinny_warp_group_runs(int rpg) { return rpg < T::RUNS_PER_WARP ? rpg : T::RUNS_PER_WARP; }
+BF_HD constexpr bool skinny_group_first(int jr, int l) { return jr % l == 0; }
+BF_HD constexpr bool skinny_group_last(int jr, int l) { return (jr + 1) % l == 0; }
+// The warp's first run (of K) of the group that its run jr of k tile kt belongs to.
+template <class T>
+BF_HD constexpr int skinny_group_first_run(int kt, int wk, int jr, int l) {
+  return kt * T::RUNS + skinny_run<T>(wk, jr - jr % l);
+}
+// The group (of K) of the warp's run after its run jr of k tile kt: what the kernel loads the
+// parameters of at each fold, a group ahead. (At the start: the group of its run 0 of k tile kt0.)
+// rpg_shift = log2(runs a group).
+template <class T>
+BF_HD constexpr int skinny_next_group(int kt, int wk, int jr, int rpg_shift) {
+  return (jr + 1 < T::RUNS_PER_WARP ? kt * T::RUNS + skinny_run<T>(wk, jr + 1)
+                                    : (kt + 1) * T::RUNS + skinny_run<T>(wk, 0)) >> rpg_shift;
+}
+template <class T>
+BF_HD constexpr int skinny_first_group(int kt0, int wk, int rpg_shift) {
+  return (kt0 * T::RUNS + skinny_run<T>(wk, 0)) >> rpg_shift;
+}
+BF_HD constexpr int skinny_rpg_shift(int group_size) { return group_size == 32 ? 0 : group_size == 64 ? 1 : 2; }
+
+// A lane's rows for the folds: its packed rows g and g + 8 of m16 tile mw (block rows past the
+// class's end read the class's last row: valid loads, outputs never stored), their scales'
+// RowScales and residual rows. The kernel reads a group's s, m and α straight from global memory
+// (read-only loads, one group ahead of its fold), as the tensor-core GEMV does: no staged
+// windows, no per-k-tile copies of them.
+struct SkinnyRows {
+  RowScales rs[2];
+  int ri[2];  // residual row, or -1
+};
+template <class T, class Load = PlainLoad>
+BF_HD inline SkinnyRows skinny_rows(const Args& a, const BlockTile& bt, const int* s_ri,
+                                    const WarpPos& w, int lane, int mw, Load ld = Load()) {
+  SkinnyRows r;
+  const int G = a.k_pad / a.group_size;
+  BF_UNROLL for (int h = 0; h < 2; ++h) {
+    const int rr = skinny_row<T>(w, mw, lane, h);
+    const int row = bt.row0 + rr < bt.row_end ? bt.row0 + rr : bt.row_end - 1;
+    r.rs[h] = row_scales(a, row, G, ld);
+    r.ri[h] = s_ri[rr];
+  }
+  return r;
+}
+// Group g's stored values of the two rows (clipped to the last group: a prefetch past K reads
+// valid memory): raw[h] as format.h raw_group_params, alpha[h] the fp16 bits of α (0 without).
+// Indices are 32-bit (one IMAD.WIDE an address; gemm_cuda refuses layers of 2^31 or more
+// groups).
+template <class Load = PlainLoad>
+BF_HD inline void skinny_raw_params(const Args& a, const SkinnyRows& r, int g, uint32_t raw[2],
+                                    uint16_t alpha[2], Load ld = Load()) {
+  const int G = a.k_pad / a.group_size;
+  const uint32_t gg = uint32_t(g < G ? g : G - 1);
+  BF_UNROLL for (int h = 0; h < 2; ++h) {
+    const uint32_t i = uint32_t(r.rs[h].base) + gg;
+    raw[h] = a.scale_codes ? uint32_t(ld(a.scale_codes + i)) | (uint32_t(ld(a.zero_codes + i)) << 16)
+                           : uint32_t(ld(a.scales + i)) | (uint32_t(ld(a.zeros + i)) << 16);
+    alpha[h] = (a.res_alpha && r.ri[h] >= 0) ? ld(a.res_alpha + (uint32_t(r.ri[h]) * uint32_t(G) + gg))
+                                             : uint16_t(0);
+  }
+}
+// ... in fp32, for exact::fold_group.
+BF_HD inline void skinny_params(const Args& a, const SkinnyRows& r, const uint32_t raw[2],
+                                const uint16_t alpha[2], float sc[2], float zr[2], float al[2]) {
+  BF_UNROLL for (int h = 0; h < 2; ++h) {
+    group_params_of_raw(a, r.rs[h], raw[h], sc[h], zr[h]);
+    al[h] = half_to_float(alpha[h]);
+  }
+}
+// Epilogue staging slot of accumulator e of (m16 tile mw, n8 tile jx): the tile of x rows
+// 16·(jx / 2) .. + 16 (epilogue m16 tile index jx >> 1), x row 8·(jx & 1) + 2t + (e & 1) in it,
+// packed row 16·mw + g + 8·(e >> 1) of the warp's WTN.
+template <class T>
+BF_HD constexpr int skinny_epi_slot(int mw, int jx, int lane, int e) {
+  return (8 * (jx & 1) + 2 * mma::thread_in_group(lane) + (e & 1)) * T::EPI_LD + 16 * mw +
+         mma::group_id(lane) + 8 * (e >> 1);
 }
 
 // The fused epilogue of one output (packed row `row`, x row mi): acc + low-rank up + extra + bias

@@ -3,10 +3,20 @@
 // shared/hardware.md); each row names a tile for small M (<= kSmallMaxM) and one for large M.
 // The launcher and the CPU twin pick the tile from the device's compute capability and M with
 // select_tile(); each architecture's device code compiles only the tiles of its own row
-// (tile_built_for), so the build compiles 2 tiles × 3 bit widths × 2 dtypes per architecture.
+// (tile_built_for), so the build compiles 3 tiles per architecture, each × 3 bit widths × 2
+// dtypes (the skinny tile also × 3 group sizes).
 //
 // None of these choices has been measured on a GPU (no GPU was lent so far); the reasoning:
-//  * small M (9..64): BM = 64 covers every M of the bucket in one block row, so each weight is
+//  * M <= 16 with groups of 32/64/128 (kSkinnyMaxM, gemm.h "Skinny tile"): the skinny tile, 16
+//    x rows × 64 packed rows × BK = 128 (a k tile is whole groups of every size it takes), 4
+//    warps (WN = 2 × WK = 2), exact codes as the A operand and the scales per group. No scale
+//    windows are staged: 10 KB a stage. sm_87 / sm_90: 4 stages, 40 KB; sm_86 / sm_89 (100 KB):
+//    3 stages, 30 KB; 3 blocks per SM everywhere (12 warps: shared memory allows it, and the
+//    launch bounds hold ptxas to the 170 registers a thread that 3 × 128 threads may have).
+//    At M = 17..64 the small tile below (one block row of 64, weights decoded once for all
+//    m16 tiles) is kept: two block rows of the skinny tile would decode and read every weight
+//    twice.
+//  * small M (17..64, and M <= 16 with other group sizes): BM = 64 covers every M of the bucket in one block row, so each weight is
 //    read and decoded once per launch (rows past M are zero-filled without a global read and
 //    their mma tiles are skipped); BN = 64 keeps N/64 blocks in flight; WM = 1 (no warp decodes
 //    another's weights), WN = 2 × WK = 2 (split-K inside the block for more loads in flight).
@@ -42,13 +52,15 @@ template <> struct TileOf<2> { using type = Tile<64, 64, 128, 1, 2, 2, 4>; };   
 template <> struct TileOf<3> { using type = Tile<128, 128, 32, 2, 4, 1, 4>; };  // large, 100 KB
 template <> struct TileOf<4> { using type = Tile<128, 128, 64, 2, 4, 1, 3>; };  // large, 164 KB
 template <> struct TileOf<5> { using type = Tile<128, 128, 64, 2, 4, 1, 4>; };  // large, 228 KB
-constexpr int kTileCount = 6;
+template <> struct TileOf<6> { using type = Tile<16, 64, 128, 1, 2, 2, 3, true>; };  // skinny, 100 KB
+template <> struct TileOf<7> { using type = Tile<16, 64, 128, 1, 2, 2, 4, true>; };  // skinny, 164+ KB
+constexpr int kTileCount = 8;
 
 struct ArchConfig {
   int cc;              // compute capability, major·10 + minor
   int sms;             // targets.py TargetProfile.sms
   int smem_per_sm_kb;  // targets.py TargetProfile.smem_per_sm_kb
-  int small_tile;      // tile id for M <= kSmallMaxM
+  int small_tile;      // tile id for kSkinnyMaxM < M <= kSmallMaxM (and skinny M it cannot take)
   int large_tile;      // tile id for M > kSmallMaxM
   // Blocks of each tile resident on one SM (what "a wave" is for split_count): the small tiles
   // are bounded by shared memory (2 on every row, see above; up to 167 registers × 128 threads would
@@ -56,29 +68,34 @@ struct ArchConfig {
   // not measured with the occupancy API on a GPU.
   int small_blocks;
   int large_blocks;
+  int skinny_tile;     // tile id for M <= kSkinnyMaxM with a group size it takes (gemm.h)
+  int skinny_blocks;   // see "skinny" above
 };
 constexpr int kArchRows = 4;
 BF_HD constexpr ArchConfig arch_config(int row) {
-  return row == 0   ? ArchConfig{86, 82, 100, 0, 3, 2, 1}    // rtx30: RTX 3090
-         : row == 1 ? ArchConfig{87, 16, 164, 1, 4, 2, 1}    // orin: Jetson AGX Orin
-         : row == 2 ? ArchConfig{89, 128, 100, 0, 3, 2, 1}   // rtx40: RTX 4090
-                    : ArchConfig{90, 132, 228, 2, 5, 2, 1};  // h100 (and H200)
+  return row == 0   ? ArchConfig{86, 82, 100, 0, 3, 2, 1, 6, 3}    // rtx30: RTX 3090
+         : row == 1 ? ArchConfig{87, 16, 164, 1, 4, 2, 1, 7, 3}    // orin: Jetson AGX Orin
+         : row == 2 ? ArchConfig{89, 128, 100, 0, 3, 2, 1, 6, 3}   // rtx40: RTX 4090
+                    : ArchConfig{90, 132, 228, 2, 5, 2, 1, 7, 3};  // h100 (and H200)
 }
 // Row of a compute capability; -1 below sm_80 (cp.async, bf16 mma and m16n8k16 need sm_80).
 // Newer GPUs take the sm_90 row (they run the sm_90 PTX); sm_80 (A100, 164 KB) the Orin row.
 BF_HD constexpr int arch_row(int cc) {
   return cc >= 90 ? 3 : cc == 89 ? 2 : (cc == 87 || cc == 80) ? 1 : cc >= 80 ? 0 : -1;
 }
-// Tile id for M rows of x on compute capability cc (-1: unsupported GPU).
-BF_HD constexpr int select_tile(int cc, int m) {
+// Tile id for M rows of x of a layer with group size gs on compute capability cc (-1:
+// unsupported GPU).
+BF_HD constexpr int select_tile(int cc, int m, int gs) {
   return arch_row(cc) < 0 ? -1
+         : (m <= kSkinnyMaxM && skinny_takes_group_size(gs)) ? arch_config(arch_row(cc)).skinny_tile
          : m <= kSmallMaxM ? arch_config(arch_row(cc)).small_tile
                            : arch_config(arch_row(cc)).large_tile;
 }
 // Whether device code for compute capability cc contains tile `id` (its row uses it).
 BF_HD constexpr bool tile_built_for(int id, int cc) {
   return arch_row(cc) >= 0 &&
-         (arch_config(arch_row(cc)).small_tile == id || arch_config(arch_row(cc)).large_tile == id);
+         (arch_config(arch_row(cc)).small_tile == id || arch_config(arch_row(cc)).large_tile == id ||
+          arch_config(arch_row(cc)).skinny_tile == id);
 }
 
 // Calls f.template run<id>() (the launcher and the CPU twin dispatch with it; 0 <= id < kTileCount).
@@ -90,27 +107,44 @@ inline void with_tile(int id, F& f) {
     case 2: f.template run<2>(); break;
     case 3: f.template run<3>(); break;
     case 4: f.template run<4>(); break;
-    default: f.template run<5>(); break;
+    case 5: f.template run<5>(); break;
+    case 6: f.template run<6>(); break;
+    default: f.template run<7>(); break;
   }
 }
 
 // Shared memory a block of tile id needs, and what one block may have on a row's GPU (the SM's
 // shared memory less the 1 KB the runtime reserves per block).
+template <int ID = 0>
 BF_HD constexpr int tile_smem(int id) {
-  return id == 0   ? TileOf<0>::type::SMEM_BYTES
-         : id == 1 ? TileOf<1>::type::SMEM_BYTES
-         : id == 2 ? TileOf<2>::type::SMEM_BYTES
-         : id == 3 ? TileOf<3>::type::SMEM_BYTES
-         : id == 4 ? TileOf<4>::type::SMEM_BYTES
-                   : TileOf<5>::type::SMEM_BYTES;
+  if constexpr (ID + 1 < kTileCount)
+    return id == ID ? TileOf<ID>::type::SMEM_BYTES : tile_smem<ID + 1>(id);
+  else
+    return TileOf<ID>::type::SMEM_BYTES;
 }
+template <int ID = 0>
 BF_HD constexpr int tile_threads(int id) {
-  return id == 0   ? TileOf<0>::type::THREADS
-         : id == 1 ? TileOf<1>::type::THREADS
-         : id == 2 ? TileOf<2>::type::THREADS
-         : id == 3 ? TileOf<3>::type::THREADS
-         : id == 4 ? TileOf<4>::type::THREADS
-                   : TileOf<5>::type::THREADS;
+  if constexpr (ID + 1 < kTileCount)
+    return id == ID ? TileOf<ID>::type::THREADS : tile_threads<ID + 1>(id);
+  else
+    return TileOf<ID>::type::THREADS;
+}
+// Resident blocks per SM the table counts on for tile id (the most any row asks of it): the
+// kernel's __launch_bounds__ minimum, so ptxas keeps the registers within what that many blocks
+// can have (without it, ptxas for sm_87 squeezed the skinny tile into 128 registers and spilled).
+template <int ROW = 0>
+BF_HD constexpr int tile_min_blocks(int id) {
+  if constexpr (ROW < kArchRows) {
+    const ArchConfig c = arch_config(ROW);
+    const int here = c.small_tile == id ? c.small_blocks
+                     : c.large_tile == id ? c.large_blocks
+                     : c.skinny_tile == id ? c.skinny_blocks
+                                           : 1;
+    const int rest = tile_min_blocks<ROW + 1>(id);
+    return here > rest ? here : rest;
+  } else {
+    return 1;
+  }
 }
 BF_HD constexpr int block_smem_limit(int row) { return (arch_config(row).smem_per_sm_kb - 1) * 1024; }
 // `blocks` blocks of tile id fit one SM's shared memory (each with the runtime's 1 KB).
@@ -121,8 +155,10 @@ BF_HD constexpr bool table_fits(int row) {
   return row >= kArchRows ||
          (tile_smem(arch_config(row).small_tile) <= block_smem_limit(row) &&
           tile_smem(arch_config(row).large_tile) <= block_smem_limit(row) &&
+          tile_smem(arch_config(row).skinny_tile) <= block_smem_limit(row) &&
           blocks_fit(row, arch_config(row).small_tile, arch_config(row).small_blocks) &&
           blocks_fit(row, arch_config(row).large_tile, arch_config(row).large_blocks) &&
+          blocks_fit(row, arch_config(row).skinny_tile, arch_config(row).skinny_blocks) &&
           table_fits(row + 1));
 }
 static_assert(table_fits(0), "a tile of the table needs more shared memory than its GPU has");
@@ -132,6 +168,7 @@ BF_HD constexpr int tile_blocks_per_sm(int cc, int id) {
   return arch_row(cc) < 0                                 ? 1
          : arch_config(arch_row(cc)).small_tile == id ? arch_config(arch_row(cc)).small_blocks
          : arch_config(arch_row(cc)).large_tile == id ? arch_config(arch_row(cc)).large_blocks
+         : arch_config(arch_row(cc)).skinny_tile == id ? arch_config(arch_row(cc)).skinny_blocks
                                                           : 1;
 }
 
@@ -158,10 +195,11 @@ BF_HD constexpr int imin(int a, int b) { return a < b ? a : b; }
 //    traffic (mostly L2-resident) at most the weight bytes, which turns split-K off as M grows
 //    towards the compute-bound range (m > K/32: m > 128 at K = 4096).
 //  * S <= kMaxSplit; tiles <= kSplitCounters (the counter buffer the caller keeps per layer).
-// For N = K = 4096, m = 16 (64 small tiles): H100 (132 SMs × 2): min(ceil(528/64) = 9, 16,
-// 32/4 = 8, 2·128/16 = 16) = 8 -> 512 blocks; RTX 4090: min(8, 16, 64/3, 16) = 8; RTX 3090:
-// ceil(328/64) = 6; Orin (16 SMs × 2 = 32 <= 64 tiles): 1. At m = 64 the traffic term
-// (2·128/64) gives 4 / 4 / 4 / 1. None of this has been measured (no GPU lent so far).
+// For N = K = 4096, m = 16 (64 skinny tiles, 3 blocks an SM): H100 (132 SMs × 3): min(
+// ceil(792/64) = 13, 16, 32/4 = 8, 2·128/16 = 16) = 8 -> 512 blocks; RTX 4090: min(12, 16, 32/3,
+// 16) = 10; RTX 3090: ceil(492/64) = 8; Orin (16 SMs × 3 = 48 <= 64 tiles): 1. On the small tile
+// (m = 17..64, 2 blocks an SM) at m = 17: 8 / 8 / 6 / 1; at m = 64 the traffic term (2·128/64)
+// gives 4 / 4 / 4 / 1. None of this has been measured (no GPU lent so far).
 BF_HD constexpr int split_count(int sms, int blocks_per_sm, int tiles, int m, int k_runs,
                                 int runs_per_ktile, int stages) {
   const int wave = sms * blocks_per_sm;
