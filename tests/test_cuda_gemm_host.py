@@ -260,6 +260,25 @@ def test_gemm_host_skinny_matches_reference(bits, g, k, branches):
         assert _tile_info(info["tile"])["swap"]
 
 
+@pytest.mark.parametrize("misaligned", [False, True])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_skinny_hoisted_copies_are_the_copy_plan(bits, misaligned):
+    """The skinny tile's interior k tiles take their copies from a per-thread hoisted plan
+    (gemm.h SkinnyCopies); the twin issues those and fails unless each such k tile's copies are
+    exactly stage_copies' (checked inside). K = 1000 at BK = 128: 7 interior k tiles a block and
+    a partial last one; with split-K the splits start at other k tiles; classes whose rows take
+    4-byte copies, and a block whose first k tile is the last, keep the copy plan."""
+    pw = _layer([bits, 4], [45, 20], 1000, 64, True, 2, True, True, seed=bits)
+    for split in (1, 3):
+        info = _check(pw, 12, 1, 90, misaligned=misaligned, split=split, what=f"{bits}b S={split}")
+        if misaligned:
+            assert info["hoisted_tiles"] == 0
+        else:  # both classes 16-byte copyable: every block's interior k tiles are hoisted
+            assert info["hoisted_tiles"] == info["tiles"] * 7, info
+    one = _layer([bits], [30], 100, 32, True, 0, False, False, seed=bits)  # one k tile, not interior
+    assert _check(one, 16, 2, 86, what="one k tile")["hoisted_tiles"] == 0
+
+
 def test_skinny_tile_takes_only_its_group_sizes():
     """M <= 16 runs the skinny tile for groups of 32/64/128 and the small tile for any other
     group size (a PackedWeight may carry one), with the right result; M = 17 the small tile."""

@@ -89,6 +89,33 @@ __global__ void __launch_bounds__(128, 3) probe_skinny(const uint32_t* q, const 
     const uint16_t*, const void*, void*, int, int);
 P(2, 4) P(3, 4) P(4, 1) P(4, 2) P(4, 4)
 #undef P
+
+// The skinny tile's cp.async issue of an interior k tile (gemm.h SkinnyCopies: x, 16-byte weight
+// copies; no residual plane), one k tile an iteration: what its pipeline adds to the compute.
+template <int BITS>
+__global__ void __launch_bounds__(128, 3) probe_skinnycopy(const uint32_t* q, const void* x, int n,
+                                                           int k) {
+  using T = gemm::TileOf<7>::type;
+  extern __shared__ __align__(16) char smem[];
+  Args a{};
+  a.x = x, a.qweight = q, a.lda = k;
+  a.classes.count = 1, a.classes.bits[0] = BITS, a.classes.rows[0] = n;
+  a.m = 16, a.n = n, a.k = k, a.k_pad = k, a.group_size = 128, a.split = 1;
+  a.class_vec[0] = 1, a.class_tile[0] = 0, a.class_tile[1] = (n + T::BN - 1) / T::BN;
+  const BlockTile bt = gemm::block_tile(a, T::BN, T::BM, blockIdx.x, 0);
+  const int* s_ri = reinterpret_cast<const int*>(smem + T::RI_OFF);
+  gemm::SkinnyCopies<T, BITS> plan;
+  plan.init(a, bt, 0, s_ri, false, threadIdx.x);
+#pragma unroll 1
+  for (int kt = 0; kt + 1 < k / T::BK; ++kt) {
+    CpAsync cp{smem_addr(smem + (kt % T::STAGES) * T::STAGE_BYTES)};
+    plan.issue(a, cp);
+    cp_async_commit();
+  }
+}
+#define P(B) template __global__ void probe_skinnycopy<B>(const uint32_t*, const void*, int, int);
+P(2) P(3) P(4)
+#undef P
 #elif !defined(PROBE_KERNEL_TC)
 // SIMT: gemv_tile<MT, BITS>, fp16 x, group 128.
 template <int MT, int BITS>

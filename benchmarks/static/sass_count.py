@@ -66,9 +66,10 @@ def tool(name: str) -> str:
 
 
 SKINNY_CODES = 64  # gemm.h skinny tile: a warp's k tile is 2 runs of 32 packed rows × 32 columns
+SKINNY_COPY_CODES = 64 * 128 // 128  # its k tile: 64 packed rows × 128 columns over 128 threads
 
 PROBE_FLAGS = {"simt": [], "tc": ["-DPROBE_KERNEL_TC"], "gemm": ["-DPROBE_KERNEL_GEMM"],
-               "skinny": ["-DPROBE_KERNEL_SKINNY"]}
+               "skinny": ["-DPROBE_KERNEL_SKINNY"]}  # (the skinny probe also holds skinnycopy)
 
 
 def compile_sass(arch: int, kind: str, workdir: str) -> str:
@@ -116,27 +117,30 @@ def count(arch: int, workdir: str, kinds=("simt", "tc", "gemm", "skinny")) -> li
     rows = []
     for kind in kinds:
         for name, ins in functions(compile_sass(arch, kind, workdir)).items():
-            m = re.search(r"probe_(simt|tc|gemm|skinny)ILi(\d+)E(?:Li(\d+)E)?", name)
+            m = re.search(r"probe_(simt|tc|gemm|skinnycopy|skinny)ILi(\d+)E(?:Li(\d+)E)?", name)
             if not m:
                 continue
             p1, p2 = int(m.group(2)), int(m.group(3) or 0)
-            lo, hi = hot_loop(ins, "FFMA" if kind == "simt" else "HMMA")
+            kname = m.group(1)  # the probe's kind (the skinny probe file holds two)
+            lo, hi = hot_loop(ins, {"simt": "FFMA", "skinnycopy": "LDGSTS"}.get(kname, "HMMA"))
             ops = collections.Counter(op for _, op, _ in ins[lo:hi + 1])
             n = sum(ops.values())
             # weights one thread covers per iteration; for the GEMM (one m16 tile a warp) each
             # HMMA takes a lane's 4 weights of one n8 tile and k16 step
             codes = {"simt": SIMT_CODES, "tc": TC_CODES, "gemm": 4 * ops["HMMA"],
-                     "skinny": SKINNY_CODES}[kind]
-            row = {"arch": arch, "kernel": kind, "loop_instructions": n, "weights_per_iteration": codes,
+                     "skinny": SKINNY_CODES, "skinnycopy": SKINNY_COPY_CODES}[kname]
+            row = {"arch": arch, "kernel": kname, "loop_instructions": n, "weights_per_iteration": codes,
                    "per_weight": n / codes, "ops": dict(ops.most_common())}
-            if kind == "skinny":
+            if kname == "skinnycopy":
+                row.update(bits=p1, group=128, m="9-16")
+            elif kname == "skinny":
                 # one k tile a warp: its RUNS / WK = 2 runs of 32 packed rows × 32 columns; its
                 # branches (runs past K, groups whose first run was past K) are all taken in the
                 # steady state, so the static count is the dynamic one
                 row.update(bits=p1, group=32 * p2, m="9-16")
-            elif kind == "tc":
+            elif kname == "tc":
                 row.update(bits=p1, group=32 * p2, m="1-8")
-            elif kind == "gemm":
+            elif kname == "gemm":
                 row.update(bits=p1, group=128, m="9-16")
             else:
                 row.update(bits=p2, group=128, m=p1)
@@ -157,8 +161,10 @@ def markdown(rows: list, nvcc_version: str) -> str:
              "GEMM small-tile row is its main loop with one m16 tile a warp (M <= 16; the table's "
              "small tile has 4, of which only the first is live at M = 16); the skinny-tile row is "
              "its compute of one k tile (gemm.cu skinny_k_tile, sm_90's tile, M = 16: exact codes as "
-             "A, scales per group, the folds included). Neither GEMM row counts the cp.async issue "
-             "of the pipeline.", "",
+             "A, scales per group, the folds included); neither counts the pipeline's cp.async "
+             "issue, which the skinny tile's own row counts for an interior k tile (its hoisted "
+             "copies of x and of 16-byte weight chunks, no residual; per weight of the block's k "
+             "tile): add it to the skinny compute row.", "",
              "| kernel | bits | group | M | " + " | ".join(f"sm_{a}" for a in ARCHS) + " | main opcodes (sm_90) |",
              "|---|---|---|---|" + "---|" * len(ARCHS) + "---|"]
     keyed = collections.defaultdict(dict)
@@ -168,7 +174,8 @@ def markdown(rows: list, nvcc_version: str) -> str:
         ops = by_arch.get(90, next(iter(by_arch.values())))["ops"]
         top = ", ".join(f"{k} {v}" for k, v in list(ops.items())[:6])
         label = {"tc": "GEMV, tensor cores", "simt": "GEMV, SIMT", "gemm": "GEMM small tile (M <= 16)",
-                 "skinny": "GEMM skinny tile (M <= 16)"}[kernel]
+                 "skinny": "GEMM skinny tile (M <= 16)",
+                 "skinnycopy": "GEMM skinny tile, cp.async issue"}[kernel]
         lines.append(f"| {label} | {bits} | {group} | {m} | "
                      + " | ".join(f"{by_arch[a]['per_weight']:.2f}" if a in by_arch else "-" for a in ARCHS)
                      + f" | {top} |")

@@ -164,6 +164,15 @@ __device__ __forceinline__ void gemm_pipeline(const Args& a, const BlockTile& bt
   const int tid = threadIdx.x;
   const bool vec = a.class_vec[bt.cls] != 0;
   const int ktiles = kr.kt1 - kr.kt0;  // this block's k tiles, from kr.kt0 on
+  // The skinny tile's interior k tiles take their copies from a hoisted plan (gemm.h
+  // SkinnyCopies; its layers with 16-byte weight copies): the same copies at a fraction of the
+  // instructions. (Other tiles: an empty plan, never used.)
+  using Plan = gemm::SkinnyCopies<T, BITS>;
+  const bool hoisted = T::SWAP && vec && Plan::interior(a, kr.kt0);
+  Plan plan;
+  if constexpr (T::SWAP) {
+    if (hoisted) plan.init(a, bt, kr.kt0, s_ri, res, tid);
+  }
 #pragma unroll 1
   for (int it = 0; it < ktiles + T::STAGES - 1; ++it) {
     const int kt = it - (T::STAGES - 1);
@@ -173,7 +182,10 @@ __device__ __forceinline__ void gemm_pipeline(const Args& a, const BlockTile& bt
     }
     if (it < ktiles) {
       CpAsync cp{smem_addr(smem + (it % T::STAGES) * T::STAGE_BYTES)};
-      gemm::stage_copies<T, BITS>(a, bt, kr.kt0 + it, s_ri, vec, res, tid, T::THREADS, cp);
+      if (T::SWAP && hoisted && Plan::interior(a, kr.kt0 + it))
+        plan.issue(a, cp);
+      else
+        gemm::stage_copies<T, BITS>(a, bt, kr.kt0 + it, s_ri, vec, res, tid, T::THREADS, cp);
     }
     cp_async_commit();
     if (kt < 0) continue;

@@ -29,6 +29,7 @@
 #include <cstring>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "bitfuse/gemm_config.h"
@@ -81,6 +82,7 @@ Buf take(const py::array& a, const std::string& name, char kind, int size,
 struct Stats {
   int64_t copies = 0, copy_bytes = 0, ldsm = 0, ldsm_conflicts = 0, mma = 0;
   int64_t lds = 0, lds_conflicts = 0;  // the skinny tile's weight-word loads (warp-wide accesses)
+  int64_t hoisted_tiles = 0;           // k tiles whose copies came from SkinnyCopies
   int64_t lr_loads = 0, lr_chunks = 0, lr_reads = 0, lr_conflicts = 0;
 };
 
@@ -138,6 +140,29 @@ struct EmuLrIO {
       fail(std::string(kWho) + ": low-rank staging stores outside its region (offset " +
            std::to_string(off) + ")");
     std::memcpy(smem + off, &v, sizeof(V));
+  }
+};
+
+// The copies a stage's plan makes, recorded (SkinnyCopies against stage_copies).
+struct RecordCopies {
+  struct C {
+    int size, smem;
+    const void* src;
+    int bytes;
+    bool operator<(const C& o) const {
+      return std::tie(smem, size, bytes, src) < std::tie(o.smem, o.size, o.bytes, o.src);
+    }
+    bool operator==(const C& o) const {
+      return size == o.size && smem == o.smem && src == o.src && bytes == o.bytes;
+    }
+  };
+  std::vector<C> list;
+  void operator()(int size, int smem, const void* src, int bytes) { list.push_back(C{size, smem, src, bytes}); }
+  bool same_as(RecordCopies other) const {
+    std::vector<C> a = list;
+    std::sort(a.begin(), a.end());
+    std::sort(other.list.begin(), other.list.end());
+    return a == other.list;
   }
 };
 
@@ -482,11 +507,29 @@ struct Twin {
       return &acc[(size_t(warp) * 32 + lane) * T::ACC + (i * T::A2 + j) * 4];
     };
     Skinny<T> sk(a, bt, kr, s_ri, res);
+    // The skinny tile's hoisted copies (gemm.h SkinnyCopies), one per thread, as the kernel
+    // makes them when the block's first k tile is interior and the class takes 16-byte copies.
+    using Plan = gemm::SkinnyCopies<T, BITS>;
+    const bool hoisted = T::SWAP && vec && Plan::interior(a, kr.kt0);
+    std::vector<Plan> plans(hoisted ? T::THREADS : 0);
+    for (int tid = 0; tid < int(plans.size()); ++tid) plans[size_t(tid)].init(a, bt, kr.kt0, s_ri, res, tid);
     uint32_t bfrag[32][T::NT][4];
     for (int kt = kr.kt0; kt < kr.kt1; ++kt) {
       char* stage = sm + ((kt - kr.kt0) % T::STAGES) * T::STAGE_BYTES;  // slots count from kt0
       EmuCopy cp{stage, T::STAGE_BYTES, &st, &ranges};
-      gemm::stage_copies<T, BITS>(a, bt, kt, s_ri, vec, res, 0, 1, cp);
+      if (hoisted && Plan::interior(a, kt)) {
+        // the kernel's copies: every thread's plan; they must be stage_copies' copies exactly
+        RecordCopies mine, plan_of_record;
+        for (auto& p : plans) p.issue(a, mine);
+        gemm::stage_copies<T, BITS>(a, bt, kt, s_ri, vec, res, 0, 1, plan_of_record);
+        if (!mine.same_as(plan_of_record))
+          fail(std::string(kWho) + ": the skinny tile's hoisted copies of k tile " + std::to_string(kt) +
+               " are not the copy plan's");
+        for (const auto& c : mine.list) cp(c.size, c.smem, c.src, c.bytes);
+        ++st.hoisted_tiles;
+      } else {
+        gemm::stage_copies<T, BITS>(a, bt, kt, s_ri, vec, res, 0, 1, cp);
+      }
       if constexpr (T::SWAP) {
         sk.template stage<BITS, DT>(kt, stage, accp, st);
         continue;
@@ -733,6 +776,7 @@ py::tuple gemm_host(const py::array& x_in, int dtype, int cc, const py::array& q
   info["mma"] = tw.st.mma;
   info["lds"] = tw.st.lds;                    // skinny tile: warp-wide weight-word loads
   info["lds_conflicts"] = tw.st.lds_conflicts;  // of which bank-conflicted
+  info["hoisted_tiles"] = tw.st.hoisted_tiles;  // k tiles copied by the skinny tile's hoisted plan
   info["lr_loads"] = tw.st.lr_loads;          // global loads of the low-rank staging
   info["lr_chunks"] = tw.st.lr_chunks;        // (m16 tile, chunk) stagings
   info["lr_reads"] = tw.st.lr_reads;          // warp-wide shared reads checked for bank conflicts

@@ -194,9 +194,15 @@ inline int tile_group_size(const Args& a) { return a.no_skinny ? 0 : a.group_siz
 inline std::string group_index_error(const Args& a) {
   const int64_t G = a.group_size > 0 ? a.k_pad / a.group_size : 0;
   const int64_t rows = a.n > a.nr ? a.n : a.nr;
-  if (rows * G < (int64_t(1) << 31)) return "";
-  return ": " + std::to_string(rows) + " rows x " + std::to_string(G) +
-         " groups exceed the 2^31 group indices of the GEMM's 32-bit scale indexing";
+  if (rows * G >= (int64_t(1) << 31))
+    return ": " + std::to_string(rows) + " rows x " + std::to_string(G) +
+           " groups exceed the 2^31 group indices of the GEMM's 32-bit scale indexing";
+  // ... and the skinny tile's 32-bit copy sources (SkinnyCopies): its packed words (at most 4
+  // bits a weight; x has at most 16 rows there)
+  const int64_t words = int64_t(a.n) * a.k_pad / 8;
+  if (words >= (int64_t(1) << 31))
+    return ": the layer's " + std::to_string(words) + " packed words exceed the GEMM's 32-bit indices";
+  return "";
 }
 
 // Class geometry of a launch with tile T: first row / word / N tile of every class and whether
@@ -473,6 +479,80 @@ BF_HD inline void stage_copies(const Args& a, const BlockTile& bt, int kt, const
   }
 }
 
+// The skinny tile's copies of an interior k tile, hoisted (SkinnyCopies). stage_copies works
+// each copy out from scratch: the row, the column, the bytes left before K or the row's end,
+// a 64-bit source address, the zero-fill choice: about 24 SASS instructions a 16-byte copy (the
+// 3 predicated-off LDS ptxas pads every cp.async with included), some 100 a thread a k tile,
+// about 1.5 a weight at 4-bit in a tile that spends 3.4 a weight on its compute. In a k tile
+// wholly inside K ((kt + 1)·BK <= k, every k tile but the last), every copy of a thread is the
+// same as in the thread's previous k tile but for its source, which moves by a fixed stride:
+// BK activations (x), BK·BITS/32 words (weights, 16-byte copies), RUNS words (residual plane);
+// copies that read nothing (rows past M, the class's end, rows without a residual) stay so. So
+// each thread takes its copies of the block's first k tile from the copy plan itself (a_copy,
+// b_copy, plane_copy: one definition) and moves their sources by the strides; the other k tiles
+// (and layers whose weight rows take 4-byte copies) keep stage_copies. The CPU twin issues the
+// kernel's copies through this struct and checks that each interior k tile's copies are exactly
+// stage_copies' ones.
+template <class T, int BITS>
+struct SkinnyCopies {
+  static constexpr int XS = (T::A_CHUNKS + T::THREADS - 1) / T::THREADS;
+  static constexpr int WS = (b_copies<T, BITS>(true) + T::THREADS - 1) / T::THREADS;
+  static constexpr int PS = (T::BN * T::RUNS + T::THREADS - 1) / T::THREADS;
+  static constexpr int W = T::b_words(BITS);
+  // Per copy two 32-bit registers: the stage offset (-1: the thread has no such copy) and the
+  // source's element index in its tensor for the next interior k tile (-1: zero-fill, reads
+  // nothing). 32-bit indices: gemm_cuda refuses layers of 2^31 packed words or more
+  // (group_index_error; the residual plane is smaller), and x of <= 16 rows stays far below.
+  int xs[XS], ws[WS], ps[PS];
+  int xi[XS], wi[WS], pi[PS];
+  bool res;
+
+  // Whether k tile kt is interior (every copy of it is a shifted copy of the block's first).
+  BF_HD static bool interior(const Args& a, int kt) { return (kt + 1) * T::BK <= a.k; }
+
+  // The copies of thread tid in k tile kt0 (the block's first; interior), from the copy plan.
+  // Only for classes whose weight rows take 16-byte copies.
+  BF_HD void init(const Args& a, const BlockTile& bt, int kt0, const int* s_ri, bool res_, int tid) {
+    res = res_;
+    BF_UNROLL for (int j = 0; j < XS; ++j) {
+      const int q = tid + j * T::THREADS;
+      const Copy c = a_copy<T>(a, bt, kt0, q < T::A_CHUNKS ? q : 0);
+      xs[j] = q < T::A_CHUNKS ? c.smem : -1, xi[j] = c.bytes ? int(c.src) : -1;
+    }
+    BF_UNROLL for (int j = 0; j < WS; ++j) {
+      const int q = tid + j * T::THREADS;
+      const bool in = q < b_copies<T, BITS>(true);
+      const Copy c = b_copy<T, BITS>(a, bt, kt0, in ? q : 0, true);
+      ws[j] = in ? c.smem : -1, wi[j] = c.bytes ? int(c.src) : -1;
+    }
+    BF_UNROLL for (int j = 0; j < PS; ++j) {
+      const int q = tid + j * T::THREADS;
+      const bool in = res && q < T::BN * T::RUNS;
+      const int rr = in ? q / T::RUNS : 0, u = in ? q % T::RUNS : 0;
+      const Copy c = plane_copy<T>(a, rr, u, in ? s_ri[rr] : -1, kt0);
+      ps[j] = in ? c.smem : -1, pi[j] = c.bytes ? int(c.src) : -1;
+    }
+  }
+  // The copies of the next interior k tile (called for kt0, kt0 + 1, .. in order), through
+  // copy(size, smem, src, bytes) as stage_copies' are: the full copy, or 0 bytes from the
+  // tensor's start (what stage_copies passes for a copy that reads nothing).
+  template <class F>
+  BF_HD void issue(const Args& a, F& copy) {
+    const uint16_t* x = static_cast<const uint16_t*>(a.x);
+    BF_UNROLL for (int j = 0; j < XS; ++j)
+      if (xs[j] >= 0) copy(16, xs[j], x + (xi[j] < 0 ? 0 : xi[j]), xi[j] < 0 ? 0 : 16);
+    BF_UNROLL for (int j = 0; j < WS; ++j)
+      if (ws[j] >= 0) copy(16, ws[j], a.qweight + (wi[j] < 0 ? 0 : wi[j]), wi[j] < 0 ? 0 : 16);
+    if (res) {
+      BF_UNROLL for (int j = 0; j < PS; ++j)
+        if (ps[j] >= 0) copy(4, ps[j], a.res_plane + (pi[j] < 0 ? 0 : pi[j]), pi[j] < 0 ? 0 : 4);
+    }
+    BF_UNROLL for (int j = 0; j < XS; ++j) xi[j] += xi[j] < 0 ? 0 : T::BK;
+    BF_UNROLL for (int j = 0; j < WS; ++j) wi[j] += wi[j] < 0 ? 0 : W;
+    BF_UNROLL for (int j = 0; j < PS; ++j) pi[j] += pi[j] < 0 ? 0 : T::RUNS;
+  }
+};
+
 // The B registers of lane for run rho of stage kt, for each of the warp's NT n8 tiles:
 // b[j][0..1] = (b0, b1) of the run's first k16 step, b[j][2..3] of the second. `stage` is the
 // stage's shared memory (the kernel) or its emulation (the twin); s_ri as in stage_copies.
@@ -555,10 +635,11 @@ BF_HD inline void decode_b(const Args& a, const BlockTile& bt, int kt, const cha
 // factored_magnitude). The epilogue, split-K and low-rank paths are the other tiles': the
 // accumulators are placed into the same epilogue staging tile (skinny_epi_slot).
 //
-// Static count (benchmarks/static/sass_count.py, sm_90, CUDA 13.0; the compute of a k tile, the
-// cp.async issue not counted, as for the other GEMM row): W4 3.4 instructions a weight at g128
-// and g64, 4.6 at g32; W3 5.9, W2 4.2 at g128, against 6.8 / 9.0 / 7.3 for the small tile with
-// one live m16 tile. Not measured on a GPU.
+// Static count (benchmarks/static/sass_count.py, sm_90, CUDA 13.0): the compute of a k tile,
+// W4 3.4 instructions a weight at g128 and g64, 4.6 at g32; W3 5.9, W2 4.1 at g128, against 6.7 /
+// 8.8 / 7.2 for the small tile's main loop with one live m16 tile (neither with the cp.async
+// issue); this tile's hoisted copies of an interior k tile (SkinnyCopies) add 0.9 (W4), 0.9 (W3),
+// 0.7 (W2), where the copy plan they replace spent about twice that. Not measured on a GPU.
 // ---------------------------------------------------------------------------------------------
 
 // Group sizes the skinny tile takes: a group is 1, 2 or 4 runs (the kernel's RPG template).
