@@ -217,8 +217,7 @@ struct SkinnyWarp {
   int word[T::MW][2];           // skinny_word of the warp's first run of a k tile
   int ldsm[T::RUNS_PER_WARP][T::NX];  // skinny_ldsm_offset of each of its runs, stage-relative
   gemm::SkinnyRows rows[T::MW];
-  uint32_t raw[T::MW][2];       // group g's s, m of the lane's rows, and α
-  uint16_t alpha[T::MW][2];
+  gemm::SkinnyParams par[T::MW];  // group g's s, m and α of the lane's rows, as loaded
   float cq[T::MW][T::NX][4], cr[T::MW][T::NX][4], xs[T::NX][4];
 };
 
@@ -254,7 +253,7 @@ __device__ __forceinline__ void skinny_warp(const Args& a, const BlockTile& bt,
     for (int h = 0; h < 2; ++h)
       sw.word[i][h] = int(ptx::opaque(uint32_t(gemm::skinny_word<T, BITS>(sw.w, i, sw.lane, h, rho0))));
     sw.rows[i] = gemm::skinny_rows<T>(a, bt, s_ri, sw.w, sw.lane, i, ptx::LdgLoad());
-    gemm::skinny_raw_params(a, sw.rows[i], sw.g, sw.raw[i], sw.alpha[i], ptx::LdgLoad());
+    gemm::skinny_raw_params(a, sw.rows[i], sw.g, sw.par[i], ptx::LdgLoad());
   }
 #pragma unroll
   for (int jr = 0; jr < T::RUNS_PER_WARP; ++jr)
@@ -338,7 +337,7 @@ __device__ __forceinline__ void skinny_k_tile(const Args& a, const char* stage, 
 #pragma unroll
       for (int i = 0; i < T::MW; ++i) {
         float sc[2], zr[2], al[2];
-        gemm::skinny_params(a, sw.rows[i], sw.raw[i], sw.alpha[i], sc, zr, al);
+        gemm::skinny_params(a, sw.rows[i], sw.par[i], sc, zr, al);
 #pragma unroll
         for (int j = 0; j < T::NX; ++j)
           exact::fold_group(acc[i][j], sw.cq[i][j], sw.cr[i][j], sw.xs[j], sc, zr, al, sw.wres);
@@ -346,7 +345,7 @@ __device__ __forceinline__ void skinny_k_tile(const Args& a, const char* stage, 
       sw.g = gemm::skinny_next_group<T>(kg, sw.w.wk, jr, sw.shift);  // its parameters, a group ahead
 #pragma unroll
       for (int i = 0; i < T::MW; ++i)
-        gemm::skinny_raw_params(a, sw.rows[i], sw.g, sw.raw[i], sw.alpha[i], ptx::LdgLoad());
+        gemm::skinny_raw_params(a, sw.rows[i], sw.g, sw.par[i], ptx::LdgLoad());
     }
   }
 }

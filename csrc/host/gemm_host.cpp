@@ -329,11 +329,10 @@ struct Skinny {
         for (int lane = 0; lane < 32; ++lane)
           for (int i = 0; i < T::MW; ++i) {
             const gemm::SkinnyRows rows = gemm::skinny_rows<T>(a, bt, s_ri, w, lane, i);
-            uint32_t raw[2];
-            uint16_t alpha[2];
+            gemm::SkinnyParams par;
             float sc[2], zr[2], al[2];
-            gemm::skinny_raw_params(a, rows, g[size_t(warp)], raw, alpha);
-            gemm::skinny_params(a, rows, raw, alpha, sc, zr, al);
+            gemm::skinny_raw_params(a, rows, g[size_t(warp)], par);
+            gemm::skinny_params(a, rows, par, sc, zr, al);
             for (int j = 0; j < T::NX; ++j)
               exact::fold_group(accp(warp, lane, i, j), at(cq, warp, lane, i, j), at(cr, warp, lane, i, j),
                                 xs_at(warp, lane, j), sc, zr, al, wres[warp]);

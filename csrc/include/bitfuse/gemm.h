@@ -759,28 +759,34 @@ BF_HD inline SkinnyRows skinny_rows(const Args& a, const BlockTile& bt, const in
   return r;
 }
 // Group g's stored values of the two rows (clipped to the last group: a prefetch past K reads
-// valid memory): raw[h] as format.h raw_group_params, alpha[h] the fp16 bits of α (0 without).
-// Indices are 32-bit (one IMAD.WIDE an address; gemm_cuda refuses layers of 2^31 or more
-// groups).
+// valid memory), each in a register of its own as loaded: sv / zv the scale and offset (fp16
+// bits, or compact codes), av α's fp16 bits (0 without). Kept apart, not packed into one word,
+// so that nothing uses a loaded value before the fold that needs it (a pack right after the
+// loads made every fold, and every block's start, wait for them). Indices are 32-bit (one
+// IMAD.WIDE an address; gemm_cuda refuses layers of 2^31 or more groups).
+struct SkinnyParams {
+  uint32_t sv[2], zv[2], av[2];
+};
 template <class Load = PlainLoad>
-BF_HD inline void skinny_raw_params(const Args& a, const SkinnyRows& r, int g, uint32_t raw[2],
-                                    uint16_t alpha[2], Load ld = Load()) {
+BF_HD inline void skinny_raw_params(const Args& a, const SkinnyRows& r, int g, SkinnyParams& p,
+                                    Load ld = Load()) {
   const int G = a.k_pad / a.group_size;
   const uint32_t gg = uint32_t(g < G ? g : G - 1);
   BF_UNROLL for (int h = 0; h < 2; ++h) {
     const uint32_t i = uint32_t(r.rs[h].base) + gg;
-    raw[h] = a.scale_codes ? uint32_t(ld(a.scale_codes + i)) | (uint32_t(ld(a.zero_codes + i)) << 16)
-                           : uint32_t(ld(a.scales + i)) | (uint32_t(ld(a.zeros + i)) << 16);
-    alpha[h] = (a.res_alpha && r.ri[h] >= 0) ? ld(a.res_alpha + (uint32_t(r.ri[h]) * uint32_t(G) + gg))
-                                             : uint16_t(0);
+    p.sv[h] = a.scale_codes ? uint32_t(ld(a.scale_codes + i)) : uint32_t(ld(a.scales + i));
+    p.zv[h] = a.scale_codes ? uint32_t(ld(a.zero_codes + i)) : uint32_t(ld(a.zeros + i));
+    p.av[h] = (a.res_alpha && r.ri[h] >= 0) ? uint32_t(ld(a.res_alpha + (uint32_t(r.ri[h]) * uint32_t(G) + gg)))
+                                            : 0u;
   }
 }
-// ... in fp32, for exact::fold_group.
-BF_HD inline void skinny_params(const Args& a, const SkinnyRows& r, const uint32_t raw[2],
-                                const uint16_t alpha[2], float sc[2], float zr[2], float al[2]) {
+// ... in fp32, for exact::fold_group (format.h group_params_of_raw: the one decode of either
+// scale form).
+BF_HD inline void skinny_params(const Args& a, const SkinnyRows& r, const SkinnyParams& p,
+                                float sc[2], float zr[2], float al[2]) {
   BF_UNROLL for (int h = 0; h < 2; ++h) {
-    group_params_of_raw(a, r.rs[h], raw[h], sc[h], zr[h]);
-    al[h] = half_to_float(alpha[h]);
+    group_params_of_raw(a, r.rs[h], p.sv[h] | (p.zv[h] << 16), sc[h], zr[h]);
+    al[h] = half_to_float(uint16_t(p.av[h]));
   }
 }
 // Epilogue staging slot of accumulator e of (m16 tile mw, n8 tile jx): the tile of x rows
