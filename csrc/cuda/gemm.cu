@@ -13,7 +13,7 @@
 //    index: the blocks resident at one time share x's M tiles, which stay in L2, while each block
 //    streams its own weights once.
 //  * Pipeline: STAGES shared-memory stages filled by cp.async (commit_group per k tile,
-//    wait_group<STAGES-2> before use): the x tile (16-byte copies, zero-fill past M and K), the
+//    wait_group<STAGES-2> before use): the x tile (16-byte copies of the rows < M, zero-fill past K), the
 //    raw weight words, the per-group scale/offset (and α) windows and the residual sign words.
 //    One __syncthreads per k tile both publishes stage kt and retires stage kt-1, which is the
 //    one refilled next, so loads for k tile kt+STAGES-1 overlap the mma of k tile kt.

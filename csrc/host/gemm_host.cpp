@@ -516,6 +516,9 @@ struct Twin {
     for (int kt = kr.kt0; kt < kr.kt1; ++kt) {
       char* stage = sm + ((kt - kr.kt0) % T::STAGES) * T::STAGE_BYTES;  // slots count from kt0
       EmuCopy cp{stage, T::STAGE_BYTES, &st, &ranges};
+      // x rows past M are not copied (gemm.h x_chunks): NaN there, as garbage on the GPU, so an
+      // output that read one would come out NaN
+      std::memset(stage + T::A_OFF, 0xFF, size_t(T::BM) * T::BK * 2);
       if (hoisted && Plan::interior(a, kt)) {
         // the kernel's copies: every thread's plan; they must be stage_copies' copies exactly
         RecordCopies mine, plan_of_record;

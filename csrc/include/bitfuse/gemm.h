@@ -16,7 +16,8 @@
 //    (class_tile), each class's last tile is partial. The bit width is then uniform per block and
 //    the block switches once into a BITS-specialised body; class boundaries need no alignment at
 //    all (FORMAT.md §4 makes them multiples of 16 or 64, which only saves partial tiles).
-//  * x tile: BM × BK activations, cp.async 16-byte chunks, zero-filled past M and K (so padding
+//  * x tile: BM × BK activations, cp.async 16-byte chunks of the rows < M (x_chunks: rows past M
+//    are not copied at all, their outputs are never stored), zero-filled past K (so padding
 //    columns of Ŵ meet x = 0), XOR-swizzled for conflict-free ldmatrix (mma_tile.h).
 //  * Weight tile: BN rows × BK codes as raw words (BK·b/32 words a row), 16-byte cp.async when
 //    the class's rows allow it, else 4-byte; row stride padded by 4 words when the row length is
@@ -358,7 +359,17 @@ struct Copy {
   int bytes;    // 0..16 (x, 16-byte weight chunks) or 0..4 (4-byte words)
 };
 
-// x chunk q (0..A_CHUNKS-1): row q / (BK/8), columns 8·(q % (BK/8)) .. +8 of the k tile.
+// x chunk q (0..A_CHUNKS-1): row q / (BK/8), columns 8·(q % (BK/8)) .. +8 of the k tile. Only
+// the chunks of rows < M are copied (x_chunks): a row past M is never read by a copy nor
+// zero-filled, its stage row holds whatever it held, and that reaches only its own products
+// (an mma row of A = x, or column of B = x in the skinny tile, is one output row), outputs
+// that are never stored. Zero-filling them cost a copy each (48 of the 64 rows of a small tile
+// at M = 16). Columns past K are zero-filled: the padding columns of Ŵ are m, not 0.
+template <class T>
+BF_HD inline int x_chunks(const Args& a, const BlockTile& bt) {
+  const int rows = a.m - bt.m0 < T::BM ? a.m - bt.m0 : T::BM;
+  return rows * (T::BK / 8);
+}
 template <class T>
 BF_HD inline Copy a_copy(const Args& a, const BlockTile& bt, int kt, int q) {
   const int r = q / (T::BK / 8), c8 = 8 * (q % (T::BK / 8));
@@ -438,7 +449,8 @@ template <class T, int BITS, class F>
 BF_HD inline void stage_copies(const Args& a, const BlockTile& bt, int kt, const int* s_ri, bool vec,
                                bool res, int q0, int step, F& copy) {
   const uint16_t* x = static_cast<const uint16_t*>(a.x);
-  for (int q = q0; q < T::A_CHUNKS; q += step) {
+  const int xq = x_chunks<T>(a, bt);
+  for (int q = q0; q < xq; q += step) {
     const Copy c = a_copy<T>(a, bt, kt, q);
     copy(16, c.smem, x + c.src, c.bytes);
   }
@@ -514,10 +526,11 @@ struct SkinnyCopies {
   // Only for classes whose weight rows take 16-byte copies.
   BF_HD void init(const Args& a, const BlockTile& bt, int kt0, const int* s_ri, bool res_, int tid) {
     res = res_;
+    const int xq = x_chunks<T>(a, bt);
     BF_UNROLL for (int j = 0; j < XS; ++j) {
       const int q = tid + j * T::THREADS;
-      const Copy c = a_copy<T>(a, bt, kt0, q < T::A_CHUNKS ? q : 0);
-      xs[j] = q < T::A_CHUNKS ? c.smem : -1, xi[j] = c.bytes ? int(c.src) : -1;
+      const Copy c = a_copy<T>(a, bt, kt0, q < xq ? q : 0);
+      xs[j] = q < xq ? c.smem : -1, xi[j] = c.bytes ? int(c.src) : -1;
     }
     BF_UNROLL for (int j = 0; j < WS; ++j) {
       const int q = tid + j * T::THREADS;

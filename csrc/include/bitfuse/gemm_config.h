@@ -16,9 +16,9 @@
 //    At M = 17..64 the small tile below (one block row of 64, weights decoded once for all
 //    m16 tiles) is kept: two block rows of the skinny tile would decode and read every weight
 //    twice.
-//  * small M (17..64, and M <= 16 with other group sizes): BM = 64 covers every M of the bucket in one block row, so each weight is
-//    read and decoded once per launch (rows past M are zero-filled without a global read and
-//    their mma tiles are skipped); BN = 64 keeps N/64 blocks in flight; WM = 1 (no warp decodes
+//  * small M (17..64, and M <= 16 with other group sizes): BM = 64 covers every M of the
+//    bucket in one block row, so each weight is read and decoded once per launch (rows past M
+//    are not copied and their mma tiles are skipped); BN = 64 keeps N/64 blocks in flight; WM = 1 (no warp decodes
 //    another's weights), WN = 2 × WK = 2 (split-K inside the block for more loads in flight).
 //    100 KB SMs (sm_86/89): BK = 64, 3 stages, 39 KB -> 2 blocks per SM. 164 KB (sm_87 Orin):
 //    BK = 128, 3 stages, 73 KB -> 2 blocks. 228 KB (sm_90): BK = 128, 4 stages, 97 KB -> 2.
