@@ -649,7 +649,7 @@ BF_HD inline void decode_b(const Args& a, const BlockTile& bt, int kt, const cha
 // accumulators are placed into the same epilogue staging tile (skinny_epi_slot).
 //
 // Static count (benchmarks/static/sass_count.py, sm_90, CUDA 13.0): the compute of a k tile,
-// W4 3.4 instructions a weight at g128 and g64, 4.6 at g32; W3 5.9, W2 4.1 at g128, against 6.7 /
+// W4 3.4 instructions a weight at g128 and g64, 4.7 at g32; W3 5.9, W2 4.2 at g128, against 6.7 /
 // 8.8 / 7.2 for the small tile's main loop with one live m16 tile (neither with the cp.async
 // issue); this tile's hoisted copies of an interior k tile (SkinnyCopies) add 0.9 (W4), 0.9 (W3),
 // 0.7 (W2), where the copy plan they replace spent about twice that. Not measured on a GPU.
