@@ -891,6 +891,17 @@ std::vector<uint32_t> numbered_x_tile() {
   return stage;
 }
 
+// The 8 values each lane receives from an ldmatrix.x4 at the lanes' offsets `off` of the numbered
+// x tile (register j, low half first) into L (32, 8).
+template <class T>
+void read_numbered_x_tile(const int off[32], py::array_t<int32_t>* L, Stats& st) {
+  std::vector<uint32_t> stage = numbered_x_tile<T>();
+  uint32_t r[32][4];
+  emu_ldsm(reinterpret_cast<const char*>(stage.data()), T::STAGE_BYTES, off, r, st);
+  for (int l = 0; l < 32; ++l)
+    for (int e = 0; e < 8; ++e) L->mutable_at(l, e) = int32_t(uint16_t(r[l][e >> 1] >> (16 * (e & 1))));
+}
+
 // Fills an x tile whose element (r, c) is 256·r + c and reads one m16k16 fragment back through
 // the emulated ldmatrix (mma_layout_test).
 struct LayoutFill {
@@ -902,15 +913,10 @@ struct LayoutFill {
     using T = typename gemm::TileOf<ID>::type;
     if (i < 0 || i >= T::MT || rho < 0 || rho >= T::RUNS || s < 0 || s > 1)
       fail(std::string(kWho) + ": m16 tile / run / step outside the tile");
-    std::vector<uint32_t> stage = numbered_x_tile<T>();
-    char* st8 = reinterpret_cast<char*>(stage.data());
     const gemm::WarpPos w = gemm::warp_pos<T>(0);
     int off[32];
-    uint32_t af[32][4];
     for (int l = 0; l < 32; ++l) off[l] = gemm::a_ldsm_offset<T>(w, i, rho, s, l);
-    emu_ldsm(st8, T::STAGE_BYTES, off, af, st);
-    for (int l = 0; l < 32; ++l)
-      for (int e = 0; e < 8; ++e) L->mutable_at(l, e) = int32_t(uint16_t(af[l][e >> 1] >> (16 * (e & 1))));
+    read_numbered_x_tile<T>(off, L, st);
   }
 };
 
@@ -949,15 +955,10 @@ struct SkinnyLayoutFill {
     if (!T::SWAP) fail(std::string(kWho) + ": not a skinny tile");
     if (jx < 0 || jx >= T::NX || rho < 0 || rho >= T::RUNS || wk < 0 || wk >= T::WK)
       fail(std::string(kWho) + ": n8 tile / run / warp outside the tile");
-    std::vector<uint32_t> stage = numbered_x_tile<T>();
-    char* st8 = reinterpret_cast<char*>(stage.data());
     const gemm::WarpPos w = gemm::warp_pos<T>(wk * T::WM * T::WN);
     int off[32];
-    uint32_t bf[32][4];
     for (int l = 0; l < 32; ++l) off[l] = gemm::skinny_ldsm_offset<T>(w, jx, rho, l);
-    emu_ldsm(st8, T::STAGE_BYTES, off, bf, st);
-    for (int l = 0; l < 32; ++l)
-      for (int e = 0; e < 8; ++e) L->mutable_at(l, e) = int32_t(uint16_t(bf[l][e >> 1] >> (16 * (e & 1))));
+    read_numbered_x_tile<T>(off, L, st);
   }
 };
 py::dict skinny_layout_test(int tile, int jx, int rho, int wk) {
