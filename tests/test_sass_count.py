@@ -30,7 +30,8 @@ def test_sass_count_sm90():
     simt1, simt8 = by[("simt", 4, 128, "1")], by[("simt", 4, 128, "8")]
     tc = by[("tc", 4, 128, "1-8")]
     # every loop found holds its product instructions
-    assert all(r["ops"].get("HMMA" if r["kernel"] == "tc" else "FFMA", 0) > 0 for r in rows)
+    product = {"tc": "HMMA", "skinny": "HMMA", "gemm": "HMMA", "skinnycopy": "LDGSTS"}
+    assert all(r["ops"].get(product.get(r["kernel"], "FFMA"), 0) > 0 for r in rows)
     # the SIMT GEMV pays an FFMA a weight per row of x; the tensor-core one does not depend on M
     assert simt8["per_weight"] > simt1["per_weight"] + 7
     assert tc["per_weight"] < simt1["per_weight"] < simt8["per_weight"]
