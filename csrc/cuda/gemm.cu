@@ -358,12 +358,6 @@ __device__ __forceinline__ void skinny_mainloop(const Args& a, const BlockTile& 
   const int* s_ri = stage_res_index<T>(a, bt, smem);
   SkinnyWarp<T, BITS> sw;
   skinny_warp<T, BITS>(a, bt, kr, s_ri, sw);
-#pragma unroll
-  for (int i = 0; i < T::MW; ++i)
-#pragma unroll
-    for (int j = 0; j < T::NX; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
   auto compute = [&](const char* stage, uint32_t stage_addr, int kg) {
     skinny_k_tile<T, BITS, DT, L>(a, stage, stage_addr, kg, sw, acc);
   };
@@ -378,6 +372,12 @@ template <class T, int BITS, int DT>
 __device__ __forceinline__ void gemm_mainloop(const Args& a, const BlockTile& bt,
                                               const gemm::KRange& kr, char* smem,
                                               float (&acc)[T::A1][T::A2][4]) {
+#pragma unroll
+  for (int i = 0; i < T::A1; ++i)
+#pragma unroll
+    for (int j = 0; j < T::A2; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
   if constexpr (T::SWAP) {
     // Groups of 32, 64 or 128 (select_tile picks this tile for no other): a warp's run count a
     // group, the only thing the unrolled loop needs at compile time, is 1, 2 or 2.
@@ -391,13 +391,6 @@ __device__ __forceinline__ void gemm_mainloop(const Args& a, const BlockTile& bt
     const bool res = a.res_index != nullptr;
     const int* s_ri = stage_res_index<T>(a, bt, smem);
     const int mtiles = gemm::warp_m_tiles<T>(a, bt, w.wm);
-#pragma unroll
-    for (int i = 0; i < T::MT; ++i)
-#pragma unroll
-      for (int j = 0; j < T::NT; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
-
     auto compute = [&](const char* stage, uint32_t stage_addr, int kg) {
 #pragma unroll 1
       for (int jr = 0; jr < T::RUNS_PER_WARP; ++jr) {

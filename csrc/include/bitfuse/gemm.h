@@ -465,21 +465,22 @@ BF_HD inline void stage_copies(const Args& a, const BlockTile& bt, int kt, const
   const uint32_t* al = reinterpret_cast<const uint32_t*>(a.res_alpha);
   // Compact scales are not staged: decode_b reads a row's two code bytes and its factors
   // straight from global memory (L1-cached; a byte window would need its own alignment rules).
-  const bool stage_scales = a.scale_codes == nullptr && !T::SWAP;  // (the skinny tile: none)
-  constexpr int SWN = T::SW > 0 ? T::SW : 1;  // (no windows: the loop below runs 0 times)
-  for (int q = q0; q < T::BN * T::SW; q += step) {
-    const int rr = q / SWN, u = q % SWN;
-    const int row = bt.row0 + rr < bt.row_end ? bt.row0 + rr : -1;
-    Copy c;
-    if (stage_scales) {
-      c = group_copy<T>(a, T::S_OFF, rr, u, row, a.n * G, kt);
-      copy(4, c.smem, sc + c.src, c.bytes);
-      c = group_copy<T>(a, T::Z_OFF, rr, u, row, a.n * G, kt);
-      copy(4, c.smem, zr + c.src, c.bytes);
-    }
-    if (res && !T::SWAP) {
-      c = group_copy<T>(a, T::AL_OFF, rr, u, s_ri[rr], a.nr * G, kt);
-      copy(4, c.smem, al + c.src, c.bytes);
+  const bool stage_scales = a.scale_codes == nullptr;
+  if constexpr (T::SW > 0) {  // (the skinny tile stages no windows)
+    for (int q = q0; q < T::BN * T::SW; q += step) {
+      const int rr = q / T::SW, u = q % T::SW;
+      const int row = bt.row0 + rr < bt.row_end ? bt.row0 + rr : -1;
+      Copy c;
+      if (stage_scales) {
+        c = group_copy<T>(a, T::S_OFF, rr, u, row, a.n * G, kt);
+        copy(4, c.smem, sc + c.src, c.bytes);
+        c = group_copy<T>(a, T::Z_OFF, rr, u, row, a.n * G, kt);
+        copy(4, c.smem, zr + c.src, c.bytes);
+      }
+      if (res) {
+        c = group_copy<T>(a, T::AL_OFF, rr, u, s_ri[rr], a.nr * G, kt);
+        copy(4, c.smem, al + c.src, c.bytes);
+      }
     }
   }
   if (res) {
